@@ -1,0 +1,47 @@
+"""Atomic writers: a stage that fails or is killed never leaves a file that looks finished."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path``; it is renamed onto ``path`` only on success."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _atomic(write: Callable[[Path], None], path: str | os.PathLike) -> None:
+    with atomic_path(path) as tmp:
+        write(tmp)
+
+
+def write_parquet(df: pl.DataFrame, path: str | os.PathLike) -> None:
+    _atomic(lambda p: df.write_parquet(p), path)
+
+
+def write_json(obj: Any, path: str | os.PathLike) -> None:
+    _atomic(lambda p: p.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"), path)
+
+
+def write_text(text: str, path: str | os.PathLike) -> None:
+    _atomic(lambda p: p.write_text(text), path)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text())

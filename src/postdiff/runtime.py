@@ -1,0 +1,92 @@
+"""The one bridge between Snakemake and the package: a rule's files, params and log.
+
+Stage functions take a :class:`Job` and never import Snakemake, so they run from tests too.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import random
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("postdiff")
+
+
+@dataclass
+class Job:
+    """What a stage reads, writes and is told. Paths are strings or lists of strings."""
+
+    input: dict[str, Any]
+    output: dict[str, Any]
+    params: dict[str, Any] = field(default_factory=dict)
+    wildcards: dict[str, str] = field(default_factory=dict)
+    threads: int = 1
+
+
+def seed_everything(seed: int, threads: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    # Same seed and same thread count give bitwise-identical CPU results; pin the count.
+    torch.set_num_threads(max(1, threads))
+
+
+@contextmanager
+def logging_to(path: str | None) -> Iterator[None]:
+    """Send logging, stderr (tqdm bars, warnings) and stdout of a stage to its rule's log."""
+    if path is None:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+        yield
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", buffering=1) as fh:
+        handler = logging.StreamHandler(fh)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+        root = logging.getLogger()
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        old_out, old_err = sys.stdout, sys.stderr
+        sys.stdout = sys.stderr = fh
+        try:
+            yield
+        finally:
+            sys.stdout, sys.stderr = old_out, old_err
+            root.removeHandler(handler)
+
+
+def resolve(entry: str) -> Callable[[Job], None]:
+    module, _, name = entry.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _named(namedlist: Any) -> dict[str, Any]:
+    return {k: v for k, v in namedlist.items()}
+
+
+def run_stage(smk: Any) -> None:
+    """Entry point of ``workflow/scripts/stage.py``: call ``params.entry`` with a :class:`Job`."""
+    params = dict(_named(smk.params))
+    entry = params.pop("entry")
+    job = Job(
+        input=_named(smk.input),
+        output=_named(smk.output),
+        params=params,
+        wildcards=dict(_named(smk.wildcards)),
+        threads=smk.threads,
+    )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    with logging_to(smk.log[0] if len(smk.log) else None):
+        seed_everything(int(params.get("seed", 0)), job.threads)
+        log.info("stage %s, threads %d", entry, job.threads)
+        resolve(entry)(job)
