@@ -1,0 +1,132 @@
+"""Gate calibration: coordinate search over the alpha grid on calib KL (postdiff.gates)."""
+
+import json
+
+import polars as pl
+import pytest
+import torch
+from safetensors.torch import save_file
+from test_evaluate import World, one_thread  # noqa: F401 (fixture)
+
+from postdiff import standardise
+from postdiff import variants as V
+from postdiff.forward import answer_logprobs
+from postdiff.gates import CURVE_SCHEMA, DEFAULT_GRID, calibrate, calibrate_gates, check_grid, coordinate_search
+from postdiff.models import load_model
+from postdiff.runtime import Job
+from postdiff.variants import Variant
+
+
+def counting(fn):
+    calls = []
+
+    def kl(points):
+        calls.extend(points)
+        return [fn(p) for p in points]
+
+    return kl, calls
+
+
+def test_coordinate_search_finds_a_coupled_minimum_measuring_each_point_once():
+    def bowl(p):
+        a, b = p[0] - 0.5, p[1] - 1.25
+        return a * a + b * b + 0.8 * a * b
+
+    kl, calls = counting(bowl)
+    best, value, trace = coordinate_search(kl, 2, DEFAULT_GRID, max_rounds=5)
+    assert best == (0.5, 1.25) and value == 0.0
+    assert len(calls) == len(set(calls))
+    rounds = {row["round"] for row in trace}
+    assert 0 in rounds and max(rounds) <= 5
+    # The shared sweep records every layer at each diagonal point.
+    shared = [row for row in trace if row["shared"]]
+    assert len(shared) == 2 * len(DEFAULT_GRID) and all(row["gates"] == (row["alpha"],) * 2 for row in shared)
+
+
+def test_ties_and_nan_go_to_the_smaller_edit():
+    best, value, _ = coordinate_search(lambda ps: [1.0] * len(ps), 3, [1.5, 0.0, 0.5], max_rounds=3)
+    assert best == (0.0, 0.0, 0.0) and value == 1.0
+    best, _, _ = coordinate_search(lambda ps: [float("nan") if p[0] > 0 else 2.0 for p in ps], 1, DEFAULT_GRID)
+    assert best == (0.0,)
+    # Only strict improvements move a coordinate, and a round without one stops the search.
+    kl, calls = counting(lambda p: (p[0] - 1.0) ** 2)
+    best, _, trace = coordinate_search(kl, 2, DEFAULT_GRID, max_rounds=10)
+    assert best == (1.0, 0.0) and max(row["round"] for row in trace) == 2  # a no-op layer shrinks to 0
+
+
+def test_max_rounds_caps_the_search_and_bad_grids_fail():
+    kl, _ = counting(lambda p: abs(p[0] - 0.25) + abs(p[1] - 1.5))
+    best, _, trace = coordinate_search(kl, 2, DEFAULT_GRID, max_rounds=0)
+    # KL is flat on the diagonal between 0.25 and 1.5: the smallest edit wins the tie.
+    assert best == (0.25, 0.25)
+    assert {row["round"] for row in trace} == {0}
+    with pytest.raises(ValueError, match="gate grid"):
+        check_grid([])
+    with pytest.raises(ValueError, match="gate grid"):
+        check_grid([0.0, float("inf")])
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return World(tmp_path_factory.mktemp("gates"), n_per_slice=1)
+
+
+def calib_job(world, tmp_path, **params) -> Job:
+    inputs = {"split": world.split, "teacher": world.teacher}
+    if params.get("mode", "full") == "full":
+        inputs["surrogates"] = [world.surrogates[layer] for layer in params.get("layers", [0, 1])]
+    return Job(
+        input={**inputs, **params.pop("inputs", {})},
+        output={"gates": str(tmp_path / "gates.json"), "curve": str(tmp_path / "curve.parquet")},
+        params={**world.model_params, "mode": "full", "layers": [0, 1], "grid": [0.0, 0.5, 1.0],
+                "batch_size": 4, "max_rounds": 2, **params},
+    )
+
+
+def test_identical_pt_and_it_gate_every_layer_to_zero(world, tmp_path):
+    job = calib_job(world, tmp_path, it=world.pt)
+    calibrate(job)
+    gates = json.loads((tmp_path / "gates.json").read_text())
+    assert gates == {"0": 0.0, "1": 0.0}
+    curve = pl.read_parquet(tmp_path / "curve.parquet")
+    assert dict(curve.schema) == CURVE_SCHEMA
+    at_zero = curve.filter(pl.col("gates") == json.dumps({"0": 0.0, "1": 0.0}))
+    assert at_zero["kl"].abs().max() < 1e-6
+    assert curve.filter(pl.col("alpha") > 0)["kl"].min() > 1e-3
+    assert set(curve["layer"]) == {0, 1}
+
+
+def test_gate_recovers_the_alpha_that_made_the_reference(world):
+    """The reference is PT under the layer-1 surrogate at alpha 0.5: the search finds it."""
+    model, _ = load_model(world.pt, "float32", "cpu")
+    rows = world.rows()
+    pairs = list(zip(rows["prefix_ids"].to_list(), rows["token_ids"].to_list()))
+    variant = Variant(name="c", mode="full", gates={1: 0.0}, surrogates={1: world.surrogates[1]})
+    modules, _ = V.materialise(variant, "cpu")
+    target = V.edits(Variant(name="t", mode="full", gates={1: 0.5}, surrogates=variant.surrogates), modules)
+    reference = [torch.empty(0)] * len(pairs)
+    for i, lp in answer_logprobs(model, pairs, 4, edits=target):
+        reference[i] = lp
+    gates, curve = calibrate_gates(model, pairs, variant, modules, None, DEFAULT_GRID, 4, reference)
+    assert gates == {1: 0.5}
+    assert curve.filter(pl.col("alpha") == 0.5)["kl"].item() < 1e-6
+    assert curve.height == len(DEFAULT_GRID)  # one layer: the shared sweep is the whole search
+
+
+def test_mean_mode_reads_the_standardiser_and_single_layer_ablation(world, tmp_path):
+    path = tmp_path / "standardiser.safetensors"
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for layer in (0, 1):
+        tensors[f"mu.{layer}"] = torch.zeros(32)
+        tensors[f"sigma.{layer}"] = torch.ones(32)
+        tensors[f"delta_mean.{layer}"] = torch.randn(32, generator=g)
+    save_file(tensors, str(path), metadata={"format": standardise.FORMAT, "layers": "[0, 1]"})
+    calibrate(calib_job(world, tmp_path, mode="mean", layers=[1], it=world.pt, inputs={"standardiser": str(path)}))
+    assert json.loads((tmp_path / "gates.json").read_text()) == {"1": 0.0}
+    curve = pl.read_parquet(tmp_path / "curve.parquet")
+    assert curve["layer"].to_list() == [1, 1, 1] and curve["kl"][0] < 1e-6 < curve["kl"][1]
+    with pytest.raises(ValueError, match="surrogate files for 2 layers"):
+        calibrate(calib_job(world, tmp_path, inputs={"surrogates": [world.surrogates[0]]}))
+    with pytest.raises(ValueError, match="mode must be"):
+        calibrate(calib_job(world, tmp_path, mode="add_mask"))
