@@ -1,0 +1,238 @@
+"""Loading the PT/IT pair and finding its decoder blocks (SPEC §1)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# owner/name or a bare name, as the hub spells them; anything else must be an existing path.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+_WEIGHTS = ("*.safetensors", "*.bin")
+
+
+class Pair(NamedTuple):
+    pt: nn.Module
+    it: nn.Module
+    tokenizer: object
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def pick_dtype(dtype: str = "auto", device: str | torch.device = "auto") -> torch.dtype:
+    """bf16 on a GPU that supports it, fp32 otherwise (CPU bf16 matmuls are slow and lossy)."""
+    if dtype == "auto":
+        dev = pick_device(str(device))
+        cuda_bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def _is_local(spec: str) -> bool:
+    """True for an existing directory; raise for a path-like spec that does not exist."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model directory {spec!r} has no config.json")
+        return True
+    if path.exists():
+        raise FileNotFoundError(f"model {spec!r} is a file, not a Hugging Face model directory")
+    if not _HUB_ID.match(spec) or ".." in spec:
+        raise FileNotFoundError(f"model {spec!r}: no such directory, and not a Hugging Face hub id")
+    return False
+
+
+def _hub_cached(spec: str) -> str | None:
+    """Path of the cached config.json of hub id ``spec`` (the cache's ``main``), or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    hit = try_to_load_from_cache(spec, "config.json")
+    return hit if isinstance(hit, str) else None
+
+
+def _local_only(spec: str) -> bool:
+    """Whether ``from_pretrained`` may skip the network; fails fast when the model is nowhere.
+
+    The hub client retries an unreachable host for ~25 s, so existence is checked first with a
+    single request.
+    """
+    import huggingface_hub
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    if _is_local(spec) or _hub_cached(spec) is not None:
+        return True
+    if huggingface_hub.is_offline_mode():
+        raise FileNotFoundError(f"model {spec!r} is not in the Hugging Face cache and HF_HUB_OFFLINE is set")
+    try:
+        huggingface_hub.model_info(spec, timeout=10)
+    except RepositoryNotFoundError as e:
+        raise FileNotFoundError(f"model {spec!r} not found on the Hugging Face hub") from e
+    except Exception as e:  # noqa: BLE001 - any network failure means the model cannot be fetched
+        raise FileNotFoundError(
+            f"model {spec!r} is not a local directory or cached, and the hub is unreachable: {e}"
+        ) from e
+    return False
+
+
+def load_tokenizer(spec: str, local_only: bool | None = None):
+    from transformers import AutoTokenizer
+
+    local = _local_only(spec) if local_only is None else local_only
+    tok = AutoTokenizer.from_pretrained(spec, local_files_only=local)
+    # Batched generate needs left padding, or shorter rows decode garbage after their pads.
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
+            raise ValueError(f"tokenizer of {spec!r} has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(spec: str, dtype: str = "auto", device: str = "auto") -> tuple[nn.Module, object]:
+    """``(model, tokenizer)`` from a hub id or local HF directory, in eval mode without grads."""
+    from transformers import AutoModelForCausalLM
+
+    local = _local_only(spec)
+    tok = load_tokenizer(spec, local_only=local)
+    dev = pick_device(device)
+    torch_dtype = pick_dtype(dtype, dev)
+    log.info("loading %s (%s on %s)", spec, torch_dtype, dev)
+    model = AutoModelForCausalLM.from_pretrained(
+        spec, dtype=torch_dtype, device_map=str(dev), local_files_only=local
+    )
+    model.eval().requires_grad_(False)
+    return model, tok
+
+
+def _vocab_mismatch(spec_a: str, tok_a, spec_b: str, tok_b) -> str | None:
+    va, vb = tok_a.get_vocab(), tok_b.get_vocab()
+    if va == vb:
+        return None
+    differ = sorted(set(va.items()) ^ set(vb.items()), key=lambda kv: kv[1])
+    shown = ", ".join(f"{t!r}->{i}" for t, i in differ[:5])
+    return (
+        f"tokenizers of {spec_a!r} ({len(va)} tokens) and {spec_b!r} ({len(vb)} tokens) differ "
+        f"in {len(differ)} (token, id) entries, e.g. {shown}"
+    )
+
+
+def load_pair(pt: str, it: str, dtype: str = "auto", device: str = "auto") -> Pair:
+    """Load PT and IT, refusing a pair with different vocabularies before any weights load."""
+    from transformers import AutoConfig
+
+    specs = {"pt": pt, "it": it}
+    local = {k: _local_only(s) for k, s in specs.items()}
+    toks = {k: load_tokenizer(s, local_only=local[k]) for k, s in specs.items()}
+    if (msg := _vocab_mismatch(pt, toks["pt"], it, toks["it"])) is not None:
+        raise ValueError(f"refusing model pair: {msg}")
+    sizes = {
+        k: AutoConfig.from_pretrained(s, local_files_only=local[k]).get_text_config().vocab_size
+        for k, s in specs.items()
+    }
+    if sizes["pt"] != sizes["it"]:
+        raise ValueError(
+            f"refusing model pair: embedding vocab sizes differ: {pt!r} has {sizes['pt']}, "
+            f"{it!r} has {sizes['it']}"
+        )
+    pt_model, _ = load_model(pt, dtype, device)
+    it_model, _ = load_model(it, dtype, device)
+    return Pair(pt_model, it_model, toks["it"])
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of a causal LM, also inside multimodal wrappers (Gemma 3 4B)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"cannot find decoder layers in {type(model).__name__}")
+    return layers
+
+
+def check_layers(model: nn.Module, layers: Iterable[int]) -> list[int]:
+    n = len(decoder_layers(model))
+    checked = []
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n:
+            raise ValueError(
+                f"layer {layer!r} is not a decoder layer of {type(model).__name__}: "
+                f"valid layers are 0..{n - 1}"
+            )
+        checked.append(layer)
+    return checked
+
+
+def _hash_dir(path: Path) -> str:
+    files = sorted(
+        {path / "config.json", *(f for pat in _WEIGHTS for f in path.glob(pat))}, key=lambda f: f.name
+    )
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with f.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def fingerprint(spec: str) -> str:
+    """sha256 over config and weight bytes of a local dir; ``repo@commit`` for a hub id."""
+    if _is_local(spec):
+        return _hash_dir(Path(spec).expanduser())
+    cached = _hub_cached(spec)
+    if cached is not None:
+        return f"{spec}@{Path(cached).parent.name}"
+    _local_only(spec)  # raises a clear error when the hub cannot be reached
+    import huggingface_hub
+
+    return f"{spec}@{huggingface_hub.model_info(spec, timeout=10).sha}"
+
+
+def gemma3_text_config(
+    vocab_size: int,
+    hidden_size: int,
+    num_layers: int,
+    intermediate_size: int | None = None,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    sliding_window: int = 64,
+):
+    """A small valid ``Gemma3TextConfig``: its defaults (262k vocab, head_dim 256) are for 1B+."""
+    from transformers import Gemma3TextConfig
+
+    head_dim = hidden_size // num_heads
+    # Gemma 3's pattern: five sliding-window layers, then one full-attention layer.
+    types = ["full_attention" if (i + 1) % 6 == 0 or i == num_layers - 1 else "sliding_attention"
+             for i in range(num_layers)]
+    return Gemma3TextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size or 4 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        head_dim=head_dim,
+        query_pre_attn_scalar=head_dim,
+        sliding_window=sliding_window,
+        layer_types=types,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )

@@ -1,0 +1,228 @@
+"""The intervention hook and the teacher-forced passes built on it (postdiff.hook, postdiff.forward)."""
+
+import math
+
+import pytest
+import torch
+from transformers import Gemma3ForCausalLM
+
+from postdiff.forward import (
+    answer_kl,
+    answer_logprobs,
+    block_outputs,
+    length_sorted_batches,
+    reference_logprobs,
+    variant_kl,
+)
+from postdiff.hook import LayerEdit, intervene
+from postdiff.models import gemma3_text_config
+from postdiff.template import teacher_forced_batch
+
+V, D, L = 64, 32, 3
+
+
+def tiny(seed: int) -> Gemma3ForCausalLM:
+    torch.manual_seed(seed)
+    return Gemma3ForCausalLM(gemma3_text_config(V, D, L, num_heads=2, num_kv_heads=1, sliding_window=8)).eval()
+
+
+@pytest.fixture(scope="module")
+def pt():
+    return tiny(0)
+
+
+@pytest.fixture(scope="module")
+def it():
+    return tiny(1)
+
+
+@pytest.fixture(scope="module")
+def rows():
+    g = torch.Generator().manual_seed(2)
+    sizes = [(5, 4), (9, 2), (3, 7), (12, 5), (7, 1)]  # longer than the sliding window
+    return [(torch.randint(3, V, (m,), generator=g).tolist(), torch.randint(1, V, (n,), generator=g).tolist())
+            for m, n in sizes]
+
+
+@pytest.fixture(scope="module")
+def batch(rows):
+    return teacher_forced_batch([p for p, _ in rows], [a for _, a in rows], pad_id=0)
+
+
+def linear_edit(alpha, seed=3) -> LayerEdit:
+    W = torch.randn(D, D, generator=torch.Generator().manual_seed(seed))
+    return LayerEdit(alpha, lambda h: h @ W)
+
+
+def hook_ids(model) -> list[list[int]]:
+    # transformers adds its own persistent hooks once output_hidden_states is used
+    return [list(layer._forward_hooks) for layer in model.model.layers]
+
+
+def logits(model, batch, edits=None, mask=None):
+    ids, attn, ans = batch
+    with torch.no_grad(), intervene(model, edits or {}, ans if mask is None else mask):
+        return model(input_ids=ids, attention_mask=attn).logits
+
+
+def test_alpha_zero_and_zero_delta_reproduce_pt_exactly(pt, batch):
+    plain = logits(pt, batch)
+    assert torch.equal(logits(pt, batch, {1: linear_edit(0.0)}), plain)
+    assert torch.equal(logits(pt, batch, {0: LayerEdit(1.0, torch.zeros_like), 2: LayerEdit(2.0, torch.zeros_like)}), plain)
+    assert not torch.allclose(logits(pt, batch, {1: linear_edit(1.0)}), plain, atol=1e-2)
+
+
+def test_positions_before_m_minus_1_are_untouched(pt, batch, rows):
+    plain = logits(pt, batch)
+    edited = logits(pt, batch, {0: linear_edit(1.0), 2: linear_edit(0.5, seed=4)})
+    for i, (prefix, answer) in enumerate(rows):
+        m = len(prefix)
+        assert torch.equal(edited[i, : m - 1], plain[i, : m - 1])
+        assert not torch.allclose(edited[i, m - 1], plain[i, m - 1], atol=1e-3)
+
+
+def test_edit_at_last_block_matches_hand_computation(pt, batch):
+    ids, attn, ans = batch
+    c = torch.randn(D, generator=torch.Generator().manual_seed(5))
+    h = block_outputs(pt, ids, attn, [L - 1])[L - 1]
+    h_edit = torch.where(ans[..., None], h + 0.7 * c, h)
+    with torch.no_grad():
+        expected = pt.lm_head(pt.model.norm(h_edit))
+    got = logits(pt, batch, {L - 1: LayerEdit(0.7, lambda x: c.expand_as(x))})
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_per_row_alpha_and_per_row_fn(pt, batch):
+    plain = logits(pt, batch)
+    alone = logits(pt, batch, {1: linear_edit(1.0)})
+    alpha = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0])
+    mixed = logits(pt, batch, {1: linear_edit(alpha)})
+    row_mask = torch.tensor([False, True, False, True, True])[:, None, None]
+    W = torch.randn(D, D, generator=torch.Generator().manual_seed(3))
+    per_row_fn = logits(pt, batch, {1: LayerEdit(1.0, lambda h: torch.where(row_mask, 0.0, h @ W))})
+    for i in range(5):
+        assert torch.equal(mixed[i], (alone if alpha[i] else plain)[i])
+        torch.testing.assert_close(per_row_fn[i], (plain if row_mask[i] else alone)[i], rtol=0, atol=1e-6)
+
+
+def test_hooks_removed_even_when_forward_raises(pt, batch):
+    plain = logits(pt, batch)
+    before = hook_ids(pt)
+
+    def boom(h):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        logits(pt, batch, {0: linear_edit(1.0), 1: LayerEdit(1.0, boom)})
+    assert hook_ids(pt) == before
+    assert torch.equal(logits(pt, batch), plain)
+
+
+class TupleBlock(torch.nn.Module):
+    """A block in the style of older archs: ``(hidden, extra)``."""
+
+    def forward(self, h):
+        return h * 2, "extra"
+
+
+def test_tuple_block_outputs_are_edited_in_place_of_the_hidden_state():
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList([TupleBlock()])
+    h = torch.ones(2, 3, 4)
+    mask = torch.tensor([[False, True, True], [False, False, True]])
+    with intervene(model, {0: LayerEdit(torch.tensor([1.0, 3.0]), torch.ones_like)}, mask):
+        out, extra = model.layers[0](h)
+    assert extra == "extra"
+    assert out[:, :, 0].tolist() == [[2, 3, 3], [2, 2, 5]]
+
+
+def test_bad_edits_are_refused(pt, batch):
+    ids, attn, ans = batch
+    with pytest.raises(ValueError, match="layer 3"):
+        logits(pt, batch, {3: linear_edit(1.0)})
+    with pytest.raises(ValueError, match="answer_mask has shape"):
+        logits(pt, batch, {1: linear_edit(1.0)}, mask=ans[:, :-1])
+    with pytest.raises(ValueError, match=r"alpha has shape \(2,\)"):
+        logits(pt, batch, {1: linear_edit(torch.ones(2))})
+    with pytest.raises(ValueError, match="fn returned shape"):
+        logits(pt, batch, {1: LayerEdit(1.0, lambda h: h[..., :4])})
+
+
+def test_length_sorted_batches():
+    assert length_sorted_batches([3, 9, 1, 9, 5], 2) == [[1, 3], [4, 0], [2]]
+    with pytest.raises(ValueError, match="batch_size"):
+        length_sorted_batches([1], 0)
+
+
+def test_answer_logprobs_batched_equal_unbatched(pt, rows):
+    batched = dict(answer_logprobs(pt, rows, batch_size=3))
+    assert sorted(batched) == list(range(len(rows)))
+    for i, (prefix, answer) in enumerate(rows):
+        (j, single), = answer_logprobs(pt, [rows[i]], batch_size=1)
+        assert batched[i].shape == (len(answer), V)
+        torch.testing.assert_close(batched[i], single, rtol=0, atol=1e-5)
+        torch.testing.assert_close(batched[i].exp().sum(-1), torch.ones(len(answer)))
+
+
+def test_answer_logprobs_match_full_logits_at_answer_positions(pt, rows, batch):
+    full = torch.log_softmax(logits(pt, batch), -1)
+    for i, lp in answer_logprobs(pt, rows, batch_size=2):
+        m, n = len(rows[i][0]), len(rows[i][1])
+        torch.testing.assert_close(lp, full[i, m - 1 : m + n - 1], rtol=0, atol=1e-5)
+
+
+def test_answer_kl_known_answer():
+    p = torch.tensor([[0.5, 0.5], [0.9, 0.1], [1.0, 0.0]]).log()
+    q = torch.tensor([[0.25, 0.75], [0.9, 0.1], [0.5, 0.5]]).log()
+    first = 0.5 * math.log(2) + 0.5 * math.log(0.5 / 0.75)
+    got = answer_kl(p, q, counts=[2, 1])
+    torch.testing.assert_close(got, torch.tensor([first / 2, math.log(2)]))
+    torch.testing.assert_close(answer_kl(p, q), torch.tensor((first + math.log(2)) / 3))
+    assert answer_kl(q, q, counts=[1, 2]).eq(0).all()
+
+
+def test_variant_kl_shares_the_it_pass(pt, it, rows):
+    it_lp = reference_logprobs(it, rows, batch_size=2)
+    variants = {"it": None, "pt": None, "edited": {1: linear_edit(1.0)}}
+    kl_it = variant_kl(it, rows, 2, {"it": None}, reference=it)["it"]
+    assert kl_it.eq(0).all()
+    by_model = variant_kl(pt, rows, 2, variants, reference=it)
+    by_cache = variant_kl(pt, rows, 3, variants, reference=it_lp)
+    for name in variants:
+        torch.testing.assert_close(by_model[name], by_cache[name], rtol=1e-5, atol=1e-6)
+    assert (by_model["pt"] > 0).all() and not torch.allclose(by_model["pt"], by_model["edited"])
+    for i, row in enumerate(rows):
+        (_, lp), = answer_logprobs(pt, [row], 1)
+        torch.testing.assert_close(by_model["pt"][i].float(), answer_kl(it_lp[i], lp), rtol=1e-5, atol=1e-6)
+
+
+def test_variant_kl_per_row_edits(pt, it, rows):
+    calls = []
+
+    def factory(idx):
+        calls.append(list(idx))
+        return {1: linear_edit(torch.tensor([1.0 if i % 2 else 0.0 for i in idx]))}
+
+    kl = variant_kl(pt, rows, 2, {"rows": factory, "pt": None, "all": {1: linear_edit(1.0)}}, reference=it)
+    assert sorted(i for c in calls for i in c) == list(range(len(rows)))
+    for i in range(len(rows)):
+        torch.testing.assert_close(kl["rows"][i], kl["all" if i % 2 else "pt"][i], rtol=1e-5, atol=1e-6)
+
+
+def test_block_outputs_read_block_outputs_and_skip_the_head(pt, batch):
+    ids, attn, _ = batch
+    before = hook_ids(pt)
+    head_calls = []
+    handle = pt.lm_head.register_forward_hook(lambda *a: head_calls.append(1))
+    try:
+        out = block_outputs(pt, ids, attn, [2, 0, 1])
+    finally:
+        handle.remove()
+    assert list(out) == [2, 0, 1] and not head_calls
+    assert hook_ids(pt) == before
+    with torch.no_grad():
+        hs = pt(input_ids=ids, attention_mask=attn, output_hidden_states=True).hidden_states
+    for layer in (0, 1):
+        assert torch.equal(out[layer], hs[layer + 1])
+    assert not torch.allclose(out[2], hs[3], atol=1e-2)  # hidden_states[-1] has the final norm
+    torch.testing.assert_close(pt.model.norm(out[2]), hs[3])

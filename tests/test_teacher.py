@@ -1,0 +1,76 @@
+import polars as pl
+import pytest
+from test_models import save_tiny
+
+from postdiff.generation import generate
+from postdiff.models import load_model
+from postdiff.runtime import Job
+from postdiff.teacher import SCHEMA, completions_frame, teacher
+from postdiff.template import encode_prefix
+
+
+def split_frame() -> pl.DataFrame:
+    return pl.DataFrame({
+        "id": ["qa-0", "math-0", "fmt-0"],
+        "slice": ["QA", "Math", "Format"],
+        "prompt": ["What is the capital of Vel?", "2+3=?", "Answer in JSON: name Vel."],
+        "gold": [["Ost"], ["5"], []],
+        "checker": ["{}", "{}", '{"format": "json"}'],
+        "split": ["test"] * 3,
+    })
+
+
+def job(tmp_path, model_dir, split_path, **params) -> Job:
+    return Job(
+        input={"split": str(split_path)},
+        output={"completions": str(tmp_path / "teacher" / "test.parquet")},
+        params={"it": str(model_dir), "dtype": "auto", "device": "cpu", "max_new_tokens": 6,
+                "batch_size": 2, **params},
+    )
+
+
+def test_teacher_writes_the_contract(tmp_path):
+    model_dir = save_tiny(tmp_path / "it", seed=1)
+    split = split_frame()
+    split.write_parquet(tmp_path / "test.parquet")
+    j = job(tmp_path, model_dir, tmp_path / "test.parquet")
+    teacher(j)
+    out = pl.read_parquet(j.output["completions"])
+    assert dict(out.schema) == SCHEMA
+    assert out["id"].to_list() == split["id"].to_list()
+    assert out["slice"].to_list() == split["slice"].to_list()
+    model, tok = load_model(str(model_dir), device="cpu")
+    prefixes = [encode_prefix(tok, p) for p in split["prompt"]]
+    assert out["prefix_ids"].to_list() == prefixes
+    expected = generate(model, tok, prefixes, 6, batch_size=1)
+    assert out["token_ids"].to_list() == [ids for ids, _ in expected]
+    assert out["eos"].to_list() == [eos for _, eos in expected]
+    assert out["n_tokens"].to_list() == [len(ids) - eos for ids, eos in expected]
+    assert out["text"].to_list() == [tok.decode(ids, skip_special_tokens=True) for ids, _ in expected]
+
+
+def test_completions_frame_counts_tokens_without_eos():
+    split = pl.DataFrame({"id": ["a", "b"], "slice": ["QA", "Math"]})
+    frame = completions_frame(split, [[2, 5], [2]], [([7, 8, 1], True), ([9, 9], False)], ["x", "yy"])
+    assert frame["n_tokens"].to_list() == [2, 2]
+    assert frame["eos"].to_list() == [True, False]
+    assert frame.row(0, named=True) == {"id": "a", "slice": "QA", "prefix_ids": [2, 5], "token_ids": [7, 8, 1],
+                                        "text": "x", "eos": True, "n_tokens": 2}
+
+
+def test_empty_split_gives_an_empty_typed_file(tmp_path):
+    model_dir = save_tiny(tmp_path / "it")
+    split_frame().head(0).write_parquet(tmp_path / "empty.parquet")
+    j = job(tmp_path, model_dir, tmp_path / "empty.parquet")
+    teacher(j)
+    out = pl.read_parquet(j.output["completions"])
+    assert out.height == 0 and dict(out.schema) == SCHEMA
+
+
+def test_bad_split_and_params_fail_before_loading(tmp_path):
+    split_frame().drop("prompt").write_parquet(tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match=r"bad\.parquet: missing columns \['prompt'\]"):
+        teacher(job(tmp_path, tmp_path / "nowhere", tmp_path / "bad.parquet"))
+    split_frame().write_parquet(tmp_path / "ok.parquet")
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        teacher(job(tmp_path, tmp_path / "nowhere", tmp_path / "ok.parquet", max_new_tokens=0))
