@@ -124,3 +124,9 @@ def table2(job: Job) -> None:
         pt=job.params.get("pt", "PT"), it=job.params.get("it", "IT")))
     _write_all(frame, table2_display(frame), None, job.output)
     log.info("table 2: %d comparisons", frame.height)
+
+
+def r2_table(job: Job) -> None:
+    """input.metrics: per-layer surrogate metrics (layer, split, n, r2, dead_fraction)."""
+    frame = pl.concat([pl.read_parquet(p) for p in job.input["metrics"]]).sort(["layer", "split"])
+    _write_all(frame, frame, None, job.output)

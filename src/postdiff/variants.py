@@ -18,6 +18,8 @@ from torch import Tensor
 
 from postdiff import surrogate
 from postdiff.hook import LayerEdit
+from postdiff.io import read_json, write_json
+from postdiff.runtime import Job
 from postdiff.standardise import load_standardiser
 from postdiff.surrogate import TopKSurrogate
 
@@ -154,3 +156,32 @@ def edits(
         mean = means[layer] if means is not None and variant.mode == "mean" else None
         out[layer] = LayerEdit(alpha=variant.gates[layer], fn=layer_delta(variant.mode, sae, mask, mean))
     return out
+
+
+def build_spec(job: Job) -> None:
+    """Stage: write one variant's spec from its config entry and the files it names.
+
+    params: ``name``, ``mode``; input (each optional, by mode): ``gates`` (JSON ``{layer: alpha}``),
+    ``surrogates`` (module files, one per gated layer, in layer order), ``mask`` (a mask JSON),
+    ``standardiser``; output: ``spec``."""
+    name, mode = job.params["name"], job.params["mode"]
+    gates = {int(k): float(v) for k, v in read_json(job.input["gates"]).items()} if "gates" in job.input else {}
+    layers = sorted(gates)
+    surrogates: dict[int, str] = {}
+    if mode in WITH_SURROGATE:
+        paths = list(job.input["surrogates"])
+        by_layer = {int(surrogate.load(p)[1]["layer"]): str(p) for p in paths}
+        missing = sorted(set(layers) - set(by_layer))
+        if missing:
+            raise ValueError(f"variant {name!r}: no surrogate for gated layers {missing} among {paths}")
+        surrogates = {layer: by_layer[layer] for layer in layers}
+    mask = {int(k): list(v) for k, v in read_json(job.input["mask"])["mask"].items()} if "mask" in job.input else {}
+    variant = Variant(
+        name=name,
+        mode=mode,
+        gates=gates,
+        surrogates=surrogates,
+        mask=mask,
+        standardiser=str(job.input["standardiser"]) if mode == "mean" else None,
+    )
+    write_json(variant.to_json(), job.output["spec"])

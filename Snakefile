@@ -1,0 +1,33 @@
+# postdiff: surgical post-training diffing of a PT/IT model pair.
+# Stages live in workflow/rules/ (one file each); each rule calls one function of src/postdiff/.
+from snakemake.utils import min_version, validate
+
+min_version("9.20")
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+report: "workflow/report/workflow.rst"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/pair.smk"
+include: "workflow/rules/suite.smk"
+include: "workflow/rules/teacher.smk"
+include: "workflow/rules/caches.smk"
+include: "workflow/rules/surrogate.smk"
+include: "workflow/rules/gates.smk"
+include: "workflow/rules/variants.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/selection.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        default_targets(),
+    default_target: True

@@ -1,0 +1,36 @@
+"""Run the real workflow in a temporary copy of the repository (shared by the end-to-end tests)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = "config/tiny.yaml"
+
+
+def copy_workflow(dest: Path) -> Path:
+    for name in ("Snakefile", "workflow", "config"):
+        src = REPO / name
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, dest / name)
+    return dest
+
+
+def snakemake(workdir: Path, *args: str, configfile: str = TINY, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", configfile, *args]
+    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def planned_jobs(workdir: Path, *targets: str, configfile: str = TINY) -> dict[str, int]:
+    """Rule -> job count of what a run would execute now (parsed from a dry run's job stats)."""
+    proc = snakemake(workdir, "-n", "--quiet", "rules", *targets, configfile=configfile)
+    text = proc.stdout + proc.stderr
+    if "Nothing to be done" in text:
+        return {}
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\S+)\s+(\d+)\s*$", text, re.M) if m[1] != "total"}

@@ -1,0 +1,48 @@
+# Answer-phase activation caches (h_PT and delta per layer), sharded, and the train standardiser.
+
+
+def cache_shards(split):
+    n = config["cache"]["n_shards"]
+    return [f"{RUN}/cache/{split}/shard{s}.safetensors" for s in range(n)]
+
+
+rule cache_shard:
+    input:
+        teacher=f"{RUN}/teacher/{{split}}.parquet",
+        models=model_input("pt") + model_input("it"),
+    output:
+        tensors=f"{RUN}/cache/{{split}}/shard{{shard}}.safetensors",
+        index=f"{RUN}/cache/{{split}}/shard{{shard}}.parquet",
+    log:
+        f"{RUN}/logs/cache/{{split}}/shard{{shard}}.log",
+    benchmark:
+        f"{RUN}/benchmarks/cache/{{split}}/shard{{shard}}.tsv"
+    threads: config["threads"]
+    resources:
+        **gpu_resources(),
+    params:
+        entry="postdiff.cache:cache_shard",
+        **model_params(),
+        layers=config["layers"],
+        shard=lambda wc: int(wc.shard),
+        n_shards=config["cache"]["n_shards"],
+        batch_size=config["cache"]["batch_size"],
+        cache_dtype=config["cache"]["dtype"],
+    script:
+        STAGE
+
+
+rule standardiser:
+    input:
+        shards=cache_shards("train"),
+    output:
+        standardiser=f"{RUN}/cache/standardiser.safetensors",
+    log:
+        f"{RUN}/logs/cache/standardiser.log",
+    benchmark:
+        f"{RUN}/benchmarks/cache/standardiser.tsv"
+    params:
+        entry="postdiff.standardise:standardiser",
+        layers=config["layers"],
+    script:
+        STAGE

@@ -1,0 +1,72 @@
+# Per-layer gates alpha_l, calibrated on calib over a KL grid: the joint surrogate, each layer on
+# its own (the one-layer ablation) and the MeanDiff baseline.
+
+GATE_INPUTS = dict(
+    split=f"{RUN}/suite/calib.parquet",
+    teacher=f"{RUN}/teacher/calib.parquet",
+    models=model_input("pt") + model_input("it"),
+)
+
+
+def gate_params(mode, layers):
+    return dict(entry="postdiff.gates:calibrate", mode=mode, layers=layers, **model_params(), **config["gates"])
+
+
+rule gates_full:
+    input:
+        **GATE_INPUTS,
+        surrogates=expand(f"{RUN}/surrogate/L{{layer}}.safetensors", layer=config["layers"]),
+    output:
+        gates=f"{RUN}/gates/full.json",
+        curve=f"{RUN}/gates/full_curve.parquet",
+    log:
+        f"{RUN}/logs/gates/full.log",
+    benchmark:
+        f"{RUN}/benchmarks/gates/full.tsv"
+    threads: config["threads"]
+    resources:
+        **gpu_resources(),
+    params:
+        **gate_params("full", config["layers"]),
+    script:
+        STAGE
+
+
+rule gates_single:
+    input:
+        **GATE_INPUTS,
+        surrogates=f"{RUN}/surrogate/L{{layer}}.safetensors",
+    output:
+        gates=f"{RUN}/gates/single_L{{layer}}.json",
+        curve=f"{RUN}/gates/single_L{{layer}}_curve.parquet",
+    log:
+        f"{RUN}/logs/gates/single_L{{layer}}.log",
+    benchmark:
+        f"{RUN}/benchmarks/gates/single_L{{layer}}.tsv"
+    threads: config["threads"]
+    resources:
+        **gpu_resources(),
+    params:
+        **gate_params("full", lambda wc: [int(wc.layer)]),
+    script:
+        STAGE
+
+
+rule gates_mean:
+    input:
+        **GATE_INPUTS,
+        standardiser=rules.standardiser.output.standardiser,
+    output:
+        gates=f"{RUN}/gates/mean.json",
+        curve=f"{RUN}/gates/mean_curve.parquet",
+    log:
+        f"{RUN}/logs/gates/mean.log",
+    benchmark:
+        f"{RUN}/benchmarks/gates/mean.tsv"
+    threads: config["threads"]
+    resources:
+        **gpu_resources(),
+    params:
+        **gate_params("mean", config["layers"]),
+    script:
+        STAGE

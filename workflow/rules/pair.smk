@@ -1,0 +1,57 @@
+# The embedded PT/IT pair: a tiny Gemma 3 text model trained offline on a generated world.
+# Only needed when config names the built-in pair; a hub or local pair skips these rules.
+
+
+TOY = {**config["toy"], "world_seed": config["world"]["seed"], "n_countries": config["world"]["n_countries"]}
+
+
+rule tokenizer:
+    output:
+        tokenizer=directory(f"{RUN}/pair/tokenizer"),
+    log:
+        f"{RUN}/logs/pair/tokenizer.log",
+    benchmark:
+        f"{RUN}/benchmarks/pair/tokenizer.tsv"
+    params:
+        entry="postdiff.toy.train:build_tokenizer",
+        **TOY,
+    script:
+        STAGE
+
+
+rule train_pt:
+    input:
+        tokenizer=rules.tokenizer.output.tokenizer,
+    output:
+        model=directory(f"{RUN}/pair/pt"),
+    log:
+        f"{RUN}/logs/pair/train_pt.log",
+    benchmark:
+        f"{RUN}/benchmarks/pair/train_pt.tsv"
+    threads: config["threads"]
+    resources:
+        **gpu_resources(),
+    params:
+        entry="postdiff.toy.train:train_pt",
+        **TOY,
+    script:
+        STAGE
+
+
+rule train_it:
+    input:
+        model=rules.train_pt.output.model,
+    output:
+        model=directory(f"{RUN}/pair/it"),
+    log:
+        f"{RUN}/logs/pair/train_it.log",
+    benchmark:
+        f"{RUN}/benchmarks/pair/train_it.tsv"
+    threads: config["threads"]
+    resources:
+        **gpu_resources(),
+    params:
+        entry="postdiff.toy.train:train_it",
+        **TOY,
+    script:
+        STAGE

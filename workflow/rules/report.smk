@@ -1,0 +1,173 @@
+# Tables 1-2, Figures 1-2, the qualitative page, the R^2 table, the pair's gap and the
+# reproducibility records of the run.
+
+BOOT = config["bootstrap"]
+TEST_EVALS = [f"{RUN}/eval/test/{v}.parquet" for v in VARIANTS]
+ABLATION = ["FullDelta"] + [v for v in VARIANTS if v.startswith("OneLayer-")]
+QUALITATIVE = [v for v in config["report"]["qualitative_variants"] if v in VARIANTS]
+
+
+def table_outputs(name, caption):
+    return {
+        ext: report(f"{RUN}/tables/{name}.{ext}", caption=f"../report/{caption}", category="Tables")
+        if ext == "csv" else f"{RUN}/tables/{name}.{ext}"
+        for ext in ("csv", "md", "tex")
+    }
+
+
+def figure_outputs(name, caption):
+    return {
+        "png": report(f"{RUN}/figures/{name}.png", caption=f"../report/{caption}", category="Figures"),
+        "pdf": f"{RUN}/figures/{name}.pdf",
+    }
+
+
+rule table1:
+    input:
+        evals=TEST_EVALS,
+    output:
+        **table_outputs("table1", "table1.rst"),
+    log:
+        f"{RUN}/logs/tables/table1.log",
+    benchmark:
+        f"{RUN}/benchmarks/tables/table1.tsv"
+    params:
+        entry="postdiff.tables:table1",
+        pt=variant_label("PT"),
+        it=variant_label("IT"),
+    script:
+        STAGE
+
+
+rule table2:
+    input:
+        evals=TEST_EVALS,
+    output:
+        **table_outputs("table2", "table2.rst"),
+    log:
+        f"{RUN}/logs/tables/table2.log",
+    benchmark:
+        f"{RUN}/benchmarks/tables/table2.tsv"
+    params:
+        entry="postdiff.tables:table2",
+        pt=variant_label("PT"),
+        it=variant_label("IT"),
+        **BOOT,
+    script:
+        STAGE
+
+
+rule r2_table:
+    input:
+        metrics=expand(f"{RUN}/surrogate/L{{layer}}_metrics.parquet", layer=config["layers"]),
+    output:
+        **table_outputs("r2", "r2.rst"),
+    log:
+        f"{RUN}/logs/tables/r2.log",
+    benchmark:
+        f"{RUN}/benchmarks/tables/r2.tsv"
+    params:
+        entry="postdiff.tables:r2_table",
+    script:
+        STAGE
+
+
+rule figure1:
+    input:
+        evals=[f"{RUN}/eval/test/{v}.parquet" for v in config["report"]["figure1_variants"]],
+    output:
+        **figure_outputs("figure1", "figure1.rst"),
+    log:
+        f"{RUN}/logs/figures/figure1.log",
+    benchmark:
+        f"{RUN}/benchmarks/figures/figure1.tsv"
+    params:
+        entry="postdiff.figures:figure1",
+        **{k: BOOT[k] for k in ("B", "seed", "level")},
+    script:
+        STAGE
+
+
+rule figure2:
+    input:
+        evals=[f"{RUN}/eval/test/{v}.parquet" for v in ABLATION],
+        sweep=rules.sweep_summary.output.summary,
+    output:
+        **figure_outputs("figure2", "figure2.rst"),
+    log:
+        f"{RUN}/logs/figures/figure2.log",
+    benchmark:
+        f"{RUN}/benchmarks/figures/figure2.tsv"
+    params:
+        entry="postdiff.figures:figure2",
+        **{k: BOOT[k] for k in ("B", "seed", "level")},
+    script:
+        STAGE
+
+
+rule qualitative:
+    input:
+        suite=f"{RUN}/suite/test.parquet",
+        evals=[f"{RUN}/eval/test/{v}.parquet" for v in QUALITATIVE],
+    output:
+        html=report(f"{RUN}/qualitative.html", caption="../report/qualitative.rst", category="Qualitative"),
+    log:
+        f"{RUN}/logs/qualitative.log",
+    benchmark:
+        f"{RUN}/benchmarks/qualitative.tsv"
+    params:
+        entry="postdiff.qualitative:qualitative",
+        variants=[variant_label(v) for v in QUALITATIVE],
+        per_slice=config["report"]["qualitative_per_slice"],
+        seed=config["report"]["seed"],
+    script:
+        STAGE
+
+
+rule pair_gap:
+    input:
+        pt=f"{RUN}/eval/test/PT.parquet",
+        it=f"{RUN}/eval/test/IT.parquet",
+    output:
+        gap=f"{RUN}/pair_gap.json",
+    log:
+        f"{RUN}/logs/pair_gap.log",
+    benchmark:
+        f"{RUN}/benchmarks/pair_gap.tsv"
+    params:
+        entry="postdiff.gap:pair_gap",
+    script:
+        STAGE
+
+
+REPORTED = [
+    *rules.table1.output, *rules.table2.output, *rules.r2_table.output,
+    *rules.figure1.output, *rules.figure2.output, *rules.qualitative.output,
+    *rules.sweep_summary.output, *rules.pair_gap.output,
+]
+
+
+rule provenance:
+    input:
+        artifacts=REPORTED + TEST_EVALS + sweep_targets() + [MASK_FILES["vmask"]]
+        + [f"{RUN}/variants/{v}.json" for v in VARIANTS]
+        + expand(f"{RUN}/surrogate/L{{layer}}.safetensors", layer=config["layers"])
+        + [f"{RUN}/suite/{split}.parquet" for split in SPLITS]
+        + [f"{RUN}/teacher/{split}.parquet" for split in SPLITS],
+    output:
+        config=f"{RUN}/provenance/config.json",
+        run_id=f"{RUN}/provenance/run_id.json",
+        manifest=f"{RUN}/provenance/manifest.parquet",
+        runtimes=report(f"{RUN}/provenance/runtimes.csv", caption="../report/runtimes.rst", category="Reproducibility"),
+    log:
+        f"{RUN}/logs/provenance.log",
+    benchmark:
+        f"{RUN}/benchmarks/provenance.tsv"
+    params:
+        entry="postdiff.provenance:record",
+        config=config,
+        pt=model_spec("pt"),
+        it=model_spec("it"),
+        benchmark_root=f"{RUN}/benchmarks",
+    script:
+        STAGE
