@@ -13,14 +13,15 @@ TINY = "config/tiny.yaml"
 
 
 def copy_workflow(dest: Path) -> Path:
-    for name in ("Snakefile", "workflow", "config"):
+    for name in ("Snakefile", "workflow", "config", "envs"):
         src = REPO / name
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, dest / name)
     return dest
 
 
 def snakemake(workdir: Path, *args: str, configfile: str = TINY, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", configfile, *args]
+    # Targets first: --configfile and --quiet take several values and would swallow them.
+    cmd = [sys.executable, "-m", "snakemake", *args, "--cores", "2", "--configfile", configfile]
     proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
@@ -29,7 +30,7 @@ def snakemake(workdir: Path, *args: str, configfile: str = TINY, check: bool = T
 
 def planned_jobs(workdir: Path, *targets: str, configfile: str = TINY) -> dict[str, int]:
     """Rule -> job count of what a run would execute now (parsed from a dry run's job stats)."""
-    proc = snakemake(workdir, "-n", "--quiet", "rules", *targets, configfile=configfile)
+    proc = snakemake(workdir, *targets, "-n", "--quiet", "rules", configfile=configfile)
     text = proc.stdout + proc.stderr
     if "Nothing to be done" in text:
         return {}

@@ -28,6 +28,8 @@ rule cache_shard:
         n_shards=config["cache"]["n_shards"],
         batch_size=config["cache"]["batch_size"],
         cache_dtype=config["cache"]["dtype"],
+    conda:
+        ENV
     script:
         STAGE
 
@@ -44,5 +46,7 @@ rule standardiser:
     params:
         entry="postdiff.standardise:standardiser",
         layers=config["layers"],
+    conda:
+        ENV
     script:
         STAGE

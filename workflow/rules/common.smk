@@ -5,6 +5,7 @@ import re
 RUN = f"results/{config['run']}"
 SPLITS = ["train", "calib", "selector", "test"]
 STAGE = "../scripts/stage.py"
+ENV = "../../envs/postdiff.yaml"
 BUILTIN = "builtin"
 
 

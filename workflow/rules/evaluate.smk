@@ -25,5 +25,7 @@ rule evaluate:
         entry="postdiff.evaluate:evaluate_variant",
         **model_params(),
         **config["evaluate"],
+    conda:
+        ENV
     script:
         STAGE

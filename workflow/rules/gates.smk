@@ -28,6 +28,8 @@ rule gates_full:
         **gpu_resources(),
     params:
         **gate_params("full", config["layers"]),
+    conda:
+        ENV
     script:
         STAGE
 
@@ -48,6 +50,8 @@ rule gates_single:
         **gpu_resources(),
     params:
         **gate_params("full", lambda wc: [int(wc.layer)]),
+    conda:
+        ENV
     script:
         STAGE
 
@@ -68,5 +72,7 @@ rule gates_mean:
         **gpu_resources(),
     params:
         **gate_params("mean", config["layers"]),
+    conda:
+        ENV
     script:
         STAGE

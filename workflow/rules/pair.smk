@@ -15,6 +15,8 @@ rule tokenizer:
     params:
         entry="postdiff.toy.train:build_tokenizer",
         **TOY,
+    conda:
+        ENV
     script:
         STAGE
 
@@ -34,6 +36,8 @@ rule train_pt:
     params:
         entry="postdiff.toy.train:train_pt",
         **TOY,
+    conda:
+        ENV
     script:
         STAGE
 
@@ -53,5 +57,7 @@ rule train_it:
     params:
         entry="postdiff.toy.train:train_it",
         **TOY,
+    conda:
+        ENV
     script:
         STAGE

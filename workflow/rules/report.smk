@@ -35,6 +35,8 @@ rule table1:
         entry="postdiff.tables:table1",
         pt=variant_label("PT"),
         it=variant_label("IT"),
+    conda:
+        ENV
     script:
         STAGE
 
@@ -53,6 +55,8 @@ rule table2:
         pt=variant_label("PT"),
         it=variant_label("IT"),
         **BOOT,
+    conda:
+        ENV
     script:
         STAGE
 
@@ -68,6 +72,8 @@ rule r2_table:
         f"{RUN}/benchmarks/tables/r2.tsv"
     params:
         entry="postdiff.tables:r2_table",
+    conda:
+        ENV
     script:
         STAGE
 
@@ -84,6 +90,8 @@ rule figure1:
     params:
         entry="postdiff.figures:figure1",
         **{k: BOOT[k] for k in ("B", "seed", "level")},
+    conda:
+        ENV
     script:
         STAGE
 
@@ -101,6 +109,8 @@ rule figure2:
     params:
         entry="postdiff.figures:figure2",
         **{k: BOOT[k] for k in ("B", "seed", "level")},
+    conda:
+        ENV
     script:
         STAGE
 
@@ -120,6 +130,8 @@ rule qualitative:
         variants=[variant_label(v) for v in QUALITATIVE],
         per_slice=config["report"]["qualitative_per_slice"],
         seed=config["report"]["seed"],
+    conda:
+        ENV
     script:
         STAGE
 
@@ -136,6 +148,8 @@ rule pair_gap:
         f"{RUN}/benchmarks/pair_gap.tsv"
     params:
         entry="postdiff.gap:pair_gap",
+    conda:
+        ENV
     script:
         STAGE
 
@@ -169,5 +183,7 @@ rule provenance:
         pt=model_spec("pt"),
         it=model_spec("it"),
         benchmark_root=f"{RUN}/benchmarks",
+    conda:
+        ENV
     script:
         STAGE

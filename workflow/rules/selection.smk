@@ -47,6 +47,8 @@ rule score_features:
         ridge_alpha=config["scoring"]["ridge_alpha"],
         top_n=config["scoring"]["top_n"],
         batch_size=SEL["batch_size"],
+    conda:
+        ENV
     script:
         STAGE
 
@@ -71,6 +73,8 @@ rule select_cap:
             cap_cutoff=lambda wc: float(wc.cutoff),
             verb_exclusion=lambda wc: float(wc.exclusion),
         ),
+    conda:
+        ENV
     script:
         STAGE
 
@@ -93,6 +97,8 @@ rule select_vmask:
     params:
         entry="postdiff.selection:select_vmask",
         **selection_params(verb_cutoff=SEL["verb_cutoff"]),
+    conda:
+        ENV
     script:
         STAGE
 
@@ -111,6 +117,8 @@ rule baseline_masks:
     params:
         entry="postdiff.selection:baseline_masks",
         seed=config["baselines"]["seed"],
+    conda:
+        ENV
     script:
         STAGE
 
@@ -128,5 +136,7 @@ rule sweep_summary:
         f"{RUN}/benchmarks/sweep/summary.tsv"
     params:
         entry="postdiff.selection:sweep_summary",
+    conda:
+        ENV
     script:
         STAGE

@@ -17,6 +17,8 @@ rule suite:
         seed=config["suite"]["seed"],
         sizes=config["suite"]["sizes"],
         world=config["world"],
+    conda:
+        ENV
     script:
         STAGE
 
@@ -34,5 +36,7 @@ rule split:
         entry="postdiff.splits:split_suite",
         seed=config["suite"]["seed"],
         sizes=config["suite"]["sizes"],
+    conda:
+        ENV
     script:
         STAGE

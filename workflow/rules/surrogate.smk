@@ -28,6 +28,8 @@ rule train_surrogate:
         layer=lambda wc: int(wc.layer),
         layers=config["layers"],
         **config["surrogate"],
+    conda:
+        ENV
     script:
         STAGE
 
@@ -51,5 +53,7 @@ rule surrogate_metrics:
         layer=lambda wc: int(wc.layer),
         layers=config["layers"],
         splits=SPLITS,
+    conda:
+        ENV
     script:
         STAGE

@@ -20,5 +20,7 @@ rule teacher:
         dtype=config["pair"]["dtype"],
         device=config["pair"]["device"],
         **config["teacher"],
+    conda:
+        ENV
     script:
         STAGE

@@ -55,5 +55,7 @@ rule variant_spec:
         entry="postdiff.variants:build_spec",
         name=lambda wc: variant_label(wc.variant),
         mode=lambda wc: VARIANTS[wc.variant]["mode"],
+    conda:
+        ENV
     script:
         STAGE

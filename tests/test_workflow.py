@@ -1,0 +1,133 @@
+"""End-to-end: the real workflow on config/tiny.yaml in a temporary copy of the repository."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+from workflow_utils import TINY, copy_workflow, planned_jobs, snakemake
+
+pytestmark = pytest.mark.slow
+RUN = "results/tiny"
+PAIR_RULES = {"tokenizer", "train_pt", "train_it"}
+SELECTION_RULES = {"score_features", "select_cap", "select_vmask", "baseline_masks", "sweep_summary"}
+TEST_SPLIT = re.compile(r"/(suite|teacher)/test\.parquet$|/cache/test/|/eval/test/")
+
+
+def _write_config(workdir: Path, name: str, **changes: dict) -> str:
+    cfg = yaml.safe_load((workdir / TINY).read_text())
+    for section, values in changes.items():
+        cfg[section] = {**cfg.get(section, {}), **values}
+    (workdir / "config" / name).write_text(yaml.safe_dump(cfg))
+    return f"config/{name}"
+
+
+def _sweep_target(cutoff: float, exclusion: float = 1.0) -> str:
+    return f"{RUN}/sweep/verb_exclusion={exclusion}/cap_cutoff={cutoff}/cap_mask.json"
+
+
+def test_dry_run_shows_the_dag(tmp_path: Path) -> None:
+    jobs = planned_jobs(copy_workflow(tmp_path))
+    assert {"suite", "teacher", "cache_shard", "train_surrogate", "select_cap", "table1", "provenance"} <= set(jobs)
+    assert jobs["teacher"] == 4 and jobs["cache_shard"] == 4 * 2
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [({"suite": {"sed": 1}}, "sed"), ({"surrogate": {"k": "sixteen"}}, "sixteen"), ({"layers": "1"}, "layers")],
+)
+def test_bad_config_stops_before_any_job(tmp_path: Path, change: dict, named: str) -> None:
+    workdir = copy_workflow(tmp_path)
+    cfg = yaml.safe_load((workdir / TINY).read_text())
+    for key, value in change.items():
+        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+    (workdir / "config" / "bad.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake(workdir, "-n", configfile="config/bad.yaml", check=False)
+    assert proc.returncode != 0
+    assert named in proc.stdout + proc.stderr
+    assert not (workdir / "results").exists()
+
+
+def test_full_run_produces_every_artifact(tiny_run: Path) -> None:
+    run = tiny_run / RUN
+    for path in ["tables/table1.csv", "tables/table2.tex", "tables/r2.md", "figures/figure1.pdf",
+                 "figures/figure2.png", "qualitative.html", "sweep/summary.csv", "pair_gap.json",
+                 "provenance/manifest.parquet", "provenance/runtimes.csv", "provenance/run_id.json"]:
+        assert (run / path).stat().st_size > 0, path
+    table1 = pl.read_csv(run / "tables/table1.csv")
+    assert table1["Variant"].to_list()[:3] == ["PT", "IT", "FullDelta"]
+    assert "FullDelta - VMask" in table1["Variant"].to_list()
+    assert table1.filter(pl.col("Variant") == "IT")["KL"].item() == 0.0
+    manifest = pl.read_parquet(run / "provenance/manifest.parquet")
+    assert manifest["sha256"].str.len_chars().unique().to_list() == [64]
+    log = (run / "logs/pair_gap.log").read_text()
+    assert "PT-to-IT gap" in log
+
+
+def test_second_run_does_nothing(tiny_run: Path) -> None:
+    assert planned_jobs(tiny_run) == {}
+
+
+def test_suite_seed_reruns_only_what_depends_on_it(tiny_run: Path) -> None:
+    config = _write_config(tiny_run, "seed1.yaml", suite={"seed": 1})
+    jobs = planned_jobs(tiny_run, configfile=config)
+    assert {"suite", "split", "teacher", "cache_shard", "table1"} <= set(jobs)
+    assert not PAIR_RULES & set(jobs), f"the pair does not depend on the suite seed: {jobs}"
+
+
+def test_selection_never_reads_the_test_split(tiny_run: Path) -> None:
+    """Walk every input of the scoring, selection and sweep jobs back to the sources."""
+    proc = snakemake(tiny_run, "--detailed-summary")
+    inputs: dict[str, list[str]] = {}
+    rule_of: dict[str, str] = {}
+    rows = [line.split("\t") for line in proc.stdout.splitlines()]
+    header = rows[0]
+    for row in rows[1:]:
+        rec = dict(zip(header, row))
+        rule_of[rec["output_file"]] = rec["rule"]
+        inputs[rec["output_file"]] = [p for p in rec.get("input-file(s)", "").split(",") if p and p != "-"]
+    roots = [out for out, rule in rule_of.items() if rule in SELECTION_RULES]
+    assert roots, "no selection outputs in the summary"
+    seen, stack = set(), list(roots)
+    while stack:
+        path = stack.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        assert not TEST_SPLIT.search(path), f"{path} is upstream of selection"
+        stack.extend(inputs.get(path, []))
+    assert any(p.endswith("suite/selector.parquet") for p in seen)
+
+
+def test_sweep_targets_rerun_only_themselves(tiny_run: Path) -> None:
+    cfg = yaml.safe_load((tiny_run / TINY).read_text())
+    locked, grid = cfg["selection"]["cap_cutoff"], cfg["sweep"]["cap_cutoffs"]
+    other = next(c for c in grid if c != locked)
+    assert planned_jobs(tiny_run, _sweep_target(other)) == {}
+
+    (tiny_run / _sweep_target(other)).unlink()
+    assert planned_jobs(tiny_run, _sweep_target(other)) == {"select_cap": 1}
+    snakemake(tiny_run, _sweep_target(other))
+
+    new = [*grid, 0.25, 2.5]
+    config = _write_config(tiny_run, "grid.yaml", sweep={"cap_cutoffs": new})
+    targets = [_sweep_target(c) for c in new]
+    assert planned_jobs(tiny_run, *targets, configfile=config) == {"select_cap": 2}
+
+
+def test_report_is_one_html_file(tiny_run: Path) -> None:
+    snakemake(tiny_run, "--report", "report.html")
+    html = (tiny_run / "report.html").read_text(errors="replace")
+    assert "table1" in html and "figure1" in html
+
+
+def test_same_config_gives_identical_tables(tiny_run: Path) -> None:
+    tables = {p.name: p.read_bytes() for p in (tiny_run / RUN / "tables").glob("*.csv")}
+    shutil.rmtree(tiny_run / RUN / "surrogate")
+    snakemake(tiny_run)
+    again = {p.name: p.read_bytes() for p in (tiny_run / RUN / "tables").glob("*.csv")}
+    assert again == tables
