@@ -27,7 +27,7 @@ from postdiff.generation import generate
 from postdiff.models import load_model
 from postdiff.runtime import Job
 from postdiff.teacher import teacher
-from postdiff.variants import Variant
+from postdiff.spec import Variant
 
 NEW = 6  # max_new_tokens everywhere: random models never stop early
 D, F, K = 32, 16, 4

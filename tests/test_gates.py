@@ -14,7 +14,7 @@ from postdiff.forward import answer_logprobs
 from postdiff.gates import CURVE_SCHEMA, DEFAULT_GRID, calibrate, calibrate_gates, check_grid, coordinate_search
 from postdiff.models import load_model
 from postdiff.runtime import Job
-from postdiff.variants import Variant
+from postdiff.spec import Variant
 
 
 def counting(fn):

@@ -26,7 +26,7 @@ from postdiff.selection import (
     selector_metrics,
     sweep_summary,
 )
-from postdiff.variants import Variant
+from postdiff.spec import Variant
 
 A, B, C, D = (0, 1), (0, 2), (1, 5), (1, 6)
 

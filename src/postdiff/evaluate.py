@@ -22,7 +22,7 @@ from postdiff.io import write_parquet
 from postdiff.models import load_model, load_pair
 from postdiff.runtime import Job
 from postdiff.surrogate import TopKSurrogate
-from postdiff.variants import Variant
+from postdiff.spec import MASKED, Variant
 
 log = logging.getLogger(__name__)
 
@@ -216,8 +216,8 @@ def evaluate_masks(
     Rows are candidates x prompts in one batched generation, each row carrying its own mask;
     the ``candidate`` column indexes ``masks``.
     """
-    if variant.mode not in V.MASKED:
-        raise ValueError(f"variant {variant.name!r}: mode {variant.mode!r} takes no mask (one of {V.MASKED})")
+    if variant.mode not in MASKED:
+        raise ValueError(f"variant {variant.name!r}: mode {variant.mode!r} takes no mask (one of {MASKED})")
     if not masks:
         raise ValueError("evaluate_masks: no masks given")
     n = rows.height

@@ -27,7 +27,7 @@ from postdiff.io import write_json, write_parquet
 from postdiff.models import load_pair
 from postdiff.runtime import Job
 from postdiff.surrogate import TopKSurrogate
-from postdiff.variants import Variant
+from postdiff.spec import Variant
 
 log = logging.getLogger(__name__)
 

@@ -33,13 +33,14 @@ class Job:
 
 
 def seed_everything(seed: int, threads: int) -> None:
-    import torch
-
     random.seed(seed)
     np.random.seed(seed)
-    torch.manual_seed(seed)
-    # Same seed and same thread count give bitwise-identical CPU results; pin the count.
-    torch.set_num_threads(max(1, threads))
+    # Stages without a model never import torch (seconds per job); seed it only where it is used.
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.manual_seed(seed)
+        # Same seed and same thread count give bitwise-identical CPU results; pin the count.
+        torch.set_num_threads(max(1, threads))
 
 
 @contextmanager
@@ -87,6 +88,7 @@ def run_stage(smk: Any) -> None:
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     with logging_to(smk.log[0] if len(smk.log) else None):
+        stage = resolve(entry)
         seed_everything(int(params.get("seed", 0)), job.threads)
         log.info("stage %s, threads %d", entry, job.threads)
-        resolve(entry)(job)
+        stage(job)

@@ -30,7 +30,7 @@ from postdiff.io import atomic_path, write_parquet
 from postdiff.runtime import Job
 from postdiff.surrogate import TopKSurrogate
 from postdiff.template import teacher_forced_batch
-from postdiff.variants import Variant
+from postdiff.spec import Variant
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from postdiff.evaluate import check_budget, evaluate_masks, join_teacher, load_p
 from postdiff.io import read_json, write_json, write_parquet, write_text
 from postdiff.runtime import Job
 from postdiff.scoring import aligned_records, check_selector
-from postdiff.variants import Variant
+from postdiff.spec import Variant
 
 log = logging.getLogger(__name__)
 

@@ -52,7 +52,8 @@ rule variant_spec:
     benchmark:
         f"{RUN}/benchmarks/variants/{{variant}}.tsv"
     params:
-        entry="postdiff.variants:build_spec",
+        entry="postdiff.spec:build_spec",
+        surrogate_layers=config["layers"],
         name=lambda wc: variant_label(wc.variant),
         mode=lambda wc: VARIANTS[wc.variant]["mode"],
     conda:
