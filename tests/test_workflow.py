@@ -131,3 +131,10 @@ def test_same_config_gives_identical_tables(tiny_run: Path) -> None:
     snakemake(tiny_run)
     again = {p.name: p.read_bytes() for p in (tiny_run / RUN / "tables").glob("*.csv")}
     assert again == tables
+
+
+def test_gemma_config_dry_runs_without_a_download(tmp_path: Path) -> None:
+    jobs = planned_jobs(copy_workflow(tmp_path), configfile="config/gemma3-4b.yaml")
+    assert "train_pt" not in jobs, "a hub pair must not train the embedded one"
+    assert jobs["cache_shard"] == 4 * 4 and jobs["evaluate"] == 4 * jobs["merge_eval"]
+    assert not (tmp_path / "results").exists()

@@ -21,6 +21,7 @@ from postdiff.generation import generate
 from postdiff.io import write_parquet
 from postdiff.models import load_model, load_pair
 from postdiff.runtime import Job
+from postdiff.shards import shard_rows
 from postdiff.surrogate import TopKSurrogate
 from postdiff.spec import MASKED, Variant
 
@@ -241,11 +242,12 @@ def evaluate_variant(job: Job) -> None:
     """Stage: records of one variant on one split.
 
     input: ``variant`` (spec JSON), ``split`` (suite split Parquet), ``teacher`` (its teacher
-    Parquet); params: ``pt``, ``it``, ``dtype``, ``device``, ``max_new_tokens``, ``batch_size``;
-    output: ``records`` (Parquet).
+    Parquet); params: ``pt``, ``it``, ``dtype``, ``device``, ``max_new_tokens``, ``batch_size``,
+    optional ``shard`` of ``n_shards``; output: ``records`` (Parquet).
     """
     variant = Variant.read(job.input["variant"])
     rows = read_rows(job.input["split"], job.input["teacher"])
+    rows = shard_rows(rows, int(job.params.get("shard", 0)), int(job.params.get("n_shards", 1)))
     max_new_tokens, batch_size = int(job.params["max_new_tokens"]), int(job.params["batch_size"])
     check_budget(rows, max_new_tokens, job.input["teacher"])
     log.info("variant %s (%s): %d prompts from %s", variant.name, variant.mode, rows.height, job.input["split"])

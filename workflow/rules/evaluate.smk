@@ -1,5 +1,8 @@
 # Generation under each variant's intervention, checkers and teacher-forced KL to IT: per-prompt
 # records. The selector split feeds scoring and selection; the test split feeds the tables.
+# Each split is cut into `evaluate.n_shards` jobs per variant; a cheap merge joins them.
+
+EVAL = config["evaluate"]
 
 
 wildcard_constraints:
@@ -13,18 +16,40 @@ rule evaluate:
         teacher=f"{RUN}/teacher/{{eval_split}}.parquet",
         models=model_input("pt") + model_input("it"),
     output:
-        records=f"{RUN}/eval/{{eval_split}}/{{variant}}.parquet",
+        records=f"{RUN}/eval/{{eval_split}}/{{variant}}/shard{{shard}}.parquet",
     log:
-        f"{RUN}/logs/eval/{{eval_split}}/{{variant}}.log",
+        f"{RUN}/logs/eval/{{eval_split}}/{{variant}}/shard{{shard}}.log",
     benchmark:
-        f"{RUN}/benchmarks/eval/{{eval_split}}/{{variant}}.tsv"
+        f"{RUN}/benchmarks/eval/{{eval_split}}/{{variant}}/shard{{shard}}.tsv"
     threads: config["threads"]
     resources:
         **gpu_resources(),
     params:
         entry="postdiff.evaluate:evaluate_variant",
         **model_params(),
-        **config["evaluate"],
+        max_new_tokens=EVAL["max_new_tokens"],
+        batch_size=EVAL["batch_size"],
+        shard=lambda wc: int(wc.shard),
+        n_shards=EVAL["n_shards"],
+    conda:
+        ENV
+    script:
+        STAGE
+
+
+rule merge_eval:
+    input:
+        shards=expand(
+            f"{RUN}/eval/{{{{eval_split}}}}/{{{{variant}}}}/shard{{shard}}.parquet", shard=range(EVAL["n_shards"])
+        ),
+    output:
+        merged=f"{RUN}/eval/{{eval_split}}/{{variant}}.parquet",
+    log:
+        f"{RUN}/logs/eval/{{eval_split}}/{{variant}}.log",
+    benchmark:
+        f"{RUN}/benchmarks/eval/{{eval_split}}/{{variant}}.tsv"
+    params:
+        entry="postdiff.shards:merge",
     conda:
         ENV
     script:
