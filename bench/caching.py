@@ -1,0 +1,124 @@
+"""Caching cost: ``cache.collect`` (both models, hooks, answer-position gather, copy to CPU)
+against two plain forward passes (PT and IT) over the same length-sorted batches, no hooks.
+
+A tiny random-init Gemma 3 pair (hidden 192, 4 layers, vocab 1024) and ~1000 teacher-like rows
+(prefix ~20 tokens, answers 3-48). Rounds alternate the two so machine load hits both alike;
+the ratio is of the fastest rounds. Writes bench/results/caching.json. Goal: ratio <= 1.15.
+
+    .venv/bin/python bench/caching.py [--rows 1000] [--rounds 5] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import polars as pl  # noqa: E402
+import torch  # noqa: E402
+from transformers import Gemma3ForCausalLM  # noqa: E402
+
+from postdiff.cache import collect  # noqa: E402
+from postdiff.forward import length_sorted_batches  # noqa: E402
+from postdiff.models import gemma3_text_config  # noqa: E402
+from postdiff.template import teacher_forced_batch  # noqa: E402
+
+VOCAB = 1024
+GOAL = 1.15
+
+
+def tiny_gemma(seed: int) -> Gemma3ForCausalLM:
+    torch.manual_seed(seed)
+    cfg = gemma3_text_config(VOCAB, 192, 4, intermediate_size=768, num_heads=4, num_kv_heads=2, sliding_window=64)
+    return Gemma3ForCausalLM(cfg).eval().requires_grad_(False)
+
+
+def teacher_rows(n: int, seed: int) -> pl.DataFrame:
+    g = torch.Generator().manual_seed(seed)
+    prefix_len = torch.randint(16, 25, (n,), generator=g).tolist()
+    answer_len = torch.randint(3, 49, (n,), generator=g).tolist()
+    return pl.DataFrame(
+        {
+            "id": [f"r{i}" for i in range(n)],
+            "prefix_ids": [[2] + torch.randint(4, VOCAB, (m - 1,), generator=g).tolist() for m in prefix_len],
+            "token_ids": [torch.randint(4, VOCAB, (a,), generator=g).tolist() for a in answer_len],
+        }
+    )
+
+
+@torch.inference_mode()
+def plain_forwards(pt, it, rows: pl.DataFrame, batch_size: int) -> None:
+    prefixes, answers = rows["prefix_ids"].to_list(), rows["token_ids"].to_list()
+    for idx in length_sorted_batches([len(p) + len(a) for p, a in zip(prefixes, answers)], batch_size):
+        ids, attn, _ = teacher_forced_batch([prefixes[i] for i in idx], [answers[i] for i in idx], pad_id=0)
+        pt(input_ids=ids, attention_mask=attn, use_cache=False)
+        it(input_ids=ids, attention_mask=attn, use_cache=False)
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=1000)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--layers", type=int, nargs="+", default=[0, 1, 2, 3])
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "caching.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    pt, it = tiny_gemma(0), tiny_gemma(1)
+    rows = teacher_rows(args.rows, seed=0)
+    n_tokens = int(rows["token_ids"].list.len().sum())
+
+    def ours() -> None:
+        collect(pt, it, args.layers, rows, args.batch_size)
+
+    def base() -> None:
+        plain_forwards(pt, it, rows, args.batch_size)
+
+    timed(ours), timed(base)  # warm-up: allocator, kernels
+    t_ours, t_base = [], []
+    for _ in range(args.rounds):
+        t_base.append(timed(base))
+        t_ours.append(timed(ours))
+        print(f"base {t_base[-1]:.3f}s  ours {t_ours[-1]:.3f}s", file=sys.stderr)
+    ratio = min(t_ours) / min(t_base)
+    result = {
+        "name": "caching",
+        "ratio": ratio,
+        "ratio_median": statistics.median(t_ours) / statistics.median(t_base),
+        "goal": f"ratio <= {GOAL}",
+        "met": ratio <= GOAL,
+        "seconds_ours": t_ours,
+        "seconds_baseline": t_base,
+        "rows": args.rows,
+        "answer_tokens": n_tokens,
+        "layers": args.layers,
+        "batch_size": args.batch_size,
+        "threads": args.threads,
+        "model": "Gemma3ForCausalLM random init, hidden 192, intermediate 768, 4 layers, vocab 1024",
+        "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "torch": torch.__version__,
+        "command": " ".join([".venv/bin/python", *sys.argv]),
+        "note": "ratio of the fastest of `rounds` alternating rounds; the baseline also computes the "
+        "LM head and final norm, which block_outputs skips after the last wanted block",
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: result[k] for k in ("ratio", "ratio_median", "met")}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+import math
+
+import polars as pl
+import pytest
+import torch
+
+from postdiff.cache import write_shard
+from postdiff.runtime import Job
+from postdiff.standardise import standardiser
+from postdiff.surrogate import (
+    SurrogateConfig,
+    TopKSurrogate,
+    dead_fraction,
+    fit,
+    layer_metrics,
+    load,
+    r2,
+    save,
+    train_layer,
+)
+
+D_IN, F_TRUE = 16, 32
+FAST = SurrogateConfig(expansion=4, k=8, lr=1e-2, batch_size=256, steps=400)
+
+
+def synthetic(n: int, seed: int, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``delta`` from a known dictionary: ~3 of 32 thresholded-ReLU features of ``h`` per row."""
+    dictionary = torch.Generator().manual_seed(0)
+    W = torch.randn(F_TRUE, D_IN, generator=dictionary)
+    W /= W.norm(dim=1, keepdim=True)
+    D = torch.randn(D_IN, F_TRUE, generator=dictionary)
+    D /= D.norm(dim=0)
+    g = torch.Generator().manual_seed(seed)
+    h = 3 * torch.randn(n, D_IN, generator=g) + 1
+    z = (((h - 1) / 3) @ W.T - 1.3).relu()
+    delta = z @ D.T + 0.5 + 0.01 * torch.randn(n, D_IN, generator=g)
+    return h, scale * delta
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny matrices: a second thread only adds synchronisation, badly so on a busy machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data():
+    h, delta = synthetic(4096, seed=1)
+    return h, delta, h.mean(0), h.std(0)
+
+
+@pytest.fixture(scope="module")
+def fitted(data):
+    h, delta, mu, sigma = data
+    return fit(h, delta, mu, sigma, FAST, seed=0)
+
+
+def random_module(d=6, n=12, k=3, seed=0) -> TopKSurrogate:
+    g = torch.Generator().manual_seed(seed)
+    m = TopKSurrogate(d, n, k, mu=torch.randn(d, generator=g), sigma=torch.rand(d, generator=g) + 0.5)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    return m
+
+
+def test_topk_keeps_exactly_k_largest_per_row():
+    m = random_module()
+    with torch.no_grad():
+        m.b_enc.fill_(100.0)  # every pre-activation positive, so exactly k survive
+    h = torch.randn(2, 5, 6)
+    z = m.encode(h)
+    assert z.shape == (2, 5, 12)
+    assert ((z > 0).sum(-1) == 3).all()
+    pre = torch.nn.functional.linear(m.standardise(h), m.W_enc, m.b_enc)
+    kth = pre.topk(3, dim=-1).values[..., -1:]
+    assert torch.equal(z > 0, pre >= kth)
+    assert torch.allclose(z[z > 0], pre[z > 0])
+
+
+@pytest.mark.parametrize("k", [2, 40])  # the index_add branch and the matmul-over-used-features branch
+def test_selected_activations_have_the_dense_gradient(k):
+    m = random_module(d=6, n=64, k=k)
+    x = torch.randn(2, 5, 6, requires_grad=True)
+    weights = torch.randn(2, 5, k)
+    pre = torch.nn.functional.linear(x, m.W_enc, m.b_enc)
+    vals, idx = m.top(x, pre)
+    (vals * weights).sum().backward()
+    ours = [t.grad.clone() for t in (x, m.W_enc, m.b_enc)]
+    for t in (x, m.W_enc, m.b_enc):
+        t.grad = None
+    dense = torch.nn.functional.linear(x, m.W_enc, m.b_enc).relu().gather(-1, idx)
+    assert torch.allclose(vals, dense)
+    (dense * weights).sum().backward()
+    for a, t in zip(ours, (x, m.W_enc, m.b_enc)):
+        assert torch.allclose(a, t.grad, atol=1e-5)
+
+
+def test_encode_standardises_with_mu_sigma():
+    m = TopKSurrogate(2, 2, 2, mu=torch.tensor([1.0, -2.0]), sigma=torch.tensor([2.0, 4.0]))
+    with torch.no_grad():
+        m.W_enc.copy_(torch.eye(2))
+    z = m.encode(torch.tensor([[5.0, 10.0], [-1.0, -2.0]]))
+    assert torch.equal(z, torch.tensor([[2.0, 3.0], [0.0, 0.0]]))
+
+
+def test_fresh_module_predicts_zero_and_forward_matches_decode_of_encode():
+    assert torch.equal(TopKSurrogate(4, 8, 2)(torch.randn(3, 4)), torch.zeros(3, 4))
+    m = random_module()
+    h = torch.randn(4, 7, 6)
+    assert torch.allclose(m(h), m.decode(m.encode(h)), atol=1e-5)
+
+
+def test_masked_decode_full_empty_and_per_row():
+    m = random_module()
+    z = m.encode(torch.randn(4, 6))
+    full, empty = torch.ones(12, dtype=torch.bool), torch.zeros(12, dtype=torch.bool)
+    assert torch.allclose(m.masked_decode(z, full), m.decode(z) - m.b_dec, atol=1e-6)
+    assert torch.equal(m.masked_decode(z, empty), torch.zeros(4, 6))
+    one = empty.clone()
+    one[5] = True
+    assert torch.allclose(m.masked_decode(z, one), z[:, 5:6] * m.D[:, 5], atol=1e-6)
+    rows = torch.rand(4, 12, generator=torch.Generator().manual_seed(1)) > 0.5
+    expected = torch.stack([m.masked_decode(z[i], rows[i]) for i in range(4)])
+    assert torch.allclose(m.masked_decode(z, rows), expected, atol=1e-6)
+    z3 = m.encode(torch.randn(4, 3, 6))  # [b, t, F] with a per-row [b, F] mask
+    assert torch.allclose(m.masked_decode(z3, rows)[:, 2], m.masked_decode(z3[:, 2], rows), atol=1e-6)
+    with pytest.raises(ValueError, match="mask"):
+        m.masked_decode(z, torch.ones(11, dtype=torch.bool))
+
+
+def test_r2_and_dead_fraction_known_answers():
+    m = TopKSurrogate(2, 3, 2)
+    with torch.no_grad():
+        m.W_enc.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]))
+        m.D.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
+    h = torch.rand(50, 2, generator=torch.Generator().manual_seed(0)) + 0.1  # positive: forward(h) = h
+    assert r2(m, h, h, h.mean(0)) == pytest.approx(1.0)
+    assert r2(m, h, 2 * h, (2 * h).mean(0)) < 1.0
+    mean_only = TopKSurrogate(2, 3, 2)
+    with torch.no_grad():
+        mean_only.b_dec.copy_(h.mean(0))
+    assert r2(mean_only, h, h, h.mean(0)) == pytest.approx(0.0, abs=1e-9)
+    assert dead_fraction(m, h) == pytest.approx(1 / 3)  # feature 2 is negative on every row
+    assert math.isnan(r2(mean_only, h, torch.ones_like(h), torch.ones(2)))
+
+
+def test_fit_recovers_a_known_sparse_dictionary(data, fitted):
+    h, delta, _, _ = data
+    module, curve = fitted
+    h_test, delta_test = synthetic(2048, seed=2)
+    assert r2(module, h_test, delta_test, delta.mean(0)) > 0.9
+    assert curve.columns == ["step", "loss", "mse", "aux"] and curve.height == FAST.steps
+    assert curve["mse"][-20:].mean() < 0.2 * curve["mse"][:20].mean()
+
+
+def test_fit_is_seeded_and_scale_equivariant(data, fitted):
+    h, delta, mu, sigma = data
+    cfg = SurrogateConfig(expansion=2, k=4, lr=1e-2, batch_size=128, steps=40)
+    a, curve_a = fit(h, delta, mu, sigma, cfg, seed=3)
+    b, curve_b = fit(h, delta, mu, sigma, cfg, seed=3)
+    c, _ = fit(h, delta, mu, sigma, cfg, seed=4)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert curve_a.equals(curve_b)
+    assert not torch.equal(a.W_enc, c.W_enc)
+    # Training on the delta divided by its scale makes the fit blind to units.
+    big, _ = fit(h, 1000 * delta, mu, sigma, cfg, seed=3)
+    assert torch.allclose(big(h[:64]), 1000 * a(h[:64]), rtol=1e-3, atol=1e-2)
+
+
+def test_auxk_gives_dead_features_a_loss():
+    h, delta = synthetic(2048, seed=5)
+    # Far more features than the data needs and k=1: many never fire and die after 5 steps.
+    cfg = SurrogateConfig(expansion=16, k=1, lr=1e-2, batch_size=128, steps=60, dead_steps=5, auxk_coef=0.5)
+    _, curve = fit(h, delta, h.mean(0), h.std(0), cfg, seed=0)
+    assert (curve["aux"][:5] == 0).all() and (curve["aux"][5:] > 0).any()
+    assert curve["loss"].to_numpy() == pytest.approx((curve["mse"] + 0.5 * curve["aux"]).to_numpy(), rel=1e-5)
+    _, off = fit(h, delta, h.mean(0), h.std(0), SurrogateConfig(**{**cfg.__dict__, "auxk_coef": 0.0}), seed=0)
+    assert (off["aux"] == 0).all()
+
+
+def test_save_load_round_trip(tmp_path, fitted):
+    module, _ = fitted
+    save(module, tmp_path / "m.safetensors", {"layer": 2, "note": "x"})
+    back, meta = load(tmp_path / "m.safetensors")
+    assert meta == {"layer": 2, "note": "x"} and back.k == module.k
+    for name, t in module.state_dict().items():
+        assert torch.equal(t, back.state_dict()[name]), name
+    h = torch.randn(5, D_IN)
+    assert torch.equal(back(h), module(h))
+    with pytest.raises(FileNotFoundError):
+        load(tmp_path / "missing.safetensors")
+
+
+def test_config_validation_and_params():
+    cfg = SurrogateConfig.from_params({"k": 4, "steps": 10, "layer": 3, "seed": 1})
+    assert (cfg.k, cfg.steps, cfg.expansion) == (4, 10, 8)
+    with pytest.raises(ValueError, match="k"):
+        SurrogateConfig(k=0)
+    with pytest.raises(ValueError, match="k=9"):
+        TopKSurrogate(2, 8, 9)
+
+
+def test_train_layer_and_layer_metrics_stages(tmp_path, data):
+    h, delta, _, _ = data
+    fps = {"pt": "a", "it": "b"}
+    paths = {}
+    for split, (lo, hi) in {"train": (0, 3000), "calib": (3000, 3500), "selector": (3500, 4096)}.items():
+        n = hi - lo
+        # Stand-in rows: one prompt per 4 positions (the cache stores positions, not tokens).
+        rows = pl.DataFrame({"id": [f"{split}{i}" for i in range(n // 4)], "prefix_ids": [[2, 5]] * (n // 4),
+                             "token_ids": [[7, 8, 9, 1]] * (n // 4)})
+        hi = lo + 4 * (n // 4)
+        caches = {3: (h[lo:hi], delta[lo:hi]), 5: (h[lo:hi] + 1, delta[lo:hi].clone())}
+        paths[split] = [str(tmp_path / f"{split}.safetensors")]
+        write_shard(paths[split][0], caches, rows, fps, 0, 1)
+    std = str(tmp_path / "std.safetensors")
+    standardiser(Job(input={"shards": paths["train"]}, output={"standardiser": std}, params={"layers": [3, 5]}))
+    out = {k: str(tmp_path / f"out.{k}") for k in ("module", "curve", "curve_png")}
+    params = {"layer": 3, "layers": [3, 5], "seed": 0, "device": "cpu", **FAST.__dict__, "steps": 100}
+    train_layer(Job(input={"shards": paths["train"], "standardiser": std}, output=out, params=params))
+    module, meta = load(out["module"])
+    assert meta["layer"] == 3 and meta["config"]["steps"] == 100 and meta["n_train"] == 3000
+    assert torch.allclose(module.mu, h[:3000].mean(0), atol=1e-4)
+    assert pl.read_parquet(out["curve"]).height == 100
+    assert open(out["curve_png"], "rb").read(4) == b"\x89PNG"
+    metrics_path = str(tmp_path / "metrics.parquet")
+    layer_metrics(Job(input={"module": out["module"], "standardiser": std, **paths}, output={"metrics": metrics_path},
+                      params={"layer": 3, "layers": [3, 5], "device": "cpu"}))
+    metrics = pl.read_parquet(metrics_path)
+    assert metrics["split"].to_list() == ["train", "calib", "selector"]
+    assert metrics["r2"][0] == pytest.approx(meta["train_r2"]) and (metrics["r2"] > 0.5).all()
+    with pytest.raises(ValueError, match="layers"):
+        train_layer(Job(input={"shards": paths["train"], "standardiser": std}, output=out, params={**params, "layers": [3]}))
