@@ -1,4 +1,5 @@
 import math
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -81,13 +82,16 @@ def test_topk_keeps_exactly_k_largest_per_row():
     assert torch.allclose(z[z > 0], pre[z > 0])
 
 
-@pytest.mark.parametrize("k", [2, 40])  # the index_add branch and the matmul-over-used-features branch
-def test_selected_activations_have_the_dense_gradient(k):
+# Slot-by-slot only, matmul over used features only, and both (the fit's main + AuxK selection).
+@pytest.mark.parametrize(("k", "narrow"), [(2, None), (40, None), (40, 5)])
+def test_selected_activations_have_the_dense_gradient(k, narrow):
     m = random_module(d=6, n=64, k=k)
     x = torch.randn(2, 5, 6, requires_grad=True)
     weights = torch.randn(2, 5, k)
     pre = torch.nn.functional.linear(x, m.W_enc, m.b_enc)
-    vals, idx = m.top(x, pre)
+    with torch.no_grad():
+        idx = pre.topk(k, dim=-1).indices
+    vals = m.select(x, pre, idx, narrow)
     (vals * weights).sum().backward()
     ours = [t.grad.clone() for t in (x, m.W_enc, m.b_enc)]
     for t in (x, m.W_enc, m.b_enc):
@@ -96,6 +100,30 @@ def test_selected_activations_have_the_dense_gradient(k):
     assert torch.allclose(vals, dense)
     (dense * weights).sum().backward()
     for a, t in zip(ours, (x, m.W_enc, m.b_enc)):
+        assert torch.allclose(a, t.grad, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [3, 40])
+def test_sparse_decode_groups_have_the_dense_values_and_gradients(k):
+    m = random_module(d=6, n=64, k=k)
+    g = torch.Generator().manual_seed(2)
+    vals = torch.rand(5, k, generator=g).requires_grad_()
+    idx = torch.stack([torch.randperm(64, generator=g)[:k] for _ in range(5)])
+    aux_vals = torch.rand(5, 2, generator=g).requires_grad_()
+    aux_idx = torch.randint(0, 64, (5, 2), generator=g)
+    out, aux = m.sparse_decode_groups([(vals, idx), (aux_vals, aux_idx)])
+    w_out, w_aux = torch.randn(5, 6, generator=g), torch.randn(5, 6, generator=g)
+    ((out * w_out).sum() + (aux * w_aux).sum()).backward()
+    ours = [t.grad.clone() for t in (vals, aux_vals, m.D)]
+    for t in (vals, aux_vals, m.D):
+        t.grad = None
+
+    def dense(v, i):
+        return torch.zeros(5, 64).scatter_add(1, i, v) @ m.D.T
+
+    assert torch.allclose(out, dense(vals, idx), atol=1e-5) and torch.allclose(aux, dense(aux_vals, aux_idx), atol=1e-5)
+    ((dense(vals, idx) * w_out).sum() + (dense(aux_vals, aux_idx) * w_aux).sum()).backward()
+    for a, t in zip(ours, (vals, aux_vals, m.D)):
         assert torch.allclose(a, t.grad, atol=1e-5)
 
 
@@ -149,7 +177,7 @@ def test_r2_and_dead_fraction_known_answers():
 
 
 def test_fit_recovers_a_known_sparse_dictionary(data, fitted):
-    h, delta, _, _ = data
+    _, delta, _, _ = data
     module, curve = fitted
     h_test, delta_test = synthetic(2048, seed=2)
     assert r2(module, h_test, delta_test, delta.mean(0)) > 0.9
@@ -226,7 +254,7 @@ def test_train_layer_and_layer_metrics_stages(tmp_path, data):
     assert meta["layer"] == 3 and meta["config"]["steps"] == 100 and meta["n_train"] == 3000
     assert torch.allclose(module.mu, h[:3000].mean(0), atol=1e-4)
     assert pl.read_parquet(out["curve"]).height == 100
-    assert open(out["curve_png"], "rb").read(4) == b"\x89PNG"
+    assert Path(out["curve_png"]).read_bytes()[:4] == b"\x89PNG"
     metrics_path = str(tmp_path / "metrics.parquet")
     layer_metrics(Job(input={"module": out["module"], "standardiser": std, **paths}, output={"metrics": metrics_path},
                       params={"layer": 3, "layers": [3, 5], "device": "cpu"}))
