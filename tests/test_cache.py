@@ -13,13 +13,18 @@ from postdiff.cache import (
     check_shard,
     collect,
     load_split,
-    shard_rows,
     token_hash,
     write_shard,
 )
 from postdiff.models import decoder_layers, fingerprint, gemma3_text_config
 from postdiff.runtime import Job
-from postdiff.standardise import floor_sigma, load_standardiser, standardiser, standardiser_from
+from postdiff.shards import shard_rows
+from postdiff.standardise import (
+    floor_sigma,
+    load_standardiser,
+    standardiser,
+    standardiser_from,
+)
 from postdiff.toy.tokenizer import train_tokenizer
 
 V, D = 64, 32
@@ -135,7 +140,7 @@ def test_bad_rows_are_refused_before_compute(pair, rows):
 def test_shards_are_strided_disjoint_and_hashed(rows):
     parts = [shard_rows(rows, s, 3) for s in range(3)]
     assert parts[1]["id"].to_list() == ["p1", "p4"]
-    assert sorted(sum((p["id"].to_list() for p in parts), [])) == sorted(rows["id"].to_list())
+    assert sorted(pid for p in parts for pid in p["id"].to_list()) == sorted(rows["id"].to_list())
     with pytest.raises(ValueError, match="shard 3"):
         shard_rows(rows, 3, 3)
     changed = rows.with_columns(pl.Series("token_ids", [[5]] + rows["token_ids"].to_list()[1:]))

@@ -28,6 +28,7 @@ from postdiff.forward import block_outputs, length_sorted_batches
 from postdiff.io import atomic_path, write_parquet
 from postdiff.models import check_layers, fingerprint, load_pair, pick_dtype
 from postdiff.runtime import Job
+from postdiff.shards import shard_rows
 from postdiff.template import answer_positions, teacher_forced_batch
 
 log = logging.getLogger(__name__)
@@ -47,13 +48,6 @@ def check_rows(rows: pl.DataFrame, source: str = "rows") -> None:
     dup = rows["id"].filter(rows["id"].is_duplicated()).unique().to_list()
     if dup:
         raise ValueError(f"{source}: duplicate prompt ids {dup[:5]}")
-
-
-def shard_rows(rows: pl.DataFrame, shard: int, n_shards: int) -> pl.DataFrame:
-    """Rows ``shard, shard + n_shards, ...``: strided, so every shard mixes slices and lengths."""
-    if not 0 <= shard < n_shards:
-        raise ValueError(f"shard {shard} is not in 0..{n_shards - 1}")
-    return rows.gather_every(n_shards, offset=shard)
 
 
 def token_hash(rows: pl.DataFrame) -> str:
@@ -174,7 +168,7 @@ class Expect:
 
 def read_tensor(path: str | Path, key: str) -> Tensor:
     with safe_open(str(path), framework="pt") as f:
-        if key not in f.keys():
+        if key not in f.keys():  # noqa: SIM118 (safe_open has keys(), not __contains__)
             raise ValueError(f"{path}: no tensor {key!r}")
         return f.get_tensor(key)
 
