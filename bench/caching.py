@@ -21,14 +21,14 @@ from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-import polars as pl  # noqa: E402
-import torch  # noqa: E402
-from transformers import Gemma3ForCausalLM  # noqa: E402
+import polars as pl
+import torch
+from transformers import Gemma3ForCausalLM
 
-from postdiff.cache import collect  # noqa: E402
-from postdiff.forward import length_sorted_batches  # noqa: E402
-from postdiff.models import gemma3_text_config  # noqa: E402
-from postdiff.template import teacher_forced_batch  # noqa: E402
+from postdiff.cache import collect
+from postdiff.forward import length_sorted_batches
+from postdiff.models import gemma3_text_config
+from postdiff.template import teacher_forced_batch
 
 VOCAB = 1024
 GOAL = 1.15

@@ -12,7 +12,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
