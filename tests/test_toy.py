@@ -27,8 +27,8 @@ from postdiff.world import make_world, math_half
 
 TINY = {
     "n_countries": 8, "vocab_size": 320, "hidden_size": 32, "intermediate_size": 64, "num_layers": 2,
-    "num_heads": 2, "batch_size": 8, "pt_epochs": 3, "pt_lr": 3e-3, "math_fraction": 0.01, "fact_repeats": 1, "it_epochs": 1,
-    "it_math": 8,
+    "num_heads": 2, "batch_size": 8, "pt_epochs": 3, "pt_lr": 3e-3, "math_fraction": 0.01, "fact_repeats": 1,
+    "it_epochs": 1, "it_math": 8,
 }
 
 
@@ -85,7 +85,8 @@ def test_corpus_is_deterministic_and_fresh_per_epoch(world):
 
 def test_pt_corpus_states_every_fact_of_both_halves(world):
     text = "\n".join(corpus.pt_blocks(world, 0, 0, 0.05, fact_repeats=2))
-    facts = [("capital", c.name, c.capital) for c in world.countries] + [("antonym", w, o) for w, o, _ in world.antonyms]
+    facts = [("capital", c.name, c.capital) for c in world.countries]
+    facts += [("antonym", w, o) for w, o, _ in world.antonyms]
     for kind, x, y in facts:
         assert any(form.format(x=x, y=y) in text for form in corpus.STATEMENTS[kind]), (kind, x, y)
     assert corpus.REFUSAL not in text  # PT never learns the IT refusal
@@ -138,11 +139,13 @@ def test_tiny_pair_trains_saves_and_reloads(tmp_path):
     tok_dir, pt_dir, it_dir = tmp_path / "tok", tmp_path / "pt", tmp_path / "it"
     build_tokenizer(Job(input={}, output={"tokenizer": str(tok_dir)}, params=TINY))
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    _, losses = train_pt_model(tokenizer, ToyConfig.from_params(TINY))
+    first, losses = train_pt_model(tokenizer, ToyConfig.from_params(TINY))
     k = max(1, len(losses) // 5)
     assert sum(losses[-k:]) / k < sum(losses[:k]) / k - 0.5
 
     train_pt(Job(input={"tokenizer": str(tok_dir)}, output={"model": str(pt_dir)}, params=TINY))
+    again = AutoModelForCausalLM.from_pretrained(pt_dir).state_dict()
+    assert all(torch.equal(w, again[name]) for name, w in first.state_dict().items())  # same seed, same weights
     train_it(Job(input={"model": str(pt_dir)}, output={"model": str(it_dir)}, params=TINY))
     for d in (pt_dir, it_dir):
         model = AutoModelForCausalLM.from_pretrained(d)

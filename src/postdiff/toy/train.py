@@ -39,21 +39,28 @@ Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # input_ids, attention_
 
 @dataclass(frozen=True)
 class ToyConfig:
-    """Every knob of the toy pair; a stage's params may set any subset of these keys."""
+    """Every knob of the toy pair; a stage's params may set any subset of these keys.
+
+    The defaults were measured on 2 CPU cores: the 1.1M-parameter model sees each made-up fact
+    about 200 times in 20 epochs and trains in about 3 minutes; with 120 sightings, or the
+    2.4M-parameter model at half the epochs, memorisation of the capitals failed in some runs.
+    Two-digit arithmetic is not learned at this budget, so the PT-to-IT gap comes from QA and
+    Format; the arithmetic in the corpus still gives the Math slice PT-like and IT-like shapes.
+    """
 
     world_seed: int = 0
     n_countries: int = 240
     seed: int = 0
     vocab_size: int = 1024
-    hidden_size: int = 192
-    intermediate_size: int = 768
+    hidden_size: int = 128
+    intermediate_size: int = 512
     num_layers: int = 4
     num_heads: int = 4
     batch_size: int = 16
-    pt_epochs: int = 10
-    pt_lr: float = 2e-3
-    math_fraction: float = 0.5  # share of all arithmetic problems in each PT epoch
-    fact_repeats: int = 4  # statements of each capital and antonym per PT epoch
+    pt_epochs: int = 20
+    pt_lr: float = 3e-3
+    math_fraction: float = 0.25  # share of all arithmetic problems in each PT epoch
+    fact_repeats: int = 8  # statements of each capital and antonym per PT epoch
     it_epochs: int = 3
     it_lr: float = 2e-4
     it_math: int = 400  # arithmetic examples per IT epoch
