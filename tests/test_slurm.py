@@ -1,0 +1,56 @@
+"""The tiny workflow gives byte-identical tables through `--profile slurm` and locally.
+
+Needs a running SLURM with an idle node: `bash .ci/slurm-up.sh` (see slurm/README.md).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from workflow_utils import REPO, copy_workflow, snakemake
+
+def _idle_node_mem_mb() -> tuple[int | None, str]:
+    """RealMemory of the smallest idle node, or None and why there is none."""
+    if shutil.which("sinfo") is None:
+        return None, "sinfo is not on PATH (start a local SLURM with `bash .ci/slurm-up.sh`)"
+    proc = subprocess.run(["sinfo", "-h", "-N", "-o", "%t %m"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return None, f"sinfo failed: {proc.stderr.strip()}"
+    # Exactly "idle": drained ("drain") and unreachable ("idle*") nodes are listed differently.
+    idle = [int(mem) for state, mem in (line.split() for line in proc.stdout.splitlines()) if state == "idle"]
+    if not idle:
+        return None, f"no idle SLURM node (sinfo: {' '.join(proc.stdout.split()) or 'no nodes'})"
+    return min(idle), ""
+
+
+# Decided at collection, so a missing cluster skips before the tiny_run fixture does any work.
+NODE_MEM_MB, UNAVAILABLE = _idle_node_mem_mb()
+pytestmark = [pytest.mark.slurm, pytest.mark.skipif(NODE_MEM_MB is None, reason=UNAVAILABLE)]
+
+
+def _tables(workdir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(workdir)): p.read_bytes() for p in sorted(workdir.glob("results/*/tables/*.csv"))}
+
+
+def test_slurm_tables_match_local(tiny_run: Path, tmp_path: Path) -> None:
+    cluster = copy_workflow(tmp_path)
+    shutil.copytree(REPO / "slurm", cluster / "slurm")
+    proc = snakemake(
+        cluster,
+        "--profile", "slurm",
+        # The plugin's first status check waits 40 s by default; these jobs take seconds.
+        "--slurm-init-seconds-before-status-checks", "1",
+        # Caps each job's mem_mb at what the test node has, or sbatch rejects the job.
+        "--resources", f"mem_mb={NODE_MEM_MB}",
+    )
+    assert "submitted with SLURM jobid" in proc.stdout + proc.stderr, "no job went through SLURM"
+
+    expected, got = _tables(tiny_run), _tables(cluster)
+    assert expected, f"the local run wrote no results/*/tables/*.csv under {tiny_run}"
+    assert sorted(got) == sorted(expected)
+    differing = [name for name in expected if got[name] != expected[name]]
+    assert not differing, f"tables differ between the local and the SLURM run: {differing}"
+    shutil.rmtree(tmp_path)
