@@ -27,6 +27,26 @@ include: "workflow/rules/selection.smk"
 include: "workflow/rules/report.smk"
 
 
+# Light rules run in the Snakemake process's node: on a cluster each job costs seconds of startup.
+localrules:
+    all,
+    suite,
+    split,
+    standardiser,
+    variant_spec,
+    merge_eval,
+    baseline_masks,
+    sweep_summary,
+    pair_gap,
+    r2_table,
+    table1,
+    table2,
+    figure1,
+    figure2,
+    qualitative,
+    provenance,
+
+
 rule all:
     input:
         default_targets(),
