@@ -22,7 +22,7 @@ def _write_config(workdir: Path, name: str, **changes: dict) -> str:
     cfg = yaml.safe_load((workdir / TINY).read_text())
     for section, values in changes.items():
         cfg[section] = {**cfg.get(section, {}), **values}
-    (workdir / "config" / name).write_text(yaml.safe_dump(cfg))
+    (workdir / "config" / name).write_text(yaml.safe_dump(cfg, sort_keys=False))
     return f"config/{name}"
 
 
