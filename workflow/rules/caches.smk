@@ -1,11 +1,6 @@
 # Answer-phase activation caches (h_PT and delta per layer), sharded, and the train standardiser.
 
 
-def cache_shards(split):
-    n = config["cache"]["n_shards"]
-    return [f"{RUN}/cache/{split}/shard{s}.safetensors" for s in range(n)]
-
-
 rule cache_shard:
     input:
         teacher=f"{RUN}/teacher/{{split}}.parquet",

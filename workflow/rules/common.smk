@@ -39,3 +39,102 @@ def gpu_resources():
 
 def default_targets():
     return [f"{RUN}/provenance/run_id.json"]
+
+
+def cache_shards(split):
+    n = config["cache"]["n_shards"]
+    return [f"{RUN}/cache/{split}/shard{s}.safetensors" for s in range(n)]
+
+
+GATE_INPUTS = dict(
+    split=f"{RUN}/suite/calib.parquet",
+    teacher=f"{RUN}/teacher/calib.parquet",
+    models=model_input("pt") + model_input("it"),
+)
+
+
+def gate_params(mode, layers):
+    return dict(entry="postdiff.gates:calibrate", mode=mode, layers=layers, **model_params(), **config["gates"])
+
+
+def variant_table():
+    """Configured variants, plus a one-layer ablation per layer when the config asks for it."""
+    table = dict(config["variants"])
+    if config["ablation"]["one_layer"] and len(config["layers"]) > 1:
+        for layer in config["layers"]:
+            table[f"OneLayer-L{layer}"] = {"mode": "full", "gates": f"single_L{layer}"}
+    return table
+
+
+VARIANTS = variant_table()
+MASK_FILES = {
+    "cap": f"{RUN}/sweep/verb_exclusion={config['selection']['verb_exclusion']}/cap_cutoff={config['selection']['cap_cutoff']}/cap_mask.json",
+    "vmask": f"{RUN}/selection/vmask.json",
+    "random": f"{RUN}/selection/random_mask.json",
+    "mass": f"{RUN}/selection/mass_mask.json",
+}
+SURROGATE_MODES = ("full", "add_mask", "minus_mask", "bdec")
+
+
+def variant_label(name):
+    return VARIANTS[name].get("label", name)
+
+
+def variant_inputs(wildcards):
+    entry = VARIANTS[wildcards.variant]
+    inputs = {}
+    if "gates" in entry:
+        inputs["gates"] = f"{RUN}/gates/{entry['gates']}.json"
+    if entry["mode"] in SURROGATE_MODES:
+        inputs["surrogates"] = expand(f"{RUN}/surrogate/L{{layer}}.safetensors", layer=config["layers"])
+    if "mask" in entry:
+        inputs["mask"] = MASK_FILES.get(entry["mask"], entry["mask"])
+    if entry["mode"] == "mean":
+        inputs["standardiser"] = f"{RUN}/cache/standardiser.safetensors"
+    return inputs
+
+
+SELECTOR = dict(
+    variant=f"{RUN}/variants/FullDelta.json",
+    split=f"{RUN}/suite/selector.parquet",
+    teacher=f"{RUN}/teacher/selector.parquet",
+)
+SELECTION_REFERENCES = dict(
+    scores=f"{RUN}/selection/scores.parquet",
+    pt_records=f"{RUN}/eval/selector/PT.parquet",
+    it_records=f"{RUN}/eval/selector/IT.parquet",
+)
+SEL = config["selection"]
+
+
+def selection_params(**extra):
+    keys = ("lambda", "size_cap", "max_candidates", "max_new_tokens", "batch_size")
+    return dict(**model_params(), **{k: SEL[k] for k in keys}, **extra)
+
+
+def sweep_targets():
+    """Every cutoff of the grid under the locked exclusion, and the locked cutoff under the strict one."""
+    grid = [f"{RUN}/sweep/verb_exclusion={SEL['verb_exclusion']}/cap_cutoff={c}/cap_mask.json" for c in config["sweep"]["cap_cutoffs"]]
+    strict = f"{RUN}/sweep/verb_exclusion={config['sweep']['strict_verb_exclusion']}/cap_cutoff={SEL['cap_cutoff']}/cap_mask.json"
+    return grid + [strict]
+
+
+BOOT = config["bootstrap"]
+TEST_EVALS = [f"{RUN}/eval/test/{v}.parquet" for v in VARIANTS]
+ABLATION = ["FullDelta"] + [v for v in VARIANTS if v.startswith("OneLayer-")]
+QUALITATIVE = [v for v in config["report"]["qualitative_variants"] if v in VARIANTS]
+
+
+def table_outputs(name, caption):
+    return {
+        ext: report(f"{RUN}/tables/{name}.{ext}", caption=f"../report/{caption}", category="Tables")
+        if ext == "csv" else f"{RUN}/tables/{name}.{ext}"
+        for ext in ("csv", "md", "tex")
+    }
+
+
+def figure_outputs(name, caption):
+    return {
+        "png": report(f"{RUN}/figures/{name}.png", caption=f"../report/{caption}", category="Figures"),
+        "pdf": f"{RUN}/figures/{name}.pdf",
+    }

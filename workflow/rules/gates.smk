@@ -1,17 +1,6 @@
 # Per-layer gates alpha_l, calibrated on calib over a KL grid: the joint surrogate, each layer on
 # its own (the one-layer ablation) and the MeanDiff baseline.
 
-GATE_INPUTS = dict(
-    split=f"{RUN}/suite/calib.parquet",
-    teacher=f"{RUN}/teacher/calib.parquet",
-    models=model_input("pt") + model_input("it"),
-)
-
-
-def gate_params(mode, layers):
-    return dict(entry="postdiff.gates:calibrate", mode=mode, layers=layers, **model_params(), **config["gates"])
-
-
 rule gates_full:
     input:
         **GATE_INPUTS,

@@ -1,27 +1,6 @@
 # Tables 1-2, Figures 1-2, the qualitative page, the R^2 table, the pair's gap and the
 # reproducibility records of the run.
 
-BOOT = config["bootstrap"]
-TEST_EVALS = [f"{RUN}/eval/test/{v}.parquet" for v in VARIANTS]
-ABLATION = ["FullDelta"] + [v for v in VARIANTS if v.startswith("OneLayer-")]
-QUALITATIVE = [v for v in config["report"]["qualitative_variants"] if v in VARIANTS]
-
-
-def table_outputs(name, caption):
-    return {
-        ext: report(f"{RUN}/tables/{name}.{ext}", caption=f"../report/{caption}", category="Tables")
-        if ext == "csv" else f"{RUN}/tables/{name}.{ext}"
-        for ext in ("csv", "md", "tex")
-    }
-
-
-def figure_outputs(name, caption):
-    return {
-        "png": report(f"{RUN}/figures/{name}.png", caption=f"../report/{caption}", category="Figures"),
-        "pdf": f"{RUN}/figures/{name}.pdf",
-    }
-
-
 rule table1:
     input:
         evals=TEST_EVALS,

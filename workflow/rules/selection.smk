@@ -1,31 +1,6 @@
 # Feature scores on the selector split, CapMask / VMask by forward selection, size-matched
 # baseline masks, and the threshold sweep (every cutoff its own target). Nothing here reads test.
 
-SELECTOR = dict(
-    variant=f"{RUN}/variants/FullDelta.json",
-    split=f"{RUN}/suite/selector.parquet",
-    teacher=f"{RUN}/teacher/selector.parquet",
-)
-SELECTION_REFERENCES = dict(
-    scores=f"{RUN}/selection/scores.parquet",
-    pt_records=f"{RUN}/eval/selector/PT.parquet",
-    it_records=f"{RUN}/eval/selector/IT.parquet",
-)
-SEL = config["selection"]
-
-
-def selection_params(**extra):
-    keys = ("lambda", "size_cap", "max_candidates", "max_new_tokens", "batch_size")
-    return dict(**model_params(), **{k: SEL[k] for k in keys}, **extra)
-
-
-def sweep_targets():
-    """Every cutoff of the grid under the locked exclusion, and the locked cutoff under the strict one."""
-    grid = [f"{RUN}/sweep/verb_exclusion={SEL['verb_exclusion']}/cap_cutoff={c}/cap_mask.json" for c in config["sweep"]["cap_cutoffs"]]
-    strict = f"{RUN}/sweep/verb_exclusion={config['sweep']['strict_verb_exclusion']}/cap_cutoff={SEL['cap_cutoff']}/cap_mask.json"
-    return grid + [strict]
-
-
 rule score_features:
     input:
         **SELECTOR,
