@@ -31,13 +31,6 @@ V, D = 64, 32
 FPS = {"pt": "fp-pt", "it": "fp-it"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def tiny(seed: int, vocab: int = V) -> Gemma3ForCausalLM:
     torch.manual_seed(seed)

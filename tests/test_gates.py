@@ -6,7 +6,7 @@ import polars as pl
 import pytest
 import torch
 from safetensors.torch import save_file
-from test_evaluate import World, one_thread  # noqa: F401 (fixture)
+from test_evaluate import World
 
 from postdiff import standardise
 from postdiff import variants as V

@@ -4,7 +4,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from test_evaluate import F, World, one_thread  # noqa: F401 (fixture)
+from test_evaluate import F, World
 
 from postdiff import variants as V
 from postdiff.evaluate import evaluate

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import polars as pl
 import pytest
-from test_evaluate import F, NEW, World, one_thread  # noqa: F401 (fixture)
+from test_evaluate import F, NEW, World
 
 from postdiff import variants as V
 from postdiff.evaluate import evaluate, evaluate_masks, read_rows

@@ -38,14 +38,6 @@ def synthetic(n: int, seed: int, scale: float = 1.0) -> tuple[torch.Tensor, torc
     return h, scale * delta
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matrices: a second thread only adds synchronisation, badly so on a busy machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def data():
