@@ -115,10 +115,9 @@ def load_model(spec: str, dtype: str = "auto", device: str = "auto") -> tuple[nn
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
     log.info("loading %s (%s on %s)", spec, torch_dtype, dev)
-    model = AutoModelForCausalLM.from_pretrained(
-        spec, dtype=torch_dtype, device_map=str(dev), local_files_only=local
-    )
-    model.eval().requires_grad_(False)
+    # No device_map: that would make `accelerate` a hard dependency for a single-device load.
+    model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dtype, local_files_only=local)
+    model.to(dev).eval().requires_grad_(False)
     return model, tok
 
 
