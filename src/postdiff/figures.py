@@ -42,7 +42,9 @@ def _bars(ax: Axes, estimates: pl.DataFrame, metric: str) -> None:
     rows = estimates.filter(pl.col("metric") == metric)
     est, lo, hi = (rows[c].to_numpy() for c in ("estimate", "lo", "hi"))
     sns.barplot(x=rows["variant"].to_list(), y=est, ax=ax, color=sns.color_palette()[0])
-    ax.errorbar(np.arange(len(est)), est, yerr=[est - lo, hi - est], fmt="none",
+    # Drawn about the interval's midpoint: a percentile interval need not contain the estimate
+    # (a skewed statistic such as KL, or float noise at a boundary), so est-relative yerr can be < 0.
+    ax.errorbar(np.arange(len(est)), (lo + hi) / 2, yerr=(hi - lo) / 2, fmt="none",
                 ecolor="black", capsize=3, linewidth=1)
     ax.set_title(_LABELS.get(metric, metric))
     ax.set_xlabel("")
