@@ -20,10 +20,16 @@ from postdiff.selection import (
     forward_select,
     layer_mask,
     mass_mask,
+    State,
+    advance,
     random_mask,
-    select_cap,
-    select_vmask,
+    select,
+    select_finish,
+    select_shard,
+    select_step,
     selector_metrics,
+    shard_candidates,
+    start,
     sweep_summary,
 )
 from postdiff.spec import Variant
@@ -107,6 +113,30 @@ def test_baselines_match_sizes_and_are_seeded():
         random_mask({0: 4}, {0: 3}, 0)
 
 
+@pytest.mark.parametrize("n_shards", [1, 2, 3, 7])
+def test_sharded_steps_equal_one_loop(n_shards):
+    """Cutting each step's candidates into shards, evaluated in any order, then merged, gives
+    the same masks, objectives and step rows as the one-job loop, ties included."""
+    gains = {A: 1.0, B: 3.0, C: 3.0, D: -1.0, (2, 0): float("nan")}
+    pool = [D, A, B, C, (2, 0)]
+    objective, _ = additive(gains, {(B, A): -5.0})
+    for size_cap in (0, 1, 2, 5):
+        expected = forward_select(pool, objective, base=0.5, size_cap=size_cap)
+        state, steps = start(pool, 0.5, size_cap), []
+        for _ in range(size_cap):
+            tried = [c for s in reversed(range(n_shards)) for c in shard_candidates(state, s, n_shards)]
+            assert sorted(tried) == (sorted(state.remaining) if not state.stopped else [])
+            state = State.from_json(json.loads(json.dumps(state.to_json())))
+            state, rows = advance(state, tried, objective([state.chosen + (c,) for c in tried]), size_cap)
+            steps.append(rows)
+        assert state.stopped
+        assert (state.chosen, state.objective) == expected[:2]
+        assert pl.concat([pl.DataFrame(schema=STEP_SCHEMA), *steps]).equals(expected[2])
+    assert expected[0] == (B, C)  # B and C tie at 3: the earlier in the pool wins
+    with pytest.raises(ValueError, match="not the remaining pool"):
+        advance(start(pool, 0.0, 2), [A, B], [1.0, 2.0], 2)
+
+
 def test_baseline_and_sweep_stages(tmp_path):
     scores_frame().write_parquet(tmp_path / "scores.parquet")
     locked = {"rule": "cap", "mask": {"1": [0], "0": [0]}, "objective": 0.3, "cutoff": 1.5, "exclusion": 1.0}
@@ -151,9 +181,9 @@ def test_selection_stages_pick_the_feature_that_makes_the_gold_answers(world, tm
     })
     scores.write_parquet(tmp_path / "scores.parquet")
     pt = world.variant("PT", "pt")
-    stages = {"cap": (select_cap, {"cap_cutoff": 1.0, "verb_exclusion": 10.0}, (1.0, 10.0), pt),
-              "vmask": (select_vmask, {"verb_cutoff": 1.5}, (1.5, None), full)}
-    for rule, (stage, params, thresholds, unmasked) in stages.items():
+    stages = {"cap": ({"cap_cutoff": 1.0, "verb_exclusion": 10.0}, (1.0, 10.0), pt),
+              "vmask": ({"verb_cutoff": 1.5}, (1.5, None), full)}
+    for rule, (params, thresholds, unmasked) in stages.items():
         pool = candidates(scores, RULES[rule], *thresholds, 4)
         template = Variant(name="x", mode=RULES[rule].mode, gates=full.gates, surrogates=full.surrogates)
         rows = world.rows()
@@ -181,13 +211,27 @@ def test_selection_stages_pick_the_feature_that_makes_the_gold_answers(world, tm
             rec.write_parquet(paths[f"{name}_records"])
         refs = {name[:-8]: selector_metrics(pl.read_parquet(p)) for name, p in paths.items()}
         out = {"mask": str(tmp_path / f"{rule}.json"), "steps": str(tmp_path / f"{rule}_steps.parquet")}
-        stage(Job(
-            input={"variant": world.write_variant(full), "split": split_path, "teacher": world.teacher,
-                   "scores": str(tmp_path / "scores.parquet"), **paths},
-            output=out,
-            params={**world.model_params, **params, "lambda": 0.5, "size_cap": 2, "max_candidates": 4,
-                    "max_new_tokens": NEW, "batch_size": 16},
-        ))
+        inputs = {"variant": world.write_variant(full), "split": split_path, "teacher": world.teacher,
+                  "scores": str(tmp_path / "scores.parquet"), **paths}
+        params = {**world.model_params, **params, "selection": rule, "lambda": 0.5, "size_cap": 2, "max_candidates": 4,
+                  "max_new_tokens": NEW, "batch_size": 16}
+        select(Job(input=inputs, output=out, params=params))
+        # The same selection as a cluster runs it: two candidate shards per step, merged.
+        state, step_rows = [], []
+        for step in (1, 2):
+            values = [str(tmp_path / f"{rule}_s{step}_{s}.parquet") for s in range(2)]
+            for s, path in enumerate(values):
+                select_shard(Job(input={**inputs, "state": state}, output={"values": path},
+                                 params={**params, "shard": s, "n_shards": 2}))
+            step_rows.append(str(tmp_path / f"{rule}_s{step}_rows.parquet"))
+            select_step(Job(input={**inputs, "state": state, "values": values},
+                            output={"state": str(tmp_path / f"{rule}_s{step}.json"), "steps": step_rows[-1]},
+                            params=params))
+            state = str(tmp_path / f"{rule}_s{step}.json")
+        sharded = {"mask": str(tmp_path / f"{rule}_sharded.json"), "steps": str(tmp_path / f"{rule}_sharded.parquet")}
+        select_finish(Job(input={**inputs, "state": state, "steps": step_rows}, output=sharded, params=params))
+        assert json.loads(open(sharded["mask"]).read()) == json.loads(open(out["mask"]).read())
+        assert pl.read_parquet(sharded["steps"]).equals(pl.read_parquet(out["steps"]))
         result = json.loads((tmp_path / f"{rule}.json").read_text())
         steps = pl.read_parquet(out["steps"])
         assert result["n_candidates"] == 4 and steps.filter(pl.col("step") == 1).height == 4

@@ -138,3 +138,28 @@ def test_gemma_config_dry_runs_without_a_download(tmp_path: Path) -> None:
     assert "train_pt" not in jobs, "a hub pair must not train the embedded one"
     assert jobs["cache_shard"] == 4 * 4 and jobs["evaluate"] == 4 * jobs["merge_eval"]
     assert not (tmp_path / "results").exists()
+
+
+def test_sharded_selection_equals_one_job_and_reruns_one_shard(tiny_run: Path, tmp_path: Path) -> None:
+    """With `selection.n_shards: 2` each step's candidates run as two jobs; the mask and step
+    rows equal the one-job selection's, and losing one shard's job redoes only that shard and
+    what never ran after it."""
+    workdir = tmp_path / "sharded"
+    shutil.copytree(tiny_run, workdir, symlinks=True)
+    cfg = yaml.safe_load((workdir / TINY).read_text())
+    size_cap, cutoff = cfg["selection"]["size_cap"], cfg["sweep"]["cap_cutoffs"][0]
+    target = workdir / _sweep_target(cutoff)
+    one_job = {"mask": target.read_text(), "steps": pl.read_parquet(target.with_name("steps.parquet"))}
+    target.unlink()
+    config = _write_config(workdir, "sharded.yaml", selection={"n_shards": 2})
+    assert planned_jobs(workdir, _sweep_target(cutoff), configfile=config) == {
+        "select_cap_shard": 2 * size_cap, "select_cap_step": size_cap, "select_cap": 1}
+    snakemake(workdir, _sweep_target(cutoff), configfile=config)
+    assert target.read_text() == one_job["mask"]
+    assert pl.read_parquet(target.with_name("steps.parquet")).equals(one_job["steps"])
+
+    work = target.parent / "select"
+    for lost in [work / f"step{size_cap}" / "shard1.parquet", work / f"step{size_cap}.json", target]:
+        lost.unlink()
+    assert planned_jobs(workdir, _sweep_target(cutoff), configfile=config) == {
+        "select_cap_shard": 1, "select_cap_step": 1, "select_cap": 1}

@@ -194,6 +194,17 @@ def check_selector(split: pl.DataFrame, path: str) -> None:
         raise ValueError(f"{path}: holds test-split prompts; scoring and selection read the selector split only")
 
 
+def selector_inputs(job: Job, stage: str) -> tuple[Variant, pl.DataFrame]:
+    """The FullDelta spec (input ``variant``) and the selector prompts (``split``) joined with
+    their teacher completions (``teacher``), each checked."""
+    variant = Variant.read(job.input["variant"])
+    if variant.mode != "full":
+        raise ValueError(f"{job.input['variant']}: {stage} needs the FullDelta spec, got mode {variant.mode!r}")
+    split = pl.read_parquet(job.input["split"])
+    check_selector(split, job.input["split"])
+    return variant, join_teacher(split, pl.read_parquet(job.input["teacher"]), job.input["split"], job.input["teacher"])
+
+
 def aligned_records(records: pl.DataFrame, ids: Sequence[str], path: str) -> pl.DataFrame:
     """``records`` in the order of ``ids``; they must hold exactly those prompts."""
     if records.height != len(ids) or set(records["id"]) != set(ids):
@@ -208,12 +219,7 @@ def score_features(job: Job) -> None:
     (FullDelta's selector records); params: ``ridge_alpha``, ``top_n``, ``pt``, ``dtype``,
     ``device``, ``batch_size``; output: ``scores`` (Parquet), ``plot`` (PNG).
     """
-    variant = Variant.read(job.input["variant"])
-    if variant.mode != "full":
-        raise ValueError(f"{job.input['variant']}: scoring reads the FullDelta pass, got mode {variant.mode!r}")
-    split = pl.read_parquet(job.input["split"])
-    check_selector(split, job.input["split"])
-    rows = join_teacher(split, pl.read_parquet(job.input["teacher"]), job.input["split"], job.input["teacher"])
+    variant, rows = selector_inputs(job, "scoring")
     records = aligned_records(pl.read_parquet(job.input["records"]), rows["id"].to_list(), job.input["records"])
     ridge_alpha = float(job.params.get("ridge_alpha", DEFAULT_RIDGE_ALPHA))
     if ridge_alpha <= 0:

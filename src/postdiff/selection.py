@@ -14,17 +14,18 @@ import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
+from typing import Any
 
 import numpy as np
 import polars as pl
 
 from postdiff import metrics
 from postdiff import variants as V
-from postdiff.evaluate import check_budget, evaluate_masks, join_teacher, load_pt
+from postdiff.evaluate import check_budget, evaluate_masks, load_pt
 from postdiff.io import read_json, write_json, write_parquet, write_text
 from postdiff.runtime import Job
-from postdiff.scoring import aligned_records, check_selector
+from postdiff.scoring import aligned_records, selector_inputs
 from postdiff.spec import Variant
 
 log = logging.getLogger(__name__)
@@ -99,40 +100,88 @@ def candidates(scores: pl.DataFrame, rule: Rule, cutoff: float, exclusion: float
     return [(int(layer), int(feature)) for layer, feature in admitted.select("layer", "feature").iter_rows()]
 
 
+@dataclass(frozen=True)
+class State:
+    """Forward selection after ``step`` steps: the ordered ``pool``, the mask ``chosen`` so far,
+    its ``objective`` (the base objective while empty) and whether it has ``stopped``."""
+
+    pool: tuple[Pair, ...]
+    chosen: Mask = ()
+    objective: float = math.nan
+    step: int = 0
+    stopped: bool = False
+
+    @property
+    def remaining(self) -> list[Pair]:
+        return [c for c in self.pool if c not in self.chosen]
+
+    def to_json(self) -> dict:
+        return {"pool": [list(c) for c in self.pool], "chosen": [list(c) for c in self.chosen],
+                "objective": self.objective, "step": self.step, "stopped": self.stopped}
+
+    @classmethod
+    def from_json(cls, obj: Mapping) -> State:
+        return cls(pool=tuple((int(a), int(b)) for a, b in obj["pool"]),
+                   chosen=tuple((int(a), int(b)) for a, b in obj["chosen"]),
+                   objective=float(obj["objective"]), step=int(obj["step"]), stopped=bool(obj["stopped"]))
+
+
+def start(pool: Sequence[Pair], base: float, size_cap: int) -> State:
+    if size_cap < 0:
+        raise ValueError(f"size_cap must be >= 0, got {size_cap}")
+    pool = tuple(dict.fromkeys(pool))
+    return State(pool=pool, objective=base, stopped=not pool or size_cap == 0)
+
+
+def shard_candidates(state: State, shard: int, n_shards: int) -> list[Pair]:
+    """This shard's share of the next step's candidates (round robin over the pool's order)."""
+    return [] if state.stopped else state.remaining[shard::n_shards]
+
+
+def advance(state: State, tried: Sequence[Pair], values: Sequence[float], size_cap: int) -> tuple[State, pl.DataFrame]:
+    """Take the best of the next step's ``tried`` candidates if it beats the mask so far.
+
+    A NaN objective never counts as better; ties go to the candidate earlier in the pool.
+    Returns the new state and the step's rows (every tried candidate, the chosen one flagged).
+    """
+    if state.stopped:
+        return state, pl.DataFrame(schema=STEP_SCHEMA)
+    step = state.step + 1
+    order = {c: i for i, c in enumerate(state.pool)}
+    values = [float(v) for v in values]
+    if sorted(tried, key=order.__getitem__) != state.remaining:
+        raise ValueError(f"step {step}: evaluated candidates {list(tried)} are not the remaining pool {state.remaining}")
+    best = max(range(len(tried)), key=lambda i: (-math.inf if math.isnan(values[i]) else values[i], -order[tried[i]]))
+    better = not math.isnan(values[best]) and (math.isnan(state.objective) or values[best] > state.objective)
+    rows = pl.DataFrame(
+        [dict(step=step, layer=c[0], feature=c[1], objective=v, chosen=better and i == best)
+         for i, (c, v) in sorted(enumerate(zip(tried, values)), key=lambda t: order[t[1][0]])],
+        schema=STEP_SCHEMA,
+    )
+    log.info("step %d: best %s objective %.5f (current %.5f)%s", step, tried[best], values[best], state.objective,
+             "" if better else ": stop")
+    if not better:
+        return State(state.pool, state.chosen, state.objective, step, stopped=True), rows
+    chosen = state.chosen + (tried[best],)
+    done = len(chosen) >= size_cap or len(chosen) == len(state.pool)
+    return State(state.pool, chosen, values[best], step, stopped=done), rows
+
+
 def forward_select(
     pool: Sequence[Pair], objective: Callable[[list[Mask]], list[float]], base: float, size_cap: int
 ) -> tuple[Mask, float, pl.DataFrame]:
     """Add, one at a time, the candidate whose mask scores highest, while that beats the mask
     so far (``base`` for the empty one) and the mask is below ``size_cap``.
 
-    ``objective`` scores a list of masks at once. A NaN objective never counts as better;
-    ties go to the earlier candidate in ``pool``. Returns the mask, its objective and every
-    evaluated candidate per step.
+    ``objective`` scores a list of masks at once (one call per step). Returns the mask, its
+    objective and every evaluated candidate per step.
     """
-    if size_cap < 0:
-        raise ValueError(f"size_cap must be >= 0, got {size_cap}")
-    chosen: Mask = ()
-    current = base
-    steps: list[dict] = []
-    remaining = list(dict.fromkeys(pool))
-    for step in range(1, size_cap + 1):
-        if not remaining:
-            break
-        values = [float(v) for v in objective([chosen + (c,) for c in remaining])]
-        ranked = [(-math.inf if math.isnan(v) else v, -i) for i, v in enumerate(values)]
-        best = max(range(len(remaining)), key=lambda i: ranked[i])
-        better = not math.isnan(values[best]) and (math.isnan(current) or values[best] > current)
-        steps += [
-            dict(step=step, layer=c[0], feature=c[1], objective=v, chosen=better and i == best)
-            for i, (c, v) in enumerate(zip(remaining, values))
-        ]
-        log.info("step %d: best %s objective %.5f (current %.5f)%s", step, remaining[best], values[best], current,
-                 "" if better else ": stop")
-        if not better:
-            break
-        chosen, current = chosen + (remaining[best],), values[best]
-        remaining.pop(best)
-    return chosen, current, pl.DataFrame(steps, schema=STEP_SCHEMA)
+    state, steps = start(pool, base, size_cap), []
+    while not state.stopped:
+        tried = state.remaining
+        state, rows = advance(state, tried, objective([state.chosen + (c,) for c in tried]), size_cap)
+        steps.append(rows)
+    return state.chosen, state.objective, pl.concat(steps) if steps else pl.DataFrame(schema=STEP_SCHEMA)
 
 
 def layer_mask(mask: Sequence[Pair]) -> dict[int, list[int]]:
@@ -157,81 +206,166 @@ def _param(params: Mapping, key: str | None) -> float | None:
     return None if value is None else float(value)
 
 
-def select(job: Job, rule: Rule) -> None:
-    p = job.params
-    cutoff, exclusion = _param(p, rule.cutoff_key), _param(p, rule.exclusion_key)
-    lam = float(p.get("lambda", DEFAULTS["lambda"]))
-    size_cap = int(p.get("size_cap", DEFAULTS["size_cap"]))
-    max_candidates = p.get("max_candidates", DEFAULTS["max_candidates"])
-    max_candidates = None if max_candidates is None else int(max_candidates)
-    max_new_tokens, batch_size = int(p["max_new_tokens"]), int(p["batch_size"])
-    if size_cap < 0 or (max_candidates is not None and max_candidates < 1):
-        raise ValueError(f"selection: need size_cap >= 0 and max_candidates >= 1, got {size_cap}, {max_candidates}")
-    scores = pl.read_parquet(job.input["scores"])
-    needed = ["layer", "feature", rule.score, *([rule.exclude_by] if rule.exclude_by else [])]
-    if missing := [c for c in needed if c not in scores.columns]:
-        raise ValueError(f"{job.input['scores']}: missing columns {missing}")
+@dataclass
+class Selection:
+    """One selection job's inputs, read and checked: the candidate pool, the base objective,
+    and (on demand) the PT model and surrogates that evaluate candidate masks."""
 
-    full = Variant.read(job.input["variant"])
-    if full.mode != "full":
-        raise ValueError(f"{job.input['variant']}: selection needs the FullDelta spec, got mode {full.mode!r}")
-    variant = Variant(name=f"select_{rule.name}", mode=rule.mode, gates=full.gates, surrogates=full.surrogates)
-    split = pl.read_parquet(job.input["split"])
-    check_selector(split, job.input["split"])
-    rows = join_teacher(split, pl.read_parquet(job.input["teacher"]), job.input["split"], job.input["teacher"])
-    check_budget(rows, max_new_tokens, job.input["teacher"])
-    refs = {}
-    for ref in rule.references:
-        path = job.input[f"{ref}_records"]
-        records = aligned_records(pl.read_parquet(path), rows["id"].to_list(), path)
-        if int(records["n_tokens"].max()) > max_new_tokens:
-            raise ValueError(f"{path}: records run past max_new_tokens={max_new_tokens}; use the same budget")
-        refs[ref] = selector_metrics(records)
-    objective_of = partial(rule.objective, refs=refs, lam=lam)
-    base = objective_of(refs[rule.unmasked])
+    job: Job
+    rule: Rule
+    cutoff: float | None
+    exclusion: float | None
+    lam: float
+    size_cap: int
+    max_candidates: int | None
+    pool: list[Pair]
+    base: float
+    score_of: Callable[[Metrics], float]
+    rows: pl.DataFrame
+    variant: Variant
 
-    pool = candidates(scores, rule, cutoff, exclusion, max_candidates)
-    log.info("%s: %d candidates, base objective %.5f", rule.name, len(pool), base)
-    model, tokenizer = load_pt(p) if pool else (None, None)
-    modules = V.materialise(variant, next(model.parameters()).device)[0] if pool else {}
+    @classmethod
+    def read(cls, job: Job, rule: Rule) -> Selection:
+        p = job.params
+        cutoff, exclusion = _param(p, rule.cutoff_key), _param(p, rule.exclusion_key)
+        lam = float(p.get("lambda", DEFAULTS["lambda"]))
+        size_cap = int(p.get("size_cap", DEFAULTS["size_cap"]))
+        max_candidates = p.get("max_candidates", DEFAULTS["max_candidates"])
+        max_candidates = None if max_candidates is None else int(max_candidates)
+        max_new_tokens = int(p["max_new_tokens"])
+        if size_cap < 0 or (max_candidates is not None and max_candidates < 1):
+            raise ValueError(f"selection: need size_cap >= 0 and max_candidates >= 1, got {size_cap}, {max_candidates}")
+        scores = pl.read_parquet(job.input["scores"])
+        needed = ["layer", "feature", rule.score, *([rule.exclude_by] if rule.exclude_by else [])]
+        if missing := [c for c in needed if c not in scores.columns]:
+            raise ValueError(f"{job.input['scores']}: missing columns {missing}")
+        full, rows = selector_inputs(job, "selection")
+        check_budget(rows, max_new_tokens, job.input["teacher"])
+        refs = {}
+        for ref in rule.references:
+            path = job.input[f"{ref}_records"]
+            records = aligned_records(pl.read_parquet(path), rows["id"].to_list(), path)
+            if int(records["n_tokens"].max()) > max_new_tokens:
+                raise ValueError(f"{path}: records run past max_new_tokens={max_new_tokens}; use the same budget")
+            refs[ref] = selector_metrics(records)
+        score_of = partial(rule.objective, refs=refs, lam=lam)
+        pool = candidates(scores, rule, cutoff, exclusion, max_candidates)
+        log.info("%s: %d candidates, base objective %.5f", rule.name, len(pool), score_of(refs[rule.unmasked]))
+        return cls(job, rule, cutoff, exclusion, lam, size_cap, max_candidates, pool, score_of(refs[rule.unmasked]),
+                   score_of, rows,
+                   Variant(name=f"select_{rule.name}", mode=rule.mode, gates=full.gates, surrogates=full.surrogates))
 
-    def objective(masks: list[Mask]) -> list[float]:
-        records = evaluate_masks(model, tokenizer, rows, variant, modules, [layer_mask(m) for m in masks],
-                                 max_new_tokens, batch_size)
-        return [objective_of(selector_metrics(records.filter(pl.col("candidate") == c))) for c in range(len(masks))]
+    def start(self) -> State:
+        return start(self.pool, self.base, self.size_cap)
 
-    mask, value, steps = forward_select(pool, objective, base, size_cap)
+    @cached_property
+    def pt(self) -> tuple[Any, Any]:
+        """The PT model and tokenizer, loaded on first use (a stopped selection never loads them)."""
+        return load_pt(self.job.params)
+
+    def objective(self) -> Callable[[list[Mask]], list[float]]:
+        """Scores masks in one batched generation over the selector prompts."""
+        p = self.job.params
+        model, tokenizer = self.pt
+        modules = V.materialise(self.variant, next(model.parameters()).device)[0]
+
+        def objective(masks: list[Mask]) -> list[float]:
+            if not masks:
+                return []
+            records = evaluate_masks(model, tokenizer, self.rows, self.variant, modules, [layer_mask(m) for m in masks],
+                                     int(p["max_new_tokens"]), int(p["batch_size"]))
+            return [self.score_of(selector_metrics(records.filter(pl.col("candidate") == c))) for c in range(len(masks))]
+
+        return objective
+
+    def write(self, mask: Mask, objective: float, steps: pl.DataFrame) -> None:
+        out = self.job.output
+        write_parquet(steps, out["steps"])
+        write_json(
+            {
+                "rule": self.rule.name,
+                "mask": layer_mask(mask),
+                "order": [list(pair) for pair in mask],
+                "objective": objective,
+                "base_objective": self.base,
+                "cutoff": self.cutoff,
+                "exclusion": self.exclusion,
+                "lambda": self.lam,
+                "size_cap": self.size_cap,
+                "max_candidates": self.max_candidates,
+                "n_candidates": len(self.pool),
+            },
+            out["mask"],
+        )
+
+
+def _rule(job: Job) -> Rule:
+    name = job.params.get("selection")
+    if name not in RULES:
+        raise ValueError(f"selection: params.selection must be one of {sorted(RULES)}, got {name!r}")
+    return RULES[name]
+
+
+def select(job: Job) -> None:
+    """Stage: a whole forward selection in one job. params: ``selection`` (``cap`` or ``vmask``),
+    ``lambda``, ``size_cap``, ``max_candidates``, ``max_new_tokens``, ``batch_size``, ``pt``,
+    ``dtype``, ``device`` and the rule's thresholds (``cap_cutoff`` and ``verb_exclusion``, or
+    ``verb_cutoff``); input: ``variant`` (FullDelta spec), ``split``, ``teacher`` (selector),
+    ``scores`` and the references' records (``pt_records``, ``it_records``, and for VMask
+    ``full_records``); output: ``mask`` (JSON), ``steps`` (Parquet)."""
+    sel = Selection.read(job, _rule(job))
+    objective = sel.objective() if sel.pool else None
+    sel.write(*forward_select(sel.pool, objective, sel.base, sel.size_cap))
+
+
+def _previous(job: Job, sel: Selection) -> State:
+    """The state after the previous step: input ``state`` (absent for the first step)."""
+    path = job.input.get("state")
+    if not path:
+        return sel.start()
+    state = State.from_json(read_json(path))
+    if list(state.pool) != sel.pool:
+        raise ValueError(f"{path}: its candidate pool differs from the one these inputs give; rerun its step")
+    return state
+
+
+def select_shard(job: Job) -> None:
+    """Stage: one shard of one selection step. As :func:`select`, plus params ``shard`` and
+    ``n_shards`` and input ``state`` (the previous step's, absent for step 1); output
+    ``values`` (Parquet: layer, feature, objective of this shard's candidates). A stopped
+    selection evaluates nothing and loads no model."""
+    sel = Selection.read(job, _rule(job))
+    state = _previous(job, sel)
+    tried = shard_candidates(state, int(job.params["shard"]), int(job.params["n_shards"]))
+    values = sel.objective()([state.chosen + (c,) for c in tried]) if tried else []
+    write_parquet(pl.DataFrame({"layer": [c[0] for c in tried], "feature": [c[1] for c in tried], "objective": values},
+                               schema={"layer": pl.Int64, "feature": pl.Int64, "objective": pl.Float64}),
+                  job.output["values"])
+
+
+def select_step(job: Job) -> None:
+    """Stage: merge one step's shards into the next state. Input as :func:`select_shard` plus
+    ``values`` (every shard's); output ``state`` (JSON) and ``steps`` (this step's rows)."""
+    sel = Selection.read(job, _rule(job))
+    state = _previous(job, sel)
+    paths = job.input["values"]
+    values = pl.concat([pl.read_parquet(p) for p in ([paths] if isinstance(paths, str) else paths)])
+    tried = [(int(a), int(b)) for a, b in values.select("layer", "feature").iter_rows()]
+    state, steps = advance(state, tried, values["objective"].to_list(), sel.size_cap)
     write_parquet(steps, job.output["steps"])
-    write_json(
-        {
-            "rule": rule.name,
-            "mask": layer_mask(mask),
-            "order": [list(pair) for pair in mask],
-            "objective": value,
-            "base_objective": base,
-            "cutoff": cutoff,
-            "exclusion": exclusion,
-            "lambda": lam,
-            "size_cap": size_cap,
-            "max_candidates": max_candidates,
-            "n_candidates": len(pool),
-        },
-        job.output["mask"],
-    )
+    write_json(state.to_json(), job.output["state"])
 
 
-def select_cap(job: Job) -> None:
-    """Stage: CapMask. input: ``variant`` (FullDelta spec), ``split``, ``teacher`` (selector),
-    ``scores``, ``pt_records``, ``it_records`` (selector); params: ``cap_cutoff``,
-    ``verb_exclusion``, ``lambda``, ``size_cap``, ``max_candidates``, ``max_new_tokens``,
-    ``batch_size``, ``pt``, ``dtype``, ``device``; output: ``mask`` (JSON), ``steps`` (Parquet)."""
-    select(job, RULES["cap"])
-
-
-def select_vmask(job: Job) -> None:
-    """Stage: VMask. As :func:`select_cap`, plus input ``full_records``; params ``verb_cutoff``
-    instead of ``cap_cutoff``/``verb_exclusion``."""
-    select(job, RULES["vmask"])
+def select_finish(job: Job) -> None:
+    """Stage: the mask and steps of a sharded selection. Input as :func:`select_step`, with
+    ``state`` the last step's and ``steps`` every step's rows; output as :func:`select`."""
+    sel = Selection.read(job, _rule(job))
+    paths = job.input["steps"]
+    steps = pl.concat([pl.read_parquet(p) for p in ([paths] if isinstance(paths, str) else paths)])
+    state = _previous(job, sel)
+    if not state.stopped:
+        raise ValueError(f"{job.input['state']}: selection has not finished after step {state.step}")
+    sel.write(state.chosen, state.objective, steps)
 
 
 def read_mask_file(path: str) -> dict:

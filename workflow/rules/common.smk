@@ -112,6 +112,54 @@ def selection_params(**extra):
     return dict(**model_params(), **{k: SEL[k] for k in keys}, **extra)
 
 
+# The two forward selections: where each writes its mask, steps, per-step work and logs.
+SELECTIONS = {
+    "cap": dict(
+        input=dict(**SELECTOR, **SELECTION_REFERENCES),
+        mask=f"{RUN}/sweep/verb_exclusion={{exclusion}}/cap_cutoff={{cutoff}}/cap_mask.json",
+        steps=f"{RUN}/sweep/verb_exclusion={{exclusion}}/cap_cutoff={{cutoff}}/steps.parquet",
+        work=f"{RUN}/sweep/verb_exclusion={{exclusion}}/cap_cutoff={{cutoff}}/select",
+        log=f"sweep/verb_exclusion={{exclusion}}/cap_cutoff={{cutoff}}",
+        params=selection_params(
+            selection="cap",
+            cap_cutoff=lambda wc: float(wc.cutoff),
+            verb_exclusion=lambda wc: float(wc.exclusion),
+        ),
+    ),
+    "vmask": dict(
+        input=dict(**SELECTOR, **SELECTION_REFERENCES, full_records=f"{RUN}/eval/selector/FullDelta.parquet"),
+        mask=f"{RUN}/selection/vmask.json",
+        steps=f"{RUN}/selection/vmask_steps.parquet",
+        work=f"{RUN}/selection/vmask",
+        log="selection/vmask",
+        params=selection_params(selection="vmask", verb_cutoff=SEL["verb_cutoff"]),
+    ),
+}
+
+
+def _filled(pattern, wildcards):
+    return pattern.format(**dict(wildcards.items()))
+
+
+def previous_state(work):
+    """Input function: the selection state after the step before `step` (none before step 1)."""
+    return lambda wc: [] if int(wc.step) == 1 else _filled(f"{work}/step{int(wc.step) - 1}.json", wc)
+
+
+def step_values(work):
+    """Input function: every candidate shard's objective values of one step."""
+    return lambda wc: [_filled(f"{work}/step{wc.step}/shard{s}.parquet", wc) for s in range(SEL["n_shards"])]
+
+
+def last_step(work):
+    """Input functions: the state after the last step and every step's rows."""
+    steps = range(1, SEL["size_cap"] + 1)
+    return dict(
+        state=lambda wc: _filled(f"{work}/step{SEL['size_cap']}.json", wc),
+        steps=lambda wc: [_filled(f"{work}/step{t}.parquet", wc) for t in steps],
+    )
+
+
 def sweep_targets():
     """Every cutoff of the grid under the locked exclusion, and the locked cutoff under the strict one."""
     grid = [f"{RUN}/sweep/verb_exclusion={SEL['verb_exclusion']}/cap_cutoff={c}/cap_mask.json" for c in config["sweep"]["cap_cutoffs"]]

@@ -2,7 +2,7 @@
 # Only needed when config names the built-in pair; a hub or local pair skips these rules.
 
 
-TOY = {**config["toy"], "world_seed": config["world"]["seed"], "n_countries": config["world"]["n_countries"]}
+TOY = {**{k: v for k, v in config["toy"].items() if k != "threads"}, "world_seed": config["world"]["seed"], "n_countries": config["world"]["n_countries"]}
 
 
 rule tokenizer:
@@ -30,7 +30,7 @@ rule train_pt:
         f"{RUN}/logs/pair/train_pt.log",
     benchmark:
         f"{RUN}/benchmarks/pair/train_pt.tsv"
-    threads: config["threads"]
+    threads: config["toy"]["threads"]
     resources:
         **gpu_resources(),
     params:
@@ -51,7 +51,7 @@ rule train_it:
         f"{RUN}/logs/pair/train_it.log",
     benchmark:
         f"{RUN}/benchmarks/pair/train_it.tsv"
-    threads: config["threads"]
+    threads: config["toy"]["threads"]
     resources:
         **gpu_resources(),
     params:

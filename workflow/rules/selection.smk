@@ -28,54 +28,111 @@ rule score_features:
         STAGE
 
 
-rule select_cap:
-    input:
-        **SELECTOR,
-        **SELECTION_REFERENCES,
-    output:
-        mask=f"{RUN}/sweep/verb_exclusion={{exclusion}}/cap_cutoff={{cutoff}}/cap_mask.json",
-        steps=f"{RUN}/sweep/verb_exclusion={{exclusion}}/cap_cutoff={{cutoff}}/steps.parquet",
-    log:
-        f"{RUN}/logs/sweep/verb_exclusion={{exclusion}}/cap_cutoff={{cutoff}}.log",
-    benchmark:
-        f"{RUN}/benchmarks/sweep/verb_exclusion={{exclusion}}/cap_cutoff={{cutoff}}.tsv"
-    threads: config["threads"]
-    resources:
-        **gpu_resources(),
-    params:
-        entry="postdiff.selection:select_cap",
-        **selection_params(
-            cap_cutoff=lambda wc: float(wc.cutoff),
-            verb_exclusion=lambda wc: float(wc.exclusion),
-        ),
-    conda:
-        ENV
-    script:
-        STAGE
+wildcard_constraints:
+    exclusion=r"[^/]+",
+    cutoff=r"[^/]+",
+    step=r"\d+",
 
 
-rule select_vmask:
-    input:
-        **SELECTOR,
-        **SELECTION_REFERENCES,
-        full_records=f"{RUN}/eval/selector/FullDelta.parquet",
-    output:
-        mask=f"{RUN}/selection/vmask.json",
-        steps=f"{RUN}/selection/vmask_steps.parquet",
-    log:
-        f"{RUN}/logs/selection/vmask.log",
-    benchmark:
-        f"{RUN}/benchmarks/selection/vmask.tsv"
-    threads: config["threads"]
-    resources:
-        **gpu_resources(),
-    params:
-        entry="postdiff.selection:select_vmask",
-        **selection_params(verb_cutoff=SEL["verb_cutoff"]),
-    conda:
-        ENV
-    script:
-        STAGE
+# One job per selection; or, with `selection.n_shards` > 1, every step's candidates cut into
+# shards that run as separate jobs, a cheap merge per step, and a cheap job writing the mask.
+for target, sel in SELECTIONS.items():
+    if SEL["n_shards"] == 1:
+
+        rule:
+            name:
+                f"select_{target}"
+            input:
+                **sel["input"],
+            output:
+                mask=sel["mask"],
+                steps=sel["steps"],
+            log:
+                f"{RUN}/logs/{sel['log']}.log",
+            benchmark:
+                f"{RUN}/benchmarks/{sel['log']}.tsv"
+            threads: config["threads"]
+            resources:
+                **gpu_resources(),
+            params:
+                entry="postdiff.selection:select",
+                **sel["params"],
+            conda:
+                ENV
+            script:
+                STAGE
+
+    else:
+
+        rule:
+            name:
+                f"select_{target}_shard"
+            input:
+                **sel["input"],
+                state=previous_state(sel["work"]),
+            output:
+                values=f"{sel['work']}/step{{step}}/shard{{shard}}.parquet",
+            log:
+                f"{RUN}/logs/{sel['log']}/step{{step}}/shard{{shard}}.log",
+            benchmark:
+                f"{RUN}/benchmarks/{sel['log']}/step{{step}}/shard{{shard}}.tsv"
+            threads: config["threads"]
+            resources:
+                **gpu_resources(),
+            params:
+                entry="postdiff.selection:select_shard",
+                shard=lambda wc: int(wc.shard),
+                n_shards=SEL["n_shards"],
+                **sel["params"],
+            conda:
+                ENV
+            script:
+                STAGE
+
+        rule:
+            name:
+                f"select_{target}_step"
+            localrule: True
+            input:
+                **sel["input"],
+                state=previous_state(sel["work"]),
+                values=step_values(sel["work"]),
+            output:
+                state=f"{sel['work']}/step{{step}}.json",
+                steps=f"{sel['work']}/step{{step}}.parquet",
+            log:
+                f"{RUN}/logs/{sel['log']}/step{{step}}.log",
+            benchmark:
+                f"{RUN}/benchmarks/{sel['log']}/step{{step}}.tsv"
+            params:
+                entry="postdiff.selection:select_step",
+                **sel["params"],
+            conda:
+                ENV
+            script:
+                STAGE
+
+        rule:
+            name:
+                f"select_{target}"
+            localrule: True
+            input:
+                **sel["input"],
+                **last_step(sel["work"]),
+            output:
+                mask=sel["mask"],
+                steps=sel["steps"],
+            log:
+                f"{RUN}/logs/{sel['log']}.log",
+            benchmark:
+                f"{RUN}/benchmarks/{sel['log']}.tsv"
+            params:
+                entry="postdiff.selection:select_finish",
+                **sel["params"],
+            conda:
+                ENV
+            script:
+                STAGE
 
 
 rule baseline_masks:
