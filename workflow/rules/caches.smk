@@ -4,7 +4,7 @@
 rule cache_shard:
     input:
         teacher=f"{RUN}/teacher/{{split}}.parquet",
-        models=model_input("pt") + model_input("it"),
+        **model_inputs("pt", "it"),
     output:
         tensors=f"{RUN}/cache/{{split}}/shard{{shard}}.safetensors",
         index=f"{RUN}/cache/{{split}}/shard{{shard}}.parquet",
@@ -17,7 +17,7 @@ rule cache_shard:
         **gpu_resources(),
     params:
         entry="postdiff.cache:cache_shard",
-        **model_params(),
+        **model_params("pt", "it"),
         layers=config["layers"],
         shard=lambda wc: int(wc.shard),
         n_shards=config["cache"]["n_shards"],

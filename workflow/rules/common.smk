@@ -19,18 +19,26 @@ def model_spec(role):
     return f"{RUN}/pair/{role}" if spec == BUILTIN else spec
 
 
-def model_input(role):
-    """The pair directory as an input when the workflow builds it, so the DAG orders the jobs."""
-    return [model_spec(role)] if config["pair"][role] == BUILTIN else []
+def model_inputs(*roles):
+    """Named inputs `pt_model` / `it_model`: the pair's directories when the workflow builds them,
+    so the DAG orders the jobs (a hub id or outside path is no input)."""
+    return {f"{role}_model": model_spec(role) for role in roles if config["pair"][role] == BUILTIN}
 
 
-def model_params():
-    return {
-        "pt": model_spec("pt"),
-        "it": model_spec("it"),
-        "dtype": config["pair"]["dtype"],
-        "device": config["pair"]["device"],
-    }
+def _model_path(role):
+    if config["pair"][role] != BUILTIN:
+        return config["pair"][role]
+    # Taken from the job's input, not hardcoded: without a shared filesystem, that is where it lands.
+    return lambda wildcards, input: getattr(input, f"{role}_model")
+
+
+def model_paths(*roles):
+    """Params naming the models of `roles`; a rule using them also takes `model_inputs(*roles)`."""
+    return {role: _model_path(role) for role in roles}
+
+
+def model_params(*roles):
+    return {**model_paths(*roles), "dtype": config["pair"]["dtype"], "device": config["pair"]["device"]}
 
 
 def gpu_resources():
@@ -49,12 +57,12 @@ def cache_shards(split):
 GATE_INPUTS = dict(
     split=f"{RUN}/suite/calib.parquet",
     teacher=f"{RUN}/teacher/calib.parquet",
-    models=model_input("pt") + model_input("it"),
+    **model_inputs("pt", "it"),
 )
 
 
 def gate_params(mode, layers):
-    return dict(entry="postdiff.gates:calibrate", mode=mode, layers=layers, **model_params(), **config["gates"])
+    return dict(entry="postdiff.gates:calibrate", mode=mode, layers=layers, **model_params("pt", "it"), **config["gates"])
 
 
 def variant_table():
@@ -109,13 +117,13 @@ SEL = config["selection"]
 
 def selection_params(**extra):
     keys = ("lambda", "size_cap", "max_candidates", "max_new_tokens", "batch_size")
-    return dict(**model_params(), **{k: SEL[k] for k in keys}, **extra)
+    return dict(**model_params("pt"), **{k: SEL[k] for k in keys}, **extra)
 
 
 # The two forward selections: where each writes its mask, steps, per-step work and logs.
 SELECTIONS = {
     "cap": dict(
-        input=dict(**SELECTOR, **SELECTION_REFERENCES),
+        input=dict(**SELECTOR, **SELECTION_REFERENCES, **model_inputs("pt")),
         mask=f"{RUN}/sweep/verb_exclusion={{exclusion}}/cap_cutoff={{cutoff}}/cap_mask.json",
         steps=f"{RUN}/sweep/verb_exclusion={{exclusion}}/cap_cutoff={{cutoff}}/steps.parquet",
         work=f"{RUN}/sweep/verb_exclusion={{exclusion}}/cap_cutoff={{cutoff}}/select",
@@ -127,7 +135,7 @@ SELECTIONS = {
         ),
     ),
     "vmask": dict(
-        input=dict(**SELECTOR, **SELECTION_REFERENCES, full_records=f"{RUN}/eval/selector/FullDelta.parquet"),
+        input=dict(**SELECTOR, **SELECTION_REFERENCES, **model_inputs("pt"), full_records=f"{RUN}/eval/selector/FullDelta.parquet"),
         mask=f"{RUN}/selection/vmask.json",
         steps=f"{RUN}/selection/vmask_steps.parquet",
         work=f"{RUN}/selection/vmask",

@@ -14,7 +14,7 @@ rule evaluate:
         variant=f"{RUN}/variants/{{variant}}.json",
         split=f"{RUN}/suite/{{eval_split}}.parquet",
         teacher=f"{RUN}/teacher/{{eval_split}}.parquet",
-        models=model_input("pt") + model_input("it"),
+        **model_inputs("pt", "it"),
     output:
         records=f"{RUN}/eval/{{eval_split}}/{{variant}}/shard{{shard}}.parquet",
     log:
@@ -26,7 +26,7 @@ rule evaluate:
         **gpu_resources(),
     params:
         entry="postdiff.evaluate:evaluate_variant",
-        **model_params(),
+        **model_params("pt", "it"),
         max_new_tokens=EVAL["max_new_tokens"],
         batch_size=EVAL["batch_size"],
         shard=lambda wc: int(wc.shard),

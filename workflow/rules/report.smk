@@ -147,6 +147,7 @@ rule provenance:
         + expand(f"{RUN}/surrogate/L{{layer}}.safetensors", layer=config["layers"])
         + [f"{RUN}/suite/{split}.parquet" for split in SPLITS]
         + [f"{RUN}/teacher/{split}.parquet" for split in SPLITS],
+        **model_inputs("pt", "it"),
     output:
         config=f"{RUN}/provenance/config.json",
         run_id=f"{RUN}/provenance/run_id.json",
@@ -159,8 +160,7 @@ rule provenance:
     params:
         entry="postdiff.provenance:record",
         config=config,
-        pt=model_spec("pt"),
-        it=model_spec("it"),
+        **model_paths("pt", "it"),
         benchmark_root=f"{RUN}/benchmarks",
     conda:
         ENV

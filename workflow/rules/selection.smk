@@ -5,7 +5,7 @@ rule score_features:
     input:
         **SELECTOR,
         records=f"{RUN}/eval/selector/FullDelta.parquet",
-        models=model_input("pt"),
+        **model_inputs("pt"),
     output:
         scores=f"{RUN}/selection/scores.parquet",
         plot=report(f"{RUN}/selection/scores.png", caption="../report/scores.rst", category="Selection"),
@@ -18,7 +18,7 @@ rule score_features:
         **gpu_resources(),
     params:
         entry="postdiff.scoring:score_features",
-        **model_params(),
+        **model_params("pt"),
         ridge_alpha=config["scoring"]["ridge_alpha"],
         top_n=config["scoring"]["top_n"],
         batch_size=SEL["batch_size"],

@@ -6,6 +6,7 @@ rule train_surrogate:
         shards=cache_shards("train"),
         standardiser=rules.standardiser.output.standardiser,
         teacher=f"{RUN}/teacher/train.parquet",
+        **model_inputs("pt", "it"),
     output:
         module=f"{RUN}/surrogate/L{{layer}}.safetensors",
         curve=f"{RUN}/surrogate/L{{layer}}_curve.parquet",
@@ -24,7 +25,7 @@ rule train_surrogate:
         **gpu_resources(),
     params:
         entry="postdiff.surrogate:train_layer",
-        **model_params(),
+        **model_params("pt", "it"),
         layer=lambda wc: int(wc.layer),
         layers=config["layers"],
         **config["surrogate"],
@@ -40,6 +41,7 @@ rule surrogate_metrics:
         standardiser=rules.standardiser.output.standardiser,
         **{split: cache_shards(split) for split in SPLITS},
         **{f"{split}_teacher": f"{RUN}/teacher/{split}.parquet" for split in SPLITS},
+        **model_inputs("pt", "it"),
     output:
         metrics=f"{RUN}/surrogate/L{{layer}}_metrics.parquet",
     log:
@@ -49,7 +51,7 @@ rule surrogate_metrics:
     threads: config["threads"]
     params:
         entry="postdiff.surrogate:layer_metrics",
-        **model_params(),
+        **model_params("pt", "it"),
         layer=lambda wc: int(wc.layer),
         layers=config["layers"],
         splits=SPLITS,

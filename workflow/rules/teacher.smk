@@ -4,7 +4,7 @@
 rule teacher:
     input:
         split=f"{RUN}/suite/{{split}}.parquet",
-        it=model_input("it"),
+        **model_inputs("it"),
     output:
         completions=f"{RUN}/teacher/{{split}}.parquet",
     log:
@@ -16,9 +16,7 @@ rule teacher:
         **gpu_resources(),
     params:
         entry="postdiff.teacher:teacher",
-        it=model_spec("it"),
-        dtype=config["pair"]["dtype"],
-        device=config["pair"]["device"],
+        **model_params("it"),
         **config["teacher"],
     conda:
         ENV
