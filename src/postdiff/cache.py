@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from postdiff.forward import block_outputs, length_sorted_batches
-from postdiff.io import atomic_path, write_parquet
+from postdiff.io import atomic_path, read_safetensors, write_parquet
 from postdiff.models import check_layers, fingerprint, load_pair, pick_dtype
 from postdiff.runtime import Job
 from postdiff.shards import shard_rows
@@ -119,14 +119,8 @@ def collect(
 
 
 def _metadata(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"cache shard {path} does not exist")
-    with safe_open(str(path), framework="pt") as f:
-        raw = f.metadata() or {}
-    if raw.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a cache shard (format {raw.get('format')!r}, want {FORMAT!r})")
-    meta: dict[str, Any] = dict(raw)
+    with read_safetensors(path, FORMAT, "cache shard") as (_, raw):
+        meta: dict[str, Any] = dict(raw)
     for key in ("layers", "ids", "shard", "n_shards", "n_tokens"):
         meta[key] = json.loads(raw[key])
     return meta

@@ -1,4 +1,5 @@
-"""Atomic writers: a stage that fails or is killed never leaves a file that looks finished."""
+"""Atomic writers (a stage that fails or is killed never leaves a file that looks finished) and a
+checked safetensors reader."""
 
 from __future__ import annotations
 
@@ -11,6 +12,21 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+
+
+@contextmanager
+def read_safetensors(path: str | os.PathLike, fmt: str, kind: str) -> Iterator[tuple[Any, dict[str, str]]]:
+    """An open safetensors file and its metadata, refused unless it exists and says ``fmt``."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{kind} {path} does not exist")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != fmt:
+            raise ValueError(f"{path}: not a {kind} (format {meta.get('format')!r}, want {fmt!r})")
+        yield f, meta
 
 
 @contextmanager

@@ -12,13 +12,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
 
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 from tqdm import tqdm
 
 from postdiff.cache import check_shard, read_tensor
-from postdiff.io import atomic_path
+from postdiff.io import atomic_path, read_safetensors
 from postdiff.runtime import Job
 
 log = logging.getLogger(__name__)
@@ -86,13 +85,7 @@ def standardiser_from(chunks: Iterable[tuple[Tensor, Tensor]]) -> Standardiser:
 
 
 def load_standardiser(path: str | Path, layer: int) -> Standardiser:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"standardiser file {path} does not exist")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path}: not a standardiser file (format {meta.get('format')!r})")
+    with read_safetensors(path, FORMAT, "standardiser file") as (f, meta):
         if layer not in json.loads(meta["layers"]):
             raise ValueError(f"{path}: no standardiser for layer {layer} (has {meta['layers']})")
         return Standardiser(*(f.get_tensor(f"{name}.{layer}") for name in Standardiser._fields))

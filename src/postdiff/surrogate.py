@@ -23,13 +23,12 @@ import torch
 import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from postdiff.cache import Expect, load_split
-from postdiff.io import atomic_path, write_parquet
+from postdiff.io import atomic_path, read_safetensors, write_parquet
 from postdiff.models import fingerprint, pick_device
 from postdiff.runtime import Job
 from postdiff.standardise import load_standardiser
@@ -365,13 +364,7 @@ def save(module: TopKSurrogate, path: str | Path, meta: Mapping[str, Any]) -> No
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[TopKSurrogate, dict[str, Any]]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"surrogate file {path} does not exist")
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-        if metadata.get("format") != FORMAT:
-            raise ValueError(f"{path}: not a TopK surrogate file (format {metadata.get('format')!r}, want {FORMAT!r})")
+    with read_safetensors(path, FORMAT, "TopK surrogate file") as (f, metadata):
         tensors = {name: f.get_tensor(name) for name in TENSORS}
     config = json.loads(metadata["config"])
     module = TopKSurrogate(config["d"], config["n_features"], config["k"])
