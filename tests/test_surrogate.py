@@ -15,6 +15,7 @@ from postdiff.surrogate import (
     fit,
     layer_metrics,
     load,
+    loss_gradients,
     r2,
     save,
     train_layer,
@@ -74,49 +75,42 @@ def test_topk_keeps_exactly_k_largest_per_row():
     assert torch.allclose(z[z > 0], pre[z > 0])
 
 
-# Slot by slot (small k) and one matmul over the used features (large k).
-@pytest.mark.parametrize("k", [2, 40])
-def test_selected_activations_have_the_dense_gradient(k):
-    m = random_module(d=6, n=64, k=k)
-    x = torch.randn(2, 5, 6, requires_grad=True)
-    weights = torch.randn(2, 5, k)
-    pre = torch.nn.functional.linear(x, m.W_enc, m.b_enc)
-    with torch.no_grad():
-        idx = pre.topk(k, dim=-1).indices
-    vals = m.select(x, pre, idx)
-    (vals * weights).sum().backward()
-    ours = [t.grad.clone() for t in (x, m.W_enc, m.b_enc)]
-    for t in (x, m.W_enc, m.b_enc):
-        t.grad = None
-    dense = torch.nn.functional.linear(x, m.W_enc, m.b_enc).relu().gather(-1, idx)
-    assert torch.allclose(vals, dense)
-    (dense * weights).sum().backward()
-    for a, t in zip(ours, (x, m.W_enc, m.b_enc)):
-        assert torch.allclose(a, t.grad, atol=1e-5)
+# One gather block, or (a tiny CPU_BLOCK) one slot per block.
+@pytest.fixture(params=[1 << 18, 1], ids=["one-block", "slot-blocks"])
+def block(request, monkeypatch):
+    monkeypatch.setattr("postdiff.surrogate.CPU_BLOCK", request.param)
 
 
 @pytest.mark.parametrize("k", [3, 40])
-def test_sparse_decode_groups_have_the_dense_values_and_gradients(k):
+@pytest.mark.parametrize("with_dead", [False, True], ids=["mse", "mse+auxk"])
+def test_loss_gradients_equal_autograd_of_the_dense_loss(k, with_dead, block):
     m = random_module(d=6, n=64, k=k)
     g = torch.Generator().manual_seed(2)
-    vals = torch.rand(5, k, generator=g).requires_grad_()
-    idx = torch.stack([torch.randperm(64, generator=g)[:k] for _ in range(5)])
-    aux_vals = torch.rand(5, 2, generator=g).requires_grad_()
-    aux_idx = torch.randint(0, 64, (5, 2), generator=g)
-    out, aux = m.sparse_decode_groups([(vals, idx), (aux_vals, aux_idx)])
-    w_out, w_aux = torch.randn(5, 6, generator=g), torch.randn(5, 6, generator=g)
-    ((out * w_out).sum() + (aux * w_aux).sum()).backward()
-    ours = [t.grad.clone() for t in (vals, aux_vals, m.D)]
-    for t in (vals, aux_vals, m.D):
-        t.grad = None
+    x, target = torch.randn(5, 6, generator=g), torch.randn(5, 6, generator=g)
+    with torch.no_grad():
+        m.b_enc.sub_(4.0)  # some chosen pre-activations negative: the ReLU's zero gradient
+        pre = x @ m.W_enc.T + m.b_enc
+        idx = pre.topk(k, dim=-1).indices
+    ids = torch.tensor([3, 17, 40])  # AuxK's dead features
+    z = torch.rand(5, 3, generator=g)
+    dead = (z, ids, 0.7) if with_dead else None
+    for p in m.parameters():
+        p.grad = torch.full_like(p, float("nan"))  # every entry must be overwritten
+    with torch.no_grad():
+        mse, aux = loss_gradients(m, x, target, idx, pre.gather(1, idx).relu(), dead)
+    ours = {name: p.grad.clone() for name, p in m.named_parameters()}
 
-    def dense(v, i):
-        return torch.zeros(5, 64).scatter_add(1, i, v) @ m.D.T
-
-    assert torch.allclose(out, dense(vals, idx), atol=1e-5) and torch.allclose(aux, dense(aux_vals, aux_idx), atol=1e-5)
-    ((dense(vals, idx) * w_out).sum() + (dense(aux_vals, aux_idx) * w_aux).sum()).backward()
-    for a, t in zip(ours, (vals, aux_vals, m.D)):
-        assert torch.allclose(a, t.grad, atol=1e-5)
+    for p in m.parameters():
+        p.grad = None
+    vals = (x @ m.W_enc.T + m.b_enc).gather(1, idx).relu()
+    err = target - (torch.zeros(5, 64).scatter(1, idx, vals) @ m.D.T + m.b_dec)
+    dense_aux = (torch.zeros(5, 64).index_copy(1, ids, z) @ m.D.T - err.detach()).pow(2).mean()
+    loss = err.pow(2).mean() + (0.7 * dense_aux if with_dead else 0)
+    loss.backward()
+    assert torch.allclose(mse, err.pow(2).mean()) and torch.allclose(aux, dense_aux if with_dead else torch.tensor(0.0))
+    assert (vals == 0).any() and (vals > 0).any()
+    for name, p in m.named_parameters():
+        assert torch.allclose(ours[name], p.grad, atol=1e-6), name
 
 
 def test_encode_standardises_with_mu_sigma():

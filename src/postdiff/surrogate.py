@@ -64,91 +64,45 @@ class SurrogateConfig:
         return cls(**{f.name: params[f.name] for f in fields(cls) if f.name in params})
 
 
-# Sparse products over a narrow [N, k] selection (k <= NARROW, the TopK one) are summed slot by
-# slot: an [N, k, d] temporary would be a large fresh allocation every step. A wide one (AuxK)
-# goes through one matmul over just the features it uses.
-NARROW = 32
+def _by_feature(idx: Tensor) -> tuple[Tensor, Tensor]:
+    """The ``(feature, row)`` pairs of an ``[N, k]`` selection as coalesced COO indices
+    (sorted by feature; a row never repeats a feature), and the order of ``idx``'s flat
+    entries that sorts them so."""
+    n, k = idx.shape
+    rows = torch.arange(n, device=idx.device).repeat_interleave(k)
+    order = (idx.reshape(-1) * n + rows).argsort()
+    return torch.stack([idx.reshape(-1)[order], rows[order]]), order
 
 
-def _narrow(k: int) -> int:
-    return k if k <= NARROW else 0
+def _outer_sum_into(out: Tensor, pairs: tuple[Tensor, Tensor], weights: Tensor, vectors: Tensor) -> None:
+    """Set row ``f`` of ``[F, d]`` ``out`` to the sum of ``weights[n, j] * vectors[n]`` over the
+    (n, j) with ``idx[n, j] = f`` (``pairs = _by_feature(idx)``): a sparse ``[F, N]`` times
+    dense ``[N, d]`` product, with no ``[N, k, d]`` temporary and no fresh output."""
+    indices, order = pairs
+    sparse = torch.sparse_coo_tensor(
+        indices, weights.reshape(-1)[order], (out.shape[0], vectors.shape[0]), is_coalesced=True, check_invariants=False
+    )
+    torch.addmm(out, sparse, vectors, beta=0, out=out)
 
 
-def _compact(idx: Tensor, n_features: int) -> tuple[Tensor, Tensor]:
-    """The features ``idx`` uses (ascending) and each entry's position among them; a sort-free
-    ``torch.unique(idx, return_inverse=True)``."""
-    used = torch.zeros(n_features, dtype=torch.bool, device=idx.device)
-    used[idx] = True
-    return used.nonzero().squeeze(1), (used.cumsum(0) - 1)[idx]
+# _row_dots gathers the rows it needs a few slots at a time: on the CPU in blocks of about 1 MB
+# (in the benchmark's training loop 5 of 16 slots at a time took 0.6 ms a step, all 16 at once
+# 0.9 ms), on an accelerator in large blocks, since each block costs three kernel launches.
+CPU_BLOCK = 1 << 18
+ACCELERATOR_BLOCK = 1 << 24
 
 
-def _add_rank_one(out: Tensor, idx: Tensor, weights: Tensor, vectors: Tensor, narrow: int) -> None:
-    """Add ``weights[n, j] * vectors[n]`` to row ``idx[n, j]`` of ``out`` for every (n, j)."""
-    for j in range(narrow):
-        out.index_add_(0, idx[:, j], weights[:, j : j + 1] * vectors)
-    if idx.shape[1] > narrow:
-        used, local = _compact(idx[:, narrow:], out.shape[0])
-        per_row = vectors.new_zeros(idx.shape[0], used.numel()).scatter_add_(1, local, weights[:, narrow:])
-        out.index_add_(0, used, per_row.T @ vectors)
-
-
-def _row_dots(table: Tensor, idx: Tensor, vectors: Tensor, narrow: int) -> Tensor:
+def _row_dots(table: Tensor, idx: Tensor, vectors: Tensor) -> Tensor:
     """``[N, k]`` with entry ``(n, j)`` = ``table[idx[n, j]] . vectors[n]``."""
-    parts = [(table[idx[:, j]] * vectors).sum(1, keepdim=True) for j in range(narrow)]
-    if idx.shape[1] > narrow:
-        used, local = _compact(idx[:, narrow:], table.shape[0])
-        parts.append((vectors @ table[used].T).gather(1, local))
+    n, k = idx.shape
+    budget = CPU_BLOCK if table.device.type == "cpu" else ACCELERATOR_BLOCK
+    slots = max(1, budget // (n * table.shape[1]))
+    parts = []
+    for j in range(0, k, slots):
+        block = idx[:, j : j + slots]
+        rows = table.index_select(0, block.reshape(-1)).view(*block.shape, -1)
+        parts.append(rows.mul_(vectors[:, None, :]).sum(-1))
     return torch.cat(parts, 1)
-
-
-class _Selected(torch.autograd.Function):
-    """``ReLU(pre)`` at the chosen ``[N, k]`` indices, ``pre = x W^T + b`` computed once by
-    the caller; only the chosen entries get a gradient, never a dense ``[N, F]`` one."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, W: Tensor, b: Tensor, idx: Tensor, pre: Tensor, narrow: int) -> Tensor:
-        vals = pre.gather(-1, idx).relu()
-        ctx.save_for_backward(x, W, idx, vals)
-        ctx.narrow = narrow
-        return vals
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, W, idx, vals = ctx.saved_tensors
-        g = grad * (vals > 0)
-        grad_x = grad_W = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = F.embedding_bag(idx, W, per_sample_weights=g, mode="sum")
-        if ctx.needs_input_grad[1]:
-            grad_W = torch.zeros_like(W)
-            _add_rank_one(grad_W, idx, g, x, ctx.narrow)
-        if ctx.needs_input_grad[2]:
-            grad_b = W.new_zeros(W.shape[0]).index_add_(0, idx.reshape(-1), g.reshape(-1))
-        return grad_x, grad_W, grad_b, None, None, None
-
-
-class _Decoded(torch.autograd.Function):
-    """``sum_j vals[n, j] * table[idx[n, j]]`` for groups of ``[N, k_i]`` values and indices
-    into one ``[F, d]`` table (arguments: table, vals_0, idx_0, vals_1, idx_1, ...): one
-    output per group, one gradient buffer for the table, sparse backward as in
-    :class:`_Selected`."""
-
-    @staticmethod
-    def forward(ctx, table: Tensor, *groups: Tensor) -> tuple[Tensor, ...]:
-        ctx.save_for_backward(table, *groups)
-        return tuple(F.embedding_bag(i, table, per_sample_weights=v, mode="sum") for v, i in zip(groups[::2], groups[1::2]))
-
-    @staticmethod
-    def backward(ctx, *grads: Tensor) -> tuple[Tensor | None, ...]:
-        table, *groups = ctx.saved_tensors
-        grad_table = torch.zeros_like(table) if ctx.needs_input_grad[0] else None
-        grad_groups: list[Tensor | None] = []
-        for n, (vals, idx, grad) in enumerate(zip(groups[::2], groups[1::2], grads)):
-            narrow = _narrow(idx.shape[1])
-            grad_groups += [_row_dots(table, idx, grad, narrow) if ctx.needs_input_grad[1 + 2 * n] else None, None]
-            if grad_table is not None:
-                _add_rank_one(grad_table, idx, vals, grad, narrow)
-        return (grad_table, *grad_groups)
 
 
 class TopKSurrogate(nn.Module):
@@ -167,55 +121,45 @@ class TopKSurrogate(nn.Module):
             raise ValueError("TopKSurrogate: sigma must be positive (floor it in the standardiser)")
         self.W_enc = nn.Parameter(torch.zeros(n_features, d))
         self.b_enc = nn.Parameter(torch.zeros(n_features))
-        # Stored feature-major ([d, F] with strides (1, d)) so that D.T, one row per feature, is
-        # the contiguous table embedding_bag needs without a copy each step.
-        self.D = nn.Parameter(torch.zeros(n_features, d).T)
+        # The decoder is trained feature-major, one row per feature: the table embedding_bag
+        # needs, and contiguous for fused Adam (a strided one is copied every step).
+        self.W_dec = nn.Parameter(torch.zeros(n_features, d))
         self.b_dec = nn.Parameter(torch.zeros(d))
 
     @property
+    def D(self) -> Tensor:
+        """The paper's ``[d, F]`` decoder, column ``j`` the direction of feature ``j``."""
+        return self.W_dec.T
+
+    @property
     def d(self) -> int:
-        return self.D.shape[0]
+        return self.W_dec.shape[1]
 
     @property
     def n_features(self) -> int:
-        return self.D.shape[1]
+        return self.W_dec.shape[0]
 
     def standardise(self, h: Tensor) -> Tensor:
         return (h.to(self.mu.dtype) - self.mu) / self.sigma
 
-    def top(self, x: Tensor, pre: Tensor, k: int | None = None) -> tuple[Tensor, Tensor]:
-        """Values and indices of the ``k`` largest ReLU activations of standardised ``x``,
-        given its pre-activations ``pre``; gradients reach ``W_enc, b_enc`` through the values."""
-        with torch.no_grad():
-            idx = pre.topk(k or self.k, dim=-1, sorted=False).indices
-        return self.select(x, pre, idx), idx
-
-    def select(self, x: Tensor, pre: Tensor, idx: Tensor) -> Tensor:
-        """``ReLU(pre)`` at ``idx``, differentiable in ``W_enc, b_enc`` (and ``x``)."""
-        k = idx.shape[-1]
-        flat = (x.reshape(-1, self.d), self.W_enc, self.b_enc, idx.reshape(-1, k), pre.detach().reshape(-1, self.n_features))
-        return _Selected.apply(*flat, _narrow(k)).reshape(idx.shape)
+    def sparse_code(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """``z`` of raw ``h`` as its k (value, feature index) pairs per row."""
+        pre = F.linear(self.standardise(h), self.W_enc, self.b_enc)
+        idx = pre.detach().topk(self.k, dim=-1, sorted=False).indices
+        return pre.gather(-1, idx).relu(), idx
 
     def sparse_decode(self, vals: Tensor, idx: Tensor) -> Tensor:
         """``sum_j D[:, idx_j] vals_j`` (no ``b_dec``) for ``[..., k]`` values and indices."""
         k = idx.shape[-1]
-        return self.sparse_decode_groups([(vals.reshape(-1, k), idx.reshape(-1, k))])[0].reshape(*vals.shape[:-1], self.d)
-
-    def sparse_decode_groups(self, groups: list[tuple[Tensor, Tensor]]) -> list[Tensor]:
-        """:meth:`sparse_decode` of several ``[N, k_i]`` (values, indices) groups at once."""
-        return list(_Decoded.apply(self.D.T, *(t for group in groups for t in group)))
-
-    def sparse_code(self, h: Tensor) -> tuple[Tensor, Tensor]:
-        """``z`` of raw ``h`` as its k (value, feature index) pairs per row."""
-        x = self.standardise(h)
-        return self.top(x, F.linear(x, self.W_enc, self.b_enc))
+        out = F.embedding_bag(idx.reshape(-1, k), self.W_dec, per_sample_weights=vals.reshape(-1, k), mode="sum")
+        return out.reshape(*vals.shape[:-1], self.d)
 
     def encode(self, h: Tensor) -> Tensor:
         vals, idx = self.sparse_code(h)
         return torch.zeros(*vals.shape[:-1], self.n_features, dtype=vals.dtype, device=vals.device).scatter(-1, idx, vals)
 
     def decode(self, z: Tensor) -> Tensor:
-        return z @ self.D.T + self.b_dec
+        return z @ self.W_dec + self.b_dec
 
     def forward(self, h: Tensor) -> Tensor:
         return self.sparse_decode(*self.sparse_code(h)) + self.b_dec
@@ -228,7 +172,38 @@ class TopKSurrogate(nn.Module):
             if z.dim() < 2 or z.shape[0] != mask.shape[0]:
                 raise ValueError(f"masked_decode: per-row mask {tuple(mask.shape)} does not match z {tuple(z.shape)}")
             mask = mask.reshape(mask.shape[0], *([1] * (z.dim() - 2)), self.n_features)
-        return (z * mask) @ self.D.T
+        return (z * mask) @ self.W_dec
+
+
+def loss_gradients(
+    module: TopKSurrogate, x: Tensor, target: Tensor, idx: Tensor, vals: Tensor,
+    dead: tuple[Tensor, Tensor, float] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The training loss's gradient in closed form, written into each parameter's ``.grad``.
+
+    ``x`` is the standardised ``[N, d]`` batch, ``idx`` its TopK features and ``vals`` their
+    ReLU pre-activations; ``err = target - delta_hat``. The loss is ``mean(err^2)`` plus, with
+    ``dead = (z, ids, weight)``, ``weight * mean((z @ D[:, ids].T - err)^2)`` for a dense
+    AuxK code ``z`` over the dead features ``ids``, with ``err`` held fixed there. Only the
+    chosen (and dead) features' rows are touched: no dense ``[N, F]`` gradient, no autograd
+    graph, and no fresh parameter-sized buffer each step. Returns ``mean(err^2)`` and the
+    unweighted AuxK mean (0 without ``dead``).
+    """
+    err = target - module.b_dec - module.sparse_decode(vals, idx)
+    grad_out = err * (-2 / err.numel())  # d mean(err^2) / d delta_hat
+    pairs = _by_feature(idx)
+    torch.sum(grad_out, 0, out=module.b_dec.grad)
+    _outer_sum_into(module.W_dec.grad, pairs, vals, grad_out)
+    aux = err.new_zeros(())
+    if dead is not None:
+        z, ids, weight = dead
+        residual = z @ module.W_dec[ids] - err
+        aux = residual.pow(2).mean()
+        module.W_dec.grad.index_add_(0, ids, z.T @ residual, alpha=2 * weight / err.numel())
+    g = _row_dots(module.W_dec, idx, grad_out).mul_(vals > 0)  # through the ReLU
+    _outer_sum_into(module.W_enc.grad, pairs, g, x)
+    module.b_enc.grad.zero_().index_add_(0, idx.reshape(-1), g.reshape(-1))
+    return err.pow(2).mean(), aux
 
 
 def _init(module: TopKSurrogate, b_dec: Tensor, generator: torch.Generator) -> None:
@@ -242,6 +217,7 @@ def _init(module: TopKSurrogate, b_dec: Tensor, generator: torch.Generator) -> N
         module.b_dec.copy_(b_dec)
 
 
+@torch.no_grad()
 def fit(
     h_pt: Tensor, delta: Tensor, mu: Tensor, sigma: Tensor, cfg: SurrogateConfig, seed: int
 ) -> tuple[TopKSurrogate, pl.DataFrame]:
@@ -270,10 +246,13 @@ def fit(
     _init(module, delta_mean / scale, generator)
     module.to(device)
     opt = torch.optim.Adam(module.parameters(), lr=cfg.lr, fused=True)
+    for p in module.parameters():
+        p.grad = torch.zeros_like(p)  # overwritten in place every step by loss_gradients
 
     since_fired = torch.zeros(n_features, dtype=torch.long, device=device)
     order, cursor = torch.randperm(n, generator=generator), 0
     history = torch.zeros(cfg.steps, 3, device=device)
+    pre = torch.empty(batch, n_features, device=device)  # one buffer, not a fresh one to fault in per step
     for step in tqdm(range(cfg.steps), desc="fit surrogate", mininterval=2.0):
         if cursor + batch > n:
             order, cursor = torch.randperm(n, generator=generator), 0
@@ -281,41 +260,35 @@ def fit(
         cursor += batch
         target = delta[rows].float() / scale
         x = module.standardise(h_pt[rows])
-        pre = F.linear(x, module.W_enc, module.b_enc)
-        with torch.no_grad():
-            idx = pre.topk(cfg.k, dim=-1, sorted=False).indices
-            dead = since_fired >= cfg.dead_steps
-            n_dead = int(dead.sum()) if cfg.auxk_coef > 0 else 0
-            if n_dead:
-                # AuxK: the largest dead pre-activations try to explain what the live ones
-                # missed, which gives dead features' decoders a gradient again. With few dead
-                # features the term is scaled down, not padded with live ones. Their encoders
-                # get no AuxK gradient (as in sparsify): on bench/topk_vs_sparsify.py passing
-                # it left 18% of features dead instead of 4%, at equal R^2 and 30% more time.
-                dead_ids = dead.nonzero().squeeze(1)
-                aux_idx = dead_ids[pre[:, dead_ids].topk(min(aux_k, n_dead), dim=-1, sorted=False).indices]
-        vals = module.select(x, pre, idx)
-        # One decode serves both terms: a single gradient buffer for D.
-        groups = [(vals, idx)] + ([(pre.detach().gather(1, aux_idx).relu(), aux_idx)] if n_dead else [])
-        decoded = module.sparse_decode_groups(groups)
-        err = target - (decoded[0] + module.b_dec)
-        mse = err.pow(2).mean()
-        aux = torch.zeros((), device=device)
+        torch.addmm(module.b_enc, x, module.W_enc.T, out=pre)
+        idx = pre.topk(cfg.k, dim=-1, sorted=False).indices
+        vals = pre.gather(1, idx).relu_()
+        dead = since_fired >= cfg.dead_steps
+        n_dead = int(dead.sum()) if cfg.auxk_coef > 0 else 0
+        aux_scale, aux_term = 0.0, None
         if n_dead:
-            aux = min(n_dead / aux_k, 1.0) * (decoded[1] - err.detach()).pow(2).mean()
-        loss = mse + cfg.auxk_coef * aux
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+            # AuxK: the largest dead pre-activations try to explain what the live ones
+            # missed, which gives dead features' decoders a gradient again. With few dead
+            # features the term is scaled down, not padded with live ones. Their encoders
+            # get no AuxK gradient (as in sparsify): on bench/topk_vs_sparsify.py passing
+            # it left 18% of features dead instead of 4%, at equal R^2 and 30% more time.
+            dead_ids = dead.nonzero().squeeze(1)
+            z_dead = pre.index_select(1, dead_ids).relu_()
+            if n_dead > aux_k:
+                kept = z_dead.topk(aux_k, dim=-1, sorted=False)
+                z_dead = torch.zeros_like(z_dead).scatter_(1, kept.indices, kept.values)
+            aux_scale = min(n_dead / aux_k, 1.0)
+            aux_term = (z_dead, dead_ids, cfg.auxk_coef * aux_scale)
+        mse, aux = loss_gradients(module, x, target, idx, vals, aux_term)
+        aux = aux_scale * aux
         opt.step()
-        with torch.no_grad():
-            fired = torch.zeros(n_features, dtype=torch.bool, device=device)
-            fired[idx[vals > 0]] = True
-            since_fired.add_(1).masked_fill_(fired, 0)
-            history[step] = torch.stack([loss.detach(), mse.detach(), aux.detach()])
+        fired = torch.zeros(n_features, dtype=torch.bool, device=device)
+        fired[idx[vals > 0]] = True
+        since_fired.add_(1).masked_fill_(fired, 0)
+        history[step] = torch.stack([mse + cfg.auxk_coef * aux, mse, aux])
 
-    with torch.no_grad():
-        module.D.mul_(scale)
-        module.b_dec.mul_(scale)
+    module.W_dec.mul_(scale)
+    module.b_dec.mul_(scale)
     h = history.cpu()
     curve = pl.DataFrame(
         {"step": pl.Series(range(1, cfg.steps + 1), dtype=pl.Int64), "loss": h[:, 0].tolist(), "mse": h[:, 1].tolist(), "aux": h[:, 2].tolist()}
@@ -366,6 +339,7 @@ def save(module: TopKSurrogate, path: str | Path, meta: Mapping[str, Any]) -> No
 def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[TopKSurrogate, dict[str, Any]]:
     with read_safetensors(path, FORMAT, "TopK surrogate file") as (f, metadata):
         tensors = {name: f.get_tensor(name) for name in TENSORS}
+    tensors["W_dec"] = tensors.pop("D").T
     config = json.loads(metadata["config"])
     module = TopKSurrogate(config["d"], config["n_features"], config["k"])
     module.load_state_dict(tensors)
