@@ -68,10 +68,8 @@ def _by_feature(idx: Tensor) -> tuple[Tensor, Tensor]:
     """The ``(feature, row)`` pairs of an ``[N, k]`` selection as coalesced COO indices
     (sorted by feature; a row never repeats a feature), and the order of ``idx``'s flat
     entries that sorts them so."""
-    n, k = idx.shape
-    rows = torch.arange(n, device=idx.device).repeat_interleave(k)
-    order = (idx.reshape(-1) * n + rows).argsort()
-    return torch.stack([idx.reshape(-1)[order], rows[order]]), order
+    features, order = idx.reshape(-1).sort(stable=True)  # flat entries run row by row
+    return torch.stack([features, order // idx.shape[1]]), order
 
 
 def _outer_sum_into(out: Tensor, pairs: tuple[Tensor, Tensor], weights: Tensor, vectors: Tensor) -> None:
