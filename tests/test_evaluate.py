@@ -74,7 +74,7 @@ class World:
         split_frame(n_per_slice).write_parquet(self.split)
         self.teacher = str(root / "teacher.parquet")
         teacher(Job(input={"split": self.split}, output={"completions": self.teacher},
-                    params={"it": self.it, "dtype": "float32", "device": "cpu", "max_new_tokens": NEW, "batch_size": 4}))
+                    params={"pt": self.pt, "it": self.it, "dtype": "float32", "device": "cpu", "max_new_tokens": NEW, "batch_size": 4}))
         self.surrogates = {}
         for layer in (0, 1):
             self.surrogates[layer] = str(root / f"surrogate_{layer}.safetensors")

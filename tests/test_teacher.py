@@ -1,8 +1,12 @@
 import polars as pl
 import pytest
+import torch
 from test_models import save_tiny
+from transformers import GenerationConfig
 
+from postdiff.evaluate import generate_records, read_rows
 from postdiff.generation import generate
+from postdiff.hook import LayerEdit
 from postdiff.models import load_model
 from postdiff.runtime import Job
 from postdiff.teacher import SCHEMA, completions_frame, teacher
@@ -24,7 +28,7 @@ def job(tmp_path, model_dir, split_path, **params) -> Job:
     return Job(
         input={"split": str(split_path)},
         output={"completions": str(tmp_path / "teacher" / "test.parquet")},
-        params={"it": str(model_dir), "dtype": "auto", "device": "cpu", "max_new_tokens": 6,
+        params={"pt": str(model_dir), "it": str(model_dir), "dtype": "auto", "device": "cpu", "max_new_tokens": 6,
                 "batch_size": 2, **params},
     )
 
@@ -74,3 +78,45 @@ def test_bad_split_and_params_fail_before_loading(tmp_path):
     split_frame().write_parquet(tmp_path / "ok.parquet")
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
         teacher(job(tmp_path, tmp_path / "nowhere", tmp_path / "ok.parquet", max_new_tokens=0))
+
+
+def stop_pair(tmp_path) -> tuple[str, str, int]:
+    """A pair whose IT lists ``<end_of_turn>`` as a stop and emits it first, as Gemma 3 IT ends a
+    turn; PT's generation config stops on ``<eos>`` alone."""
+    pt_dir = save_tiny(tmp_path / "pt", seed=0, extra=("<end_of_turn>",))
+    it_dir = save_tiny(tmp_path / "it", seed=1, extra=("<end_of_turn>",))
+    it, tok = load_model(str(it_dir), "float32", "cpu")
+    end_of_turn = tok.convert_tokens_to_ids("<end_of_turn>")
+    # IT's final hidden states share a mean direction; an <end_of_turn> row along it wins the argmax.
+    hidden = torch.cat([it(input_ids=torch.tensor([encode_prefix(tok, p)]), output_hidden_states=True).hidden_states[-1][0]
+                        for p in split_frame()["prompt"]])
+    with torch.no_grad():
+        it.get_input_embeddings().weight[end_of_turn] = 20 * hidden.mean(0) / hidden.mean(0).norm()
+    it.generation_config = GenerationConfig(eos_token_id=[tok.eos_token_id, end_of_turn])
+    it.save_pretrained(it_dir)
+    GenerationConfig(eos_token_id=tok.eos_token_id).save_pretrained(pt_dir)
+    return str(pt_dir), str(it_dir), end_of_turn
+
+
+def test_teacher_and_steered_pt_stop_on_the_same_token_and_count_it_alike(tmp_path):
+    pt_dir, it_dir, end_of_turn = stop_pair(tmp_path)
+    split_frame().write_parquet(tmp_path / "test.parquet")
+    j = job(tmp_path, it_dir, tmp_path / "test.parquet", pt=pt_dir)
+    teacher(j)
+    taught = pl.read_parquet(j.output["completions"])
+    assert all(ids[-1] == end_of_turn for ids in taught["token_ids"]) and taught["eos"].all()
+    assert taught["n_tokens"].to_list() == [len(ids) - 1 for ids in taught["token_ids"]]
+
+    paired, tok = load_model(pt_dir, "float32", "cpu", partner=it_dir)
+    alone, _ = load_model(pt_dir, "float32", "cpu")
+    assert paired.generation_config.eos_token_id == [tok.eos_token_id, end_of_turn]
+    assert alone.generation_config.eos_token_id == [tok.eos_token_id]
+    # A stand-in for FullDelta: the last block's output pushed along <end_of_turn>'s unembedding row.
+    row = paired.get_input_embeddings().weight[end_of_turn]
+    edits = {1: LayerEdit(1.0, lambda h: 1e3 * (row / row.norm()).expand_as(h))}
+    rows = read_rows(str(tmp_path / "test.parquet"), j.output["completions"])
+    steered = generate_records(paired, tok, rows, "FullDelta", 6, 2, edits=edits)
+    assert steered["eos"].all() and steered["n_tokens"].to_list() == taught["n_tokens"].to_list() == [0, 0, 0]
+    # PT's own stop set would have let the steered model run on past <end_of_turn>.
+    unstopped = generate_records(alone, tok, rows, "FullDelta", 6, 2, edits=edits)
+    assert not unstopped["eos"].any() and unstopped["n_tokens"].to_list() == [6, 6, 6]

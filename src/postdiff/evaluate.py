@@ -248,7 +248,7 @@ def evaluate_variant(job: Job) -> None:
     variant = Variant.read(job.input["variant"])
     rows = read_rows(job.input["split"], job.input["teacher"])
     rows = shard_rows(rows, int(job.params.get("shard", 0)), int(job.params.get("n_shards", 1)))
-    max_new_tokens, batch_size = int(job.params["max_new_tokens"]), int(job.params["batch_size"])
+    max_new_tokens, batch_size = int(job.params["max_new_tokens"]), job.batch_size()
     check_budget(rows, max_new_tokens, job.input["teacher"])
     log.info("variant %s (%s): %d prompts from %s", variant.name, variant.mode, rows.height, job.input["split"])
     if variant.mode == "it":
@@ -262,5 +262,5 @@ def evaluate_variant(job: Job) -> None:
 
 
 def load_pt(params: Mapping) -> tuple[nn.Module, object]:
-    """The PT model alone, for stages that need no KL (scoring, selection)."""
-    return load_model(params["pt"], params.get("dtype", "auto"), params.get("device", "auto"))
+    """The PT model alone (stopping on the pair's stop set), for stages that need no KL (scoring, selection)."""
+    return load_model(params["pt"], params.get("dtype", "auto"), params.get("device", "auto"), partner=params["it"])

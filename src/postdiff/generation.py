@@ -14,10 +14,10 @@ from postdiff.template import left_padded_prompts
 
 
 def stop_ids(model: nn.Module, tokenizer) -> list[int]:
-    """The tokenizer's EOS plus the model's generation EOS ids (Gemma IT adds ``<end_of_turn>``)."""
-    ids = {tokenizer.eos_token_id}
+    """The tokenizer's EOS plus the model's generation EOS ids, which :func:`postdiff.models.load_model`
+    sets to the pair's one stop set."""
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(configured if isinstance(configured, list) else [configured])
+    ids = {tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])}
     ids.discard(None)
     if not ids:
         raise ValueError("neither the tokenizer nor the model's generation config names an EOS token")

@@ -68,7 +68,7 @@ def _hub_cached(spec: str) -> str | None:
     return hit if isinstance(hit, str) else None
 
 
-def _local_only(spec: str) -> bool:
+def loads_locally(spec: str) -> bool:
     """Whether ``from_pretrained`` may skip the network; fails fast when the model is nowhere.
 
     The hub client retries an unreachable host for ~25 s, so existence is checked first with a
@@ -95,7 +95,7 @@ def _local_only(spec: str) -> bool:
 def load_tokenizer(spec: str, local_only: bool | None = None):
     from transformers import AutoTokenizer
 
-    local = _local_only(spec) if local_only is None else local_only
+    local = loads_locally(spec) if local_only is None else local_only
     tok = AutoTokenizer.from_pretrained(spec, local_files_only=local)
     # Batched generate needs left padding, or shorter rows decode garbage after their pads.
     tok.padding_side = "left"
@@ -106,11 +106,44 @@ def load_tokenizer(spec: str, local_only: bool | None = None):
     return tok
 
 
-def load_model(spec: str, dtype: str = "auto", device: str = "auto") -> tuple[nn.Module, object]:
-    """``(model, tokenizer)`` from a hub id or local HF directory, in eval mode without grads."""
+def _eos_list(value: int | list[int] | None) -> list[int]:
+    return [] if value is None else list(value) if isinstance(value, list) else [value]
+
+
+def generation_eos(spec: str, local_only: bool | None = None) -> list[int]:
+    """EOS ids of the generation config of ``spec`` (none when it ships no generation config)."""
+    from transformers import GenerationConfig
+
+    local = loads_locally(spec) if local_only is None else local_only
+    try:
+        config = GenerationConfig.from_pretrained(spec, local_files_only=local)
+    except OSError:
+        return []
+    return _eos_list(config.eos_token_id)
+
+
+def stop_ids(tokenizer, *specs: str) -> list[int]:
+    """The stop set of a pair: the tokenizer's EOS and every EOS id in the generation configs of
+    ``specs``. Gemma 3 IT stops on ``<end_of_turn>`` as well as ``<eos>`` and its PT on ``<eos>``
+    alone; a steered PT that emits ``<end_of_turn>`` must stop where the IT teacher stops."""
+    ids = {tokenizer.eos_token_id, *(i for spec in specs for i in generation_eos(spec))}
+    ids.discard(None)
+    if not ids:
+        raise ValueError(f"neither the tokenizer nor the generation configs of {list(specs)} name an EOS token")
+    return sorted(ids)
+
+
+def load_model(
+    spec: str, dtype: str = "auto", device: str = "auto", partner: str | None = None
+) -> tuple[nn.Module, object]:
+    """``(model, tokenizer)`` from a hub id or local HF directory, in eval mode without grads.
+
+    The model's generation config is set to stop on :func:`stop_ids` of ``spec`` and its
+    ``partner`` (the other model of the pair), so PT and IT generate under one stop set.
+    """
     from transformers import AutoModelForCausalLM
 
-    local = _local_only(spec)
+    local = loads_locally(spec)
     tok = load_tokenizer(spec, local_only=local)
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
@@ -118,10 +151,12 @@ def load_model(spec: str, dtype: str = "auto", device: str = "auto") -> tuple[nn
     # No device_map: that would make `accelerate` a hard dependency for a single-device load.
     model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dtype, local_files_only=local)
     model.to(dev).eval().requires_grad_(False)
+    model.generation_config.eos_token_id = stop_ids(tok, spec, *([partner] if partner else []))
+    log.info("%s stops on ids %s", spec, model.generation_config.eos_token_id)
     return model, tok
 
 
-def _vocab_mismatch(spec_a: str, tok_a, spec_b: str, tok_b) -> str | None:
+def vocab_mismatch(spec_a: str, tok_a, spec_b: str, tok_b) -> str | None:
     va, vb = tok_a.get_vocab(), tok_b.get_vocab()
     if va == vb:
         return None
@@ -138,9 +173,9 @@ def load_pair(pt: str, it: str, dtype: str = "auto", device: str = "auto") -> Pa
     from transformers import AutoConfig
 
     specs = {"pt": pt, "it": it}
-    local = {k: _local_only(s) for k, s in specs.items()}
+    local = {k: loads_locally(s) for k, s in specs.items()}
     toks = {k: load_tokenizer(s, local_only=local[k]) for k, s in specs.items()}
-    if (msg := _vocab_mismatch(pt, toks["pt"], it, toks["it"])) is not None:
+    if (msg := vocab_mismatch(pt, toks["pt"], it, toks["it"])) is not None:
         raise ValueError(f"refusing model pair: {msg}")
     sizes = {
         k: AutoConfig.from_pretrained(s, local_files_only=local[k]).get_text_config().vocab_size
@@ -151,8 +186,8 @@ def load_pair(pt: str, it: str, dtype: str = "auto", device: str = "auto") -> Pa
             f"refusing model pair: embedding vocab sizes differ: {pt!r} has {sizes['pt']}, "
             f"{it!r} has {sizes['it']}"
         )
-    pt_model, _ = load_model(pt, dtype, device)
-    it_model, _ = load_model(it, dtype, device)
+    pt_model, _ = load_model(pt, dtype, device, partner=it)
+    it_model, _ = load_model(it, dtype, device, partner=pt)
     return Pair(pt_model, it_model, toks["it"])
 
 
@@ -198,7 +233,7 @@ def fingerprint(spec: str) -> str:
     cached = _hub_cached(spec)
     if cached is not None:
         return f"{spec}@{Path(cached).parent.name}"
-    _local_only(spec)  # raises a clear error when the hub cannot be reached
+    loads_locally(spec)  # raises a clear error when the hub cannot be reached
     import huggingface_hub
 
     return f"{spec}@{huggingface_hub.model_info(spec, timeout=10).sha}"

@@ -62,9 +62,10 @@ def teacher(job: Job) -> None:
     if missing:
         raise ValueError(f"{split_path}: missing columns {missing}")
     max_new_tokens = _positive_int(job.params, "max_new_tokens")
-    batch_size = _positive_int(job.params, "batch_size")
+    batch_size = job.batch_size()
+    # PT names the other half of the stop set: the teacher stops where every variant stops.
     model, tokenizer = load_model(
-        job.params["it"], job.params.get("dtype", "auto"), job.params.get("device", "auto")
+        job.params["it"], job.params.get("dtype", "auto"), job.params.get("device", "auto"), partner=job.params["pt"]
     )
     prefixes = [encode_prefix(tokenizer, prompt) for prompt in split["prompt"]]
     log.info("teacher: %d prompts from %s, max_new_tokens %d", len(prefixes), split_path, max_new_tokens)
