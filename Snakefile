@@ -27,6 +27,10 @@ include: "workflow/rules/selection.smk"
 include: "workflow/rules/report.smk"
 
 
+onstart:
+    preflight()
+
+
 # Light rules run in the Snakemake process's node: on a cluster each job costs seconds of startup.
 localrules:
     all,

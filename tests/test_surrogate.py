@@ -185,6 +185,19 @@ def test_fit_is_seeded_and_scale_equivariant(data, fitted):
     assert torch.allclose(big(h[:64]), 1000 * a(h[:64]), rtol=1e-3, atol=1e-2)
 
 
+def test_fit_on_a_bf16_cache_trains_in_fp32(data):
+    """Caches of real pairs are stored in bf16; training upcasts each batch, so the module and
+    its optimiser state are fp32 and equal a fit on the same values given as fp32."""
+    h, delta, mu, sigma = data
+    h16, d16 = h.bfloat16(), delta.bfloat16()
+    cfg = SurrogateConfig(expansion=2, k=4, lr=1e-2, batch_size=128, steps=30)
+    from_bf16, curve_bf16 = fit(h16, d16, mu, sigma, cfg, seed=0)
+    from_fp32, curve_fp32 = fit(h16.float(), d16.float(), mu, sigma, cfg, seed=0)
+    assert {p.dtype for p in from_bf16.parameters()} == {torch.float32}
+    assert all(torch.equal(x, y) for x, y in zip(from_bf16.state_dict().values(), from_fp32.state_dict().values()))
+    assert curve_bf16.equals(curve_fp32)
+
+
 def test_auxk_gives_dead_features_a_loss():
     h, delta = synthetic(2048, seed=5)
     # Far more features than the data needs and k=1: many never fire and die after 5 steps.

@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 from postdiff.forward import block_outputs, length_sorted_batches
 from postdiff.io import atomic_path, read_safetensors, write_parquet
-from postdiff.models import check_layers, fingerprint, load_pair, pick_dtype
+from postdiff.models import check_layers, load_pair, pick_dtype
+from postdiff.preflight import fingerprints
 from postdiff.runtime import Job
 from postdiff.shards import shard_rows
 from postdiff.template import answer_positions, teacher_forced_batch
@@ -242,8 +243,7 @@ def cache_shard(job: Job) -> None:
     pair = load_pair(p["pt"], p["it"], p.get("dtype", "auto"), p.get("device", "auto"))
     check_layers(pair.pt, layers)
     store = pick_dtype(p.get("cache_dtype", "auto"), next(pair.pt.parameters()).device)
-    caches, index = collect(pair.pt, pair.it, layers, rows, int(p["batch_size"]), store)
+    caches, index = collect(pair.pt, pair.it, layers, rows, job.batch_size(), store)
     log.info("shard %d/%d: %d prompts, %d answer positions, layers %s", shard, n_shards, rows.height, index.height, layers)
-    fingerprints = {role: fingerprint(p[role]) for role in ("pt", "it")}
-    write_shard(job.output["tensors"], caches, rows, fingerprints, shard, n_shards)
+    write_shard(job.output["tensors"], caches, rows, fingerprints(job), shard, n_shards)
     write_parquet(index, job.output["index"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
+import polars as pl
 
 from postdiff import metrics
 from postdiff.io import write_json
@@ -15,6 +16,8 @@ log = logging.getLogger(__name__)
 # The embedded pair's promise (issue 2): IT's Cap at least this far above PT's, PT this much longer.
 MIN_CAP_GAP = 0.3
 MIN_LEN_RATIO = 3.0
+# Teacher completions cut at max_new_tokens shorten IT's Len and skew VerbCarry; above this share, warn.
+MAX_TRUNCATED = 0.05
 
 
 def gap(pt: Mapping[str, float], it: Mapping[str, float]) -> dict[str, float]:
@@ -28,8 +31,14 @@ def gap(pt: Mapping[str, float], it: Mapping[str, float]) -> dict[str, float]:
     }
 
 
+def truncated_share(teacher: pl.DataFrame) -> float:
+    """Share of teacher completions that ran out of tokens before IT's stop set ended them."""
+    return float((~teacher["eos"]).mean()) if teacher.height else 0.0
+
+
 def pair_gap(job: Job) -> None:
-    """Stage: input ``pt`` and ``it`` test records; output ``gap`` (JSON), printed to the log."""
+    """Stage: input ``pt`` and ``it`` test records and ``<split>_teacher`` for each of
+    ``params.splits``; output ``gap`` (JSON), printed to the log."""
     frames = metrics.read_eval([job.input["pt"], job.input["it"]])
     names = list(frames)
     summary = metrics.summary(metrics.align(frames), pt=names[0], it=names[1])
@@ -41,4 +50,11 @@ def pair_gap(job: Job) -> None:
     if result["cap_gap"] < MIN_CAP_GAP or result["len_ratio"] < MIN_LEN_RATIO:
         log.warning("small PT-to-IT gap (want Cap gap >= %.1f and Len ratio >= %.0fx): recovery figures will be noisy",
                     MIN_CAP_GAP, MIN_LEN_RATIO)
+    result["teacher_truncated"] = {
+        split: truncated_share(pl.read_parquet(job.input[f"{split}_teacher"])) for split in job.params["splits"]
+    }
+    for split, share in result["teacher_truncated"].items():
+        if share > MAX_TRUNCATED:
+            log.warning("teacher %s: %.1f%% of IT completions hit max_new_tokens (> %.0f%%): Len and VerbCarry are "
+                        "skewed; raise teacher.max_new_tokens", split, 100 * share, 100 * MAX_TRUNCATED)
     write_json(result, job.output["gap"])

@@ -183,7 +183,7 @@ def calibrate(job: Job) -> None:
     pair = load_pair(p["pt"], p["it"], p.get("dtype", "auto"), p.get("device", "auto"))
     modules, means = V.materialise(variant, next(pair.pt.parameters()).device)
     pairs = list(zip(rows["prefix_ids"].to_list(), rows["token_ids"].to_list(), strict=True))
-    batch_size = int(p["batch_size"])
+    batch_size = job.batch_size()
     reference = kl_reference(pair.it, pairs, batch_size)
     gates, curve = calibrate_gates(
         pair.pt, pairs, variant, modules, means, grid, batch_size, reference, int(p.get("max_rounds", DEFAULT_MAX_ROUNDS))

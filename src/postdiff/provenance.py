@@ -13,6 +13,7 @@ import polars as pl
 
 from postdiff import __version__
 from postdiff.io import write_json, write_parquet, write_text
+from postdiff.preflight import fingerprints
 from postdiff.runtime import Job
 
 log = logging.getLogger(__name__)
@@ -60,11 +61,9 @@ def runtime_table(root: str | Path) -> pl.DataFrame:
 def record(job: Job) -> None:
     """Stage: the resolved config, run id, manifest of ``input.artifacts`` and the runtime table
     of every job that has a benchmark file under ``params.benchmark_root``."""
-    from postdiff.models import fingerprint  # torch and transformers: only this stage needs them here
-
     config = job.params["config"]
-    fingerprints = {role: fingerprint(job.params[role]) for role in ("pt", "it")}
-    identity = {"run_id": run_id(config, fingerprints), "code_version": __version__, "models": fingerprints}
+    models = fingerprints(job)
+    identity = {"run_id": run_id(config, models), "code_version": __version__, "models": models}
     log.info("run id %s", identity["run_id"])
     write_json(config, job.output["config"])
     write_json(identity, job.output["run_id"])

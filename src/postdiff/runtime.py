@@ -30,6 +30,18 @@ class Job:
     params: dict[str, Any] = field(default_factory=dict)
     wildcards: dict[str, str] = field(default_factory=dict)
     threads: int = 1
+    attempt: int = 1  # Snakemake's attempt: > 1 when a failed job is retried
+
+    def batch_size(self, key: str = "batch_size") -> int:
+        """``params[key]`` halved on every retry, so a job killed for memory reruns smaller
+        (results do not depend on the batch size beyond float rounding)."""
+        size = int(self.params[key])
+        if size < 1:
+            raise ValueError(f"{key} must be >= 1, got {self.params[key]!r}")
+        shrunk = max(1, size >> (self.attempt - 1))
+        if shrunk != size:
+            log.warning("attempt %d: %s %d instead of %d", self.attempt, key, shrunk, size)
+        return shrunk
 
 
 def seed_everything(seed: int, threads: int) -> None:
@@ -85,10 +97,24 @@ def run_stage(smk: Any) -> None:
         params=params,
         wildcards=dict(_named(smk.wildcards)),
         threads=smk.threads,
+        attempt=int(getattr(smk.resources, "attempt", 1)),
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    with logging_to(smk.log[0] if len(smk.log) else None):
-        stage = resolve(entry)
-        seed_everything(int(params.get("seed", 0)), job.threads)
-        log.info("stage %s, threads %d", entry, job.threads)
-        stage(job)
+    log_path = smk.log[0] if len(smk.log) else None
+    try:
+        with logging_to(log_path):
+            try:
+                stage = resolve(entry)
+                seed_everything(int(params.get("seed", 0)), job.threads)
+                log.info("stage %s, threads %d", entry, job.threads)
+                stage(job)
+            except Exception:
+                log.exception("stage %s failed", entry)
+                raise
+    except Exception as err:
+        if log_path is None:
+            raise
+        # The traceback is in the log; the terminal gets the message and where to read more.
+        message = "; ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+        print(f"postdiff: {entry} failed: {message} (traceback in {log_path})", file=sys.stderr)
+        sys.exit(1)

@@ -227,7 +227,7 @@ def score_features(job: Job) -> None:
     model, _ = load_pt(job.params)
     modules, _ = V.materialise(variant, next(model.parameters()).device)
     pairs = list(zip(rows["prefix_ids"].to_list(), rows["token_ids"].to_list(), strict=True))
-    summaries, counts = feature_summaries(model, pairs, variant, modules, int(job.params["batch_size"]))
+    summaries, counts = feature_summaries(model, pairs, variant, modules, job.batch_size())
     table = score_table(summaries, counts, modules, records, ridge_alpha)
     write_parquet(table, job.output["scores"])
     fig = draw_top(table, int(job.params.get("top_n", DEFAULT_TOP_N)))

@@ -273,7 +273,7 @@ class Selection:
             if not masks:
                 return []
             records = evaluate_masks(model, tokenizer, self.rows, self.variant, modules, [layer_mask(m) for m in masks],
-                                     int(p["max_new_tokens"]), int(p["batch_size"]))
+                                     int(p["max_new_tokens"]), self.job.batch_size())
             return [self.score_of(selector_metrics(records.filter(pl.col("candidate") == c))) for c in range(len(masks))]
 
         return objective

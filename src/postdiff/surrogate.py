@@ -29,7 +29,8 @@ from tqdm import tqdm
 
 from postdiff.cache import Expect, load_split
 from postdiff.io import atomic_path, read_safetensors, write_parquet
-from postdiff.models import fingerprint, pick_device
+from postdiff.models import pick_device
+from postdiff.preflight import fingerprints
 from postdiff.runtime import Job
 from postdiff.standardise import load_standardiser
 
@@ -360,9 +361,9 @@ def _expect(job: Job, teacher_key: str) -> Expect:
     """The config's view of a cache: its layer list, the pair's fingerprints when the specs are
     given, and the split's teacher rows when that input is given."""
     p = job.params
-    fingerprints = {role: fingerprint(p[role]) for role in ("pt", "it")} if "pt" in p and "it" in p else None
+    known = "pair" in job.input or ("pt" in p and "it" in p)
     teacher = pl.read_parquet(job.input[teacher_key]) if teacher_key in job.input else None
-    return Expect(layers=[int(layer) for layer in p["layers"]], fingerprints=fingerprints, teacher=teacher)
+    return Expect(layers=[int(layer) for layer in p["layers"]], fingerprints=fingerprints(job) if known else None, teacher=teacher)
 
 
 def train_layer(job: Job) -> None:
@@ -376,6 +377,7 @@ def train_layer(job: Job) -> None:
     device = pick_device(p.get("device", "auto"))
     log.info("layer %d: %d train positions, d=%d, %s on %s", layer, h_pt.shape[0], h_pt.shape[1], cfg, device)
     module, curve = fit(h_pt.to(device), delta.to(device), std.mu.to(device), std.sigma.to(device), cfg, seed)
+    log.info("layer %d: trains in %s on cache %s", layer, module.W_enc.dtype, h_pt.dtype)
     train_r2 = r2(module, h_pt, delta, std.delta_mean)
     log.info("layer %d: train R^2 %.4f, dead fraction %.4f", layer, train_r2, dead_fraction(module, h_pt))
     meta = {"layer": layer, "seed": seed, "config": asdict(cfg), "n_train": h_pt.shape[0], "train_r2": train_r2}

@@ -4,7 +4,7 @@
 rule cache_shard:
     input:
         teacher=f"{RUN}/teacher/{{split}}.parquet",
-        **model_inputs("pt", "it"),
+        **model_inputs(),
     output:
         tensors=f"{RUN}/cache/{{split}}/shard{{shard}}.safetensors",
         index=f"{RUN}/cache/{{split}}/shard{{shard}}.parquet",
@@ -13,11 +13,12 @@ rule cache_shard:
     benchmark:
         f"{RUN}/benchmarks/cache/{{split}}/shard{{shard}}.tsv"
     threads: config["threads"]
+    retries: RETRIES
     resources:
         **gpu_resources(),
     params:
         entry="postdiff.cache:cache_shard",
-        **model_params("pt", "it"),
+        **model_params(),
         layers=config["layers"],
         shard=lambda wc: int(wc.shard),
         n_shards=config["cache"]["n_shards"],

@@ -1,16 +1,40 @@
 # Paths, parameters and resources shared by every stage.
 import json
+import os
 import re
+import sys
 
 RUN = f"results/{config['run']}"
 SPLITS = ["train", "calib", "selector", "test"]
 STAGE = "../scripts/stage.py"
 ENV = "../../envs/postdiff.yaml"
 BUILTIN = "builtin"
+PAIR_INFO = f"{RUN}/pair/info.json"
+
+# Every job (local, or a SLURM job re-reading this file) finds the pair's Hugging Face cache here.
+if config["hf"]["home"]:
+    os.environ["HF_HOME"] = os.path.abspath(config["hf"]["home"])
+if config["hf"]["offline"]:
+    os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 wildcard_constraints:
     split="|".join(SPLITS),
+
+
+def preflight():
+    """Stop a real run before its first job when the pair cannot be used: one line per problem,
+    each naming its config key. Dry runs never get here (onstart), so they stay offline."""
+    if not config["pair"]["preflight"]:
+        return
+    sys.path.insert(0, os.path.join(workflow.basedir, "src"))
+    from postdiff.preflight import config_problems
+
+    problems = config_problems(config)
+    if problems:
+        print("\n".join(["postdiff: the configured pair cannot be used (pair.preflight: false skips this check):", *problems]),
+              file=sys.stderr)
+        sys.exit(1)
 
 
 def model_spec(role):
@@ -19,10 +43,16 @@ def model_spec(role):
     return f"{RUN}/pair/{role}" if spec == BUILTIN else spec
 
 
-def model_inputs(*roles):
+def pair_dirs():
     """Named inputs `pt_model` / `it_model`: the pair's directories when the workflow builds them,
     so the DAG orders the jobs (a hub id or outside path is no input)."""
-    return {f"{role}_model": model_spec(role) for role in roles if config["pair"][role] == BUILTIN}
+    return {f"{role}_model": model_spec(role) for role in ("pt", "it") if config["pair"][role] == BUILTIN}
+
+
+def model_inputs():
+    """Inputs of a job that loads the pair: its directories and the pair's facts (fingerprints,
+    stop set), computed once per run by `pair_info`."""
+    return {**pair_dirs(), "pair": PAIR_INFO}
 
 
 def _model_path(role):
@@ -32,17 +62,33 @@ def _model_path(role):
     return lambda wildcards, input: getattr(input, f"{role}_model")
 
 
-def model_paths(*roles):
-    """Params naming the models of `roles`; a rule using them also takes `model_inputs(*roles)`."""
-    return {role: _model_path(role) for role in roles}
+def model_paths():
+    """Params naming PT and IT; a rule using them also takes `pair_dirs()` or `model_inputs()`."""
+    return {role: _model_path(role) for role in ("pt", "it")}
 
 
-def model_params(*roles):
-    return {**model_paths(*roles), "dtype": config["pair"]["dtype"], "device": config["pair"]["device"]}
+def model_params():
+    """Params of a job that loads the pair. Carrying `device` goes with requesting `gpu_resources()`
+    (tests/test_resources.py checks it over the real-pair DAG)."""
+    return {**model_paths(), "dtype": config["pair"]["dtype"], "device": config["pair"]["device"]}
+
+
+def _grows(value):
+    """A resource that doubles with every retry (an out-of-memory kill asks for more)."""
+    return lambda wildcards, attempt: value * 2 ** (attempt - 1)
 
 
 def gpu_resources():
-    return config["resources"]["gpu"]
+    """What a model job requests. Memory and runtime grow with the attempt; `attempt` itself
+    reaches the stage, which halves its batch size on every retry (postdiff.runtime.Job)."""
+    res = dict(config["resources"]["gpu"])
+    for key in ("mem_mb", "runtime"):
+        if key in res:
+            res[key] = _grows(res[key])
+    return {**res, "attempt": lambda wildcards, attempt: attempt}
+
+
+RETRIES = config["resources"]["retries"]
 
 
 def default_targets():
@@ -57,12 +103,12 @@ def cache_shards(split):
 GATE_INPUTS = dict(
     split=f"{RUN}/suite/calib.parquet",
     teacher=f"{RUN}/teacher/calib.parquet",
-    **model_inputs("pt", "it"),
+    **model_inputs(),
 )
 
 
 def gate_params(mode, layers):
-    return dict(entry="postdiff.gates:calibrate", mode=mode, layers=layers, **model_params("pt", "it"), **config["gates"])
+    return dict(entry="postdiff.gates:calibrate", mode=mode, layers=layers, **model_params(), **config["gates"])
 
 
 def variant_table():
@@ -116,14 +162,15 @@ SEL = config["selection"]
 
 
 def selection_params(**extra):
+    """A selection's own params; the jobs that evaluate candidates add `model_params()`."""
     keys = ("lambda", "size_cap", "max_candidates", "max_new_tokens", "batch_size")
-    return dict(**model_params("pt"), **{k: SEL[k] for k in keys}, **extra)
+    return dict(**{k: SEL[k] for k in keys}, **extra)
 
 
 # The two forward selections: where each writes its mask, steps, per-step work and logs.
 SELECTIONS = {
     "cap": dict(
-        input=dict(**SELECTOR, **SELECTION_REFERENCES, **model_inputs("pt")),
+        input=dict(**SELECTOR, **SELECTION_REFERENCES, **model_inputs()),
         mask=f"{RUN}/sweep/verb_exclusion={{exclusion}}/cap_cutoff={{cutoff}}/cap_mask.json",
         steps=f"{RUN}/sweep/verb_exclusion={{exclusion}}/cap_cutoff={{cutoff}}/steps.parquet",
         work=f"{RUN}/sweep/verb_exclusion={{exclusion}}/cap_cutoff={{cutoff}}/select",
@@ -135,7 +182,7 @@ SELECTIONS = {
         ),
     ),
     "vmask": dict(
-        input=dict(**SELECTOR, **SELECTION_REFERENCES, **model_inputs("pt"), full_records=f"{RUN}/eval/selector/FullDelta.parquet"),
+        input=dict(**SELECTOR, **SELECTION_REFERENCES, **model_inputs(), full_records=f"{RUN}/eval/selector/FullDelta.parquet"),
         mask=f"{RUN}/selection/vmask.json",
         steps=f"{RUN}/selection/vmask_steps.parquet",
         work=f"{RUN}/selection/vmask",

@@ -14,7 +14,7 @@ rule evaluate:
         variant=f"{RUN}/variants/{{variant}}.json",
         split=f"{RUN}/suite/{{eval_split}}.parquet",
         teacher=f"{RUN}/teacher/{{eval_split}}.parquet",
-        **model_inputs("pt", "it"),
+        **model_inputs(),
     output:
         records=f"{RUN}/eval/{{eval_split}}/{{variant}}/shard{{shard}}.parquet",
     log:
@@ -22,11 +22,12 @@ rule evaluate:
     benchmark:
         f"{RUN}/benchmarks/eval/{{eval_split}}/{{variant}}/shard{{shard}}.tsv"
     threads: config["threads"]
+    retries: RETRIES
     resources:
         **gpu_resources(),
     params:
         entry="postdiff.evaluate:evaluate_variant",
-        **model_params("pt", "it"),
+        **model_params(),
         max_new_tokens=EVAL["max_new_tokens"],
         batch_size=EVAL["batch_size"],
         shard=lambda wc: int(wc.shard),

@@ -13,6 +13,7 @@ rule gates_full:
     benchmark:
         f"{RUN}/benchmarks/gates/full.tsv"
     threads: config["threads"]
+    retries: RETRIES
     resources:
         **gpu_resources(),
     params:
@@ -35,6 +36,7 @@ rule gates_single:
     benchmark:
         f"{RUN}/benchmarks/gates/single_L{{layer}}.tsv"
     threads: config["threads"]
+    retries: RETRIES
     resources:
         **gpu_resources(),
     params:
@@ -57,6 +59,7 @@ rule gates_mean:
     benchmark:
         f"{RUN}/benchmarks/gates/mean.tsv"
     threads: config["threads"]
+    retries: RETRIES
     resources:
         **gpu_resources(),
     params:

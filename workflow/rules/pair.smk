@@ -1,5 +1,24 @@
-# The embedded PT/IT pair: a tiny Gemma 3 text model trained offline on a generated world.
-# Only needed when config names the built-in pair; a hub or local pair skips these rules.
+# The pair: its facts and checks (every run), and the embedded PT/IT pair, a tiny Gemma 3 text
+# model trained offline on a generated world (only when config names the built-in pair).
+
+
+rule pair_info:
+    input:
+        **pair_dirs(),
+    output:
+        info=PAIR_INFO,
+    log:
+        f"{RUN}/logs/pair/info.log",
+    benchmark:
+        f"{RUN}/benchmarks/pair/info.tsv"
+    params:
+        entry="postdiff.preflight:pair_info",
+        **model_paths(),
+        layers=config["layers"],
+    conda:
+        ENV
+    script:
+        STAGE
 
 
 TOY = {**{k: v for k, v in config["toy"].items() if k != "threads"}, "world_seed": config["world"]["seed"], "n_countries": config["world"]["n_countries"]}
@@ -31,6 +50,7 @@ rule train_pt:
     benchmark:
         f"{RUN}/benchmarks/pair/train_pt.tsv"
     threads: config["toy"]["threads"]
+    retries: RETRIES
     resources:
         **gpu_resources(),
     params:
@@ -52,6 +72,7 @@ rule train_it:
     benchmark:
         f"{RUN}/benchmarks/pair/train_it.tsv"
     threads: config["toy"]["threads"]
+    retries: RETRIES
     resources:
         **gpu_resources(),
     params:

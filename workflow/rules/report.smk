@@ -119,6 +119,7 @@ rule pair_gap:
     input:
         pt=f"{RUN}/eval/test/PT.parquet",
         it=f"{RUN}/eval/test/IT.parquet",
+        **{f"{split}_teacher": f"{RUN}/teacher/{split}.parquet" for split in SPLITS},
     output:
         gap=f"{RUN}/pair_gap.json",
     log:
@@ -127,6 +128,7 @@ rule pair_gap:
         f"{RUN}/benchmarks/pair_gap.tsv"
     params:
         entry="postdiff.gap:pair_gap",
+        splits=SPLITS,
     conda:
         ENV
     script:
@@ -147,7 +149,7 @@ rule provenance:
         + expand(f"{RUN}/surrogate/L{{layer}}.safetensors", layer=config["layers"])
         + [f"{RUN}/suite/{split}.parquet" for split in SPLITS]
         + [f"{RUN}/teacher/{split}.parquet" for split in SPLITS],
-        **model_inputs("pt", "it"),
+        pair=PAIR_INFO,
     output:
         config=f"{RUN}/provenance/config.json",
         run_id=f"{RUN}/provenance/run_id.json",
@@ -160,7 +162,6 @@ rule provenance:
     params:
         entry="postdiff.provenance:record",
         config=config,
-        **model_paths("pt", "it"),
         benchmark_root=f"{RUN}/benchmarks",
     conda:
         ENV

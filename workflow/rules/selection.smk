@@ -5,7 +5,7 @@ rule score_features:
     input:
         **SELECTOR,
         records=f"{RUN}/eval/selector/FullDelta.parquet",
-        **model_inputs("pt"),
+        **model_inputs(),
     output:
         scores=f"{RUN}/selection/scores.parquet",
         plot=report(f"{RUN}/selection/scores.png", caption="../report/scores.rst", category="Selection"),
@@ -14,11 +14,12 @@ rule score_features:
     benchmark:
         f"{RUN}/benchmarks/selection/scores.tsv"
     threads: config["threads"]
+    retries: RETRIES
     resources:
         **gpu_resources(),
     params:
         entry="postdiff.scoring:score_features",
-        **model_params("pt"),
+        **model_params(),
         ridge_alpha=config["scoring"]["ridge_alpha"],
         top_n=config["scoring"]["top_n"],
         batch_size=SEL["batch_size"],
@@ -52,11 +53,13 @@ for target, sel in SELECTIONS.items():
             benchmark:
                 f"{RUN}/benchmarks/{sel['log']}.tsv"
             threads: config["threads"]
+            retries: RETRIES
             resources:
                 **gpu_resources(),
             params:
                 entry="postdiff.selection:select",
                 **sel["params"],
+                **model_params(),
             conda:
                 ENV
             script:
@@ -77,6 +80,7 @@ for target, sel in SELECTIONS.items():
             benchmark:
                 f"{RUN}/benchmarks/{sel['log']}/step{{step}}/shard{{shard}}.tsv"
             threads: config["threads"]
+            retries: RETRIES
             resources:
                 **gpu_resources(),
             params:
@@ -84,6 +88,7 @@ for target, sel in SELECTIONS.items():
                 shard=lambda wc: int(wc.shard),
                 n_shards=SEL["n_shards"],
                 **sel["params"],
+                **model_params(),
             conda:
                 ENV
             script:

@@ -6,7 +6,7 @@ rule train_surrogate:
         shards=cache_shards("train"),
         standardiser=rules.standardiser.output.standardiser,
         teacher=f"{RUN}/teacher/train.parquet",
-        **model_inputs("pt", "it"),
+        **model_inputs(),
     output:
         module=f"{RUN}/surrogate/L{{layer}}.safetensors",
         curve=f"{RUN}/surrogate/L{{layer}}_curve.parquet",
@@ -21,11 +21,12 @@ rule train_surrogate:
     benchmark:
         f"{RUN}/benchmarks/surrogate/L{{layer}}.tsv"
     threads: config["threads"]
+    retries: RETRIES
     resources:
         **gpu_resources(),
     params:
         entry="postdiff.surrogate:train_layer",
-        **model_params("pt", "it"),
+        **model_params(),
         layer=lambda wc: int(wc.layer),
         layers=config["layers"],
         **config["surrogate"],
@@ -41,7 +42,7 @@ rule surrogate_metrics:
         standardiser=rules.standardiser.output.standardiser,
         **{split: cache_shards(split) for split in SPLITS},
         **{f"{split}_teacher": f"{RUN}/teacher/{split}.parquet" for split in SPLITS},
-        **model_inputs("pt", "it"),
+        **model_inputs(),
     output:
         metrics=f"{RUN}/surrogate/L{{layer}}_metrics.parquet",
     log:
@@ -49,9 +50,12 @@ rule surrogate_metrics:
     benchmark:
         f"{RUN}/benchmarks/surrogate/L{{layer}}_metrics.tsv"
     threads: config["threads"]
+    retries: RETRIES
+    resources:
+        **gpu_resources(),
     params:
         entry="postdiff.surrogate:layer_metrics",
-        **model_params("pt", "it"),
+        **model_params(),
         layer=lambda wc: int(wc.layer),
         layers=config["layers"],
         splits=SPLITS,

@@ -4,7 +4,7 @@
 rule teacher:
     input:
         split=f"{RUN}/suite/{{split}}.parquet",
-        **model_inputs("it"),
+        **model_inputs(),
     output:
         completions=f"{RUN}/teacher/{{split}}.parquet",
     log:
@@ -12,11 +12,12 @@ rule teacher:
     benchmark:
         f"{RUN}/benchmarks/teacher/{{split}}.tsv"
     threads: config["threads"]
+    retries: RETRIES
     resources:
         **gpu_resources(),
     params:
         entry="postdiff.teacher:teacher",
-        **model_params("it"),
+        **model_params(),
         **config["teacher"],
     conda:
         ENV

@@ -1,0 +1,113 @@
+"""Checks of the configured pair before compute, and the pair's facts computed once per run.
+
+:func:`config_problems` runs in Snakemake's ``onstart`` (so dry runs stay offline): each problem
+is one line naming the config key and its value. The ``pair_info`` stage runs the same checks as
+the first job of every run and writes what later jobs need of the pair (fingerprints, the stop
+set, the number of decoder blocks), so no job hashes model weights again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from postdiff.io import read_json, write_json
+from postdiff.runtime import Job
+
+log = logging.getLogger(__name__)
+
+ROLES = ("pt", "it")
+BUILTIN = "builtin"
+
+
+def _where() -> str:
+    home = os.environ.get("HF_HOME", "~/.cache/huggingface")
+    return f"HF_HOME={home}" + (", HF_HUB_OFFLINE=1" if os.environ.get("HF_HUB_OFFLINE") == "1" else "")
+
+
+def model_problem(key: str, spec: str) -> str | None:
+    """Why ``spec`` cannot be loaded: not a local directory with a config, not cached, not reachable."""
+    from postdiff.models import loads_locally
+
+    try:
+        loads_locally(spec)
+    except FileNotFoundError as err:
+        return f"{key}: {err} ({_where()})"
+    return None
+
+
+def pair_problems(pt: str, it: str, layers: Sequence[int], keys: Mapping[str, str] | None = None) -> list[str]:
+    """One line per problem of the pair: a model that is nowhere, different vocabularies, a layer
+    out of range. ``keys`` names each check's config key (``pt``, ``it``, ``layers``)."""
+    from transformers import AutoConfig
+
+    from postdiff.models import loads_locally, load_tokenizer, vocab_mismatch
+
+    keys = {"pt": "pair.pt", "it": "pair.it", "layers": "layers", **(keys or {})}
+    specs = {"pt": pt, "it": it}
+    problems = [p for role, spec in specs.items() if (p := model_problem(keys[role], spec))]
+    if problems:
+        return problems
+    toks = {role: load_tokenizer(spec) for role, spec in specs.items()}
+    if msg := vocab_mismatch(pt, toks["pt"], it, toks["it"]):
+        problems.append(f"{keys['it']}: {it!r}: {msg}")
+    configs = {role: AutoConfig.from_pretrained(spec, local_files_only=loads_locally(spec)).get_text_config()
+               for role, spec in specs.items()}
+    if configs["pt"].vocab_size != configs["it"].vocab_size:
+        problems.append(f"{keys['it']}: {it!r} has {configs['it'].vocab_size} embedding rows, "
+                        f"{keys['pt']} {pt!r} has {configs['pt'].vocab_size}")
+    n_layers = min(c.num_hidden_layers for c in configs.values())
+    bad = [layer for layer in layers if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers]
+    if bad:
+        problems.append(f"{keys['layers']}: {bad} out of range: the pair has {n_layers} decoder blocks (0..{n_layers - 1})")
+    return problems
+
+
+def config_problems(config: Mapping[str, Any]) -> list[str]:
+    """The checks of :func:`pair_problems` for a workflow config. A pair that the run itself
+    trains (``builtin``) does not exist yet and is checked by the ``pair_info`` job instead."""
+    pair = config["pair"]
+    if BUILTIN in (pair["pt"], pair["it"]):
+        return []
+    return pair_problems(pair["pt"], pair["it"], config["layers"])
+
+
+def pair_facts(pt: str, it: str) -> dict[str, Any]:
+    """Fingerprints, the one stop set and the structure of the pair, without loading weights."""
+    from transformers import AutoConfig
+
+    from postdiff.models import loads_locally, fingerprint, load_tokenizer, stop_ids
+
+    text = AutoConfig.from_pretrained(pt, local_files_only=loads_locally(pt))
+    return {
+        "pt": pt,
+        "it": it,
+        "fingerprints": {role: fingerprint(spec) for role, spec in zip(ROLES, (pt, it))},
+        "stop_ids": stop_ids(load_tokenizer(it), pt, it),
+        "architecture": (text.architectures or [type(text).__name__])[0],
+        "n_layers": text.get_text_config().num_hidden_layers,
+        "vocab_size": text.get_text_config().vocab_size,
+    }
+
+
+def pair_info(job: Job) -> None:
+    """Stage: refuse a bad pair with every problem at once, else write its facts (``info``)."""
+    p = job.params
+    problems = pair_problems(p["pt"], p["it"], [int(layer) for layer in p["layers"]])
+    if problems:
+        raise ValueError("the configured pair cannot be used:\n" + "\n".join(problems))
+    facts = pair_facts(p["pt"], p["it"])
+    log.info("pair: %s", facts)
+    write_json(facts, job.output["info"])
+
+
+def fingerprints(job: Job) -> dict[str, str]:
+    """The pair's fingerprints: from the run's ``pair`` info when the job has it (hashed once per
+    run), else computed from the ``pt``/``it`` params (a stage called outside the workflow)."""
+    if "pair" in job.input:
+        return read_json(job.input["pair"])["fingerprints"]
+    from postdiff.models import fingerprint
+
+    return {role: fingerprint(job.params[role]) for role in ROLES}

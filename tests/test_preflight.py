@@ -1,0 +1,99 @@
+"""Checks of the pair before compute, one line per problem naming the config key (postdiff.preflight)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import huggingface_hub.constants
+import pytest
+import yaml
+from test_models import save_tiny
+from transformers import GenerationConfig
+from workflow_utils import TINY, copy_workflow, snakemake
+
+from postdiff.io import read_json
+from postdiff.models import fingerprint
+from postdiff.preflight import config_problems, pair_info, pair_problems
+from postdiff.runtime import Job
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("preflight")
+    pt, it = save_tiny(root / "pt", 0), save_tiny(root / "it", 1)
+    GenerationConfig(eos_token_id=[1, 7]).save_pretrained(it)  # IT stops on one more token, as Gemma IT does
+    other = save_tiny(root / "other", 1, extra=("<extra>",))
+    return {"pt": str(pt), "it": str(it), "other": str(other), "root": str(root)}
+
+
+def test_a_good_pair_has_no_problems(pair):
+    assert pair_problems(pair["pt"], pair["it"], [0, 1]) == []
+    assert config_problems({"pair": {"pt": pair["pt"], "it": pair["it"]}, "layers": [1]}) == []
+
+
+def test_missing_models_are_one_line_each_naming_key_and_value(pair, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    no_config = Path(pair["root"]) / "empty"
+    no_config.mkdir(exist_ok=True)
+    problems = pair_problems("postdiff-tests/no-such-model", str(no_config), [0])
+    assert len(problems) == 2
+    assert problems[0].startswith("pair.pt: model 'postdiff-tests/no-such-model' is not in the Hugging Face cache")
+    assert problems[1].startswith(f"pair.it: model directory {str(no_config)!r} has no config.json")
+    assert all("\n" not in p for p in problems)
+
+
+def test_other_vocabulary_and_layers_out_of_range(pair):
+    problems = pair_problems(pair["pt"], pair["other"], [0, 2, 5])
+    assert problems[0].startswith(f"pair.it: {pair['other']!r}: tokenizers of")
+    assert problems[1].startswith("pair.it:") and "embedding rows" in problems[1]
+    assert problems[2] == "layers: [2, 5] out of range: the pair has 2 decoder blocks (0..1)"
+
+
+def test_a_pair_the_run_trains_is_left_to_its_pair_info_job():
+    assert config_problems({"pair": {"pt": "builtin", "it": "builtin"}, "layers": [99]}) == []
+
+
+def test_pair_info_writes_the_facts_once_for_every_job(pair, tmp_path):
+    out = tmp_path / "info.json"
+    pair_info(Job(input={}, output={"info": str(out)}, params={"pt": pair["pt"], "it": pair["it"], "layers": [0, 1]}))
+    facts = read_json(out)
+    assert facts["fingerprints"] == {"pt": fingerprint(pair["pt"]), "it": fingerprint(pair["it"])}
+    assert facts["stop_ids"] == [1, 7]  # the tokenizer's EOS and IT's extra stop, for PT too
+    assert (facts["architecture"], facts["n_layers"]) == ("Gemma3ForCausalLM", 2)
+    with pytest.raises(ValueError, match=r"(?s)cannot be used:\npair.it: .*\nlayers: \[3\] out of range"):
+        pair_info(Job(input={}, output={"info": str(tmp_path / "bad.json")},
+                      params={"pt": pair["pt"], "it": pair["other"], "layers": [3]}))
+    assert not (tmp_path / "bad.json").exists()
+
+
+def _bad_pair_config(workdir: Path, pair: dict, **pair_keys) -> str:
+    cfg = yaml.safe_load((workdir / TINY).read_text())
+    cfg["pair"] = {"pt": pair["pt"], "it": "postdiff-tests/no-such-model", "dtype": "float32", "device": "cpu", **pair_keys}
+    cfg["hf"] = {"home": str(workdir / "hf_home"), "offline": True}
+    (workdir / "config" / "bad_pair.yaml").write_text(yaml.safe_dump(cfg))
+    return "config/bad_pair.yaml"
+
+
+def test_a_run_with_a_missing_model_stops_before_its_first_job(pair, tmp_path):
+    workdir = copy_workflow(tmp_path)
+    proc = snakemake(workdir, configfile=_bad_pair_config(workdir, pair), check=False)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("pair.it: ")]
+    assert lines == [f"pair.it: model 'postdiff-tests/no-such-model' is not in the Hugging Face cache and "
+                     f"HF_HUB_OFFLINE is set (HF_HOME={workdir / 'hf_home'}, HF_HUB_OFFLINE=1)"]
+    assert "Traceback" not in proc.stderr
+    assert not (workdir / "results").exists()
+    # A dry run never loads or looks for models.
+    assert snakemake(workdir, "-n", configfile="config/bad_pair.yaml").returncode == 0
+
+
+def test_preflight_off_leaves_the_check_to_the_pair_info_job(pair, tmp_path):
+    workdir = copy_workflow(tmp_path)
+    config = _bad_pair_config(workdir, pair, preflight=False)
+    proc = snakemake(workdir, "results/tiny/pair/info.json", configfile=config, check=False)
+    assert proc.returncode != 0 and "Error in rule pair_info" in proc.stdout + proc.stderr
+    log = (workdir / "results/tiny/logs/pair/info.log").read_text()
+    assert "Traceback" in log and "pair.it: model 'postdiff-tests/no-such-model' is not in the Hugging Face cache" in log
+    said = [line for line in proc.stderr.splitlines() if line.startswith("postdiff: postdiff.preflight:pair_info failed")]
+    assert len(said) == 1 and "pair.it: model 'postdiff-tests/no-such-model'" in said[0]
+    assert said[0].endswith("(traceback in results/tiny/logs/pair/info.log)")

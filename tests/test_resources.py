@@ -1,0 +1,65 @@
+"""The real pair's DAG asks for a GPU exactly where a job runs a model, and model jobs retry.
+
+Built from config/gemma3-4b.yaml with nothing downloaded: a DAG never loads a model.
+"""
+
+from __future__ import annotations
+
+import os
+from unittest import mock
+
+import pytest
+from snakemake.api import SnakemakeApi
+from snakemake.settings.types import ConfigSettings, DAGSettings, OutputSettings, ResourceSettings
+from workflow_utils import copy_workflow
+
+GEMMA = "config/gemma3-4b.yaml"
+
+
+@pytest.fixture(scope="module")
+def gemma_jobs(tmp_path_factory: pytest.TempPathFactory) -> list:
+    """Every job of a dry run of the Gemma 3 4B config."""
+    workdir = copy_workflow(tmp_path_factory.mktemp("gemma_dag"))
+    # The workflow sets HF_HOME / HF_HUB_OFFLINE from the config in its own process: this one.
+    with mock.patch.dict(os.environ), SnakemakeApi(OutputSettings(quiet={"all"})) as api:
+        workflow = api.workflow(
+            resource_settings=ResourceSettings(cores=1),
+            config_settings=ConfigSettings(configfiles=[workdir / GEMMA]),
+            snakefile=workdir / "Snakefile",
+            workdir=workdir,
+        )
+        workflow.dag(DAGSettings()).execute_workflow(executor="dryrun")
+        # The API hands out no job list; the workflow's DAG after the dry run holds it.
+        return list(workflow._workflow.dag.jobs)
+
+
+def test_a_job_requests_the_gpu_iff_its_params_carry_device(gemma_jobs: list) -> None:
+    seen = set()
+    for job in gemma_jobs:
+        has_device = "device" in dict(job.params.items())
+        resources = dict(job.resources.items())
+        assert has_device == ("gpu" in resources), f"rule {job.rule.name}: device {has_device}, resources {resources}"
+        seen.add((job.rule.name, has_device))
+    # Both kinds occur, and the rule that once landed on a CPU node is a GPU job now.
+    assert ("surrogate_metrics", True) in seen and ("pair_info", False) in seen and ("table1", False) in seen
+    assert ("select_cap_shard", True) in seen and ("select_cap_step", False) in seen
+
+
+def test_model_jobs_retry_with_more_memory_and_time(gemma_jobs: list) -> None:
+    model_jobs = [job for job in gemma_jobs if "device" in dict(job.params.items())]
+    assert model_jobs
+    for job in model_jobs:
+        assert job.rule.restart_times == 2, job.rule.name
+        resources = dict(job.resources.items())
+        assert resources["attempt"] == 1 and resources["mem_mb"] == 64000 and resources["runtime"] == 120
+    teacher = next(job for job in model_jobs if job.rule.name == "teacher")
+    grown = teacher.rule.expand_resources(teacher.wildcards_dict, teacher.input, attempt=3)
+    assert (grown["mem_mb"], grown["runtime"], grown["attempt"]) == (4 * 64000, 4 * 120, 3)
+
+
+def test_the_pair_is_fingerprinted_once_per_run(gemma_jobs: list) -> None:
+    info = [job for job in gemma_jobs if job.rule.name == "pair_info"]
+    assert len(info) == 1
+    pair_file = str(info[0].output[0])
+    loaders = [job for job in gemma_jobs if "device" in dict(job.params.items())]
+    assert all(pair_file in map(str, job.input) for job in loaders)
