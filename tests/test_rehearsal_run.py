@@ -1,0 +1,100 @@
+"""End-to-end: config/rehearsal.yaml, the real-pair path (Gemma3ForConditionalGeneration, bf16,
+hub ids from a local Hugging Face cache, IT's <end_of_turn> stop) on the CPU."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+from safetensors import safe_open
+from workflow_utils import copy_workflow, snakemake
+
+from postdiff import variants as V
+from postdiff.evaluate import answer_kl, read_rows
+from postdiff.forward import reference_logprobs
+from postdiff.models import load_model
+from postdiff.rehearsal import REPO_IDS
+from postdiff.spec import Variant
+
+pytestmark = pytest.mark.slow
+CONFIG = "config/rehearsal.yaml"
+RUN = "results/rehearsal"
+
+
+@pytest.fixture(scope="module")
+def rehearsal(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    workdir = copy_workflow(tmp_path_factory.mktemp("rehearsal"))
+    snakemake(workdir, configfile=CONFIG)
+    return workdir
+
+
+def _snapshot(workdir: Path, role: str) -> Path:
+    repo = workdir / "workflow/resources/hf_home/hub" / f"models--{REPO_IDS[role].replace('/', '--')}"
+    return repo / "snapshots" / (repo / "refs/main").read_text()
+
+
+def test_table1_and_a_real_gap(rehearsal: Path) -> None:
+    run = rehearsal / RUN
+    table1 = pl.read_csv(run / "tables/table1.csv")
+    assert table1["Variant"].to_list()[:3] == ["PT", "IT", "FullDelta"]
+    row = {v: r for v, r in zip(table1["Variant"], table1.iter_rows(named=True))}
+    gap = json.loads((run / "pair_gap.json").read_text())
+    assert gap["cap_it"] - gap["cap_pt"] >= 0.2
+    assert math.isfinite(row["FullDelta"]["CapRec"])
+    assert row["PT"]["KL"] > 0
+    assert set(gap["teacher_truncated"]) == {"train", "calib", "selector", "test"}
+    info = json.loads((run / "pair/info.json").read_text())
+    assert info["architecture"] == "Gemma3ForConditionalGeneration"
+    assert info["fingerprints"]["it"] == f"{REPO_IDS['it']}@{_snapshot(rehearsal, 'it').name}"
+
+
+def test_it_and_steered_pt_stop_on_end_of_turn(rehearsal: Path) -> None:
+    info = json.loads((rehearsal / RUN / "pair/info.json").read_text())
+    end_of_turn = info["stop_ids"][-1]
+    assert info["stop_ids"] == [1, end_of_turn] and end_of_turn > 1
+    teacher = pl.read_parquet(rehearsal / RUN / "teacher/test.parquet")
+    stopped = teacher.filter(pl.col("eos"))
+    assert stopped.height > 0.9 * teacher.height
+    assert {ids[-1] for ids in stopped["token_ids"]} == {end_of_turn}  # the twin's IT ends turns as Gemma IT does
+    # PT's own generation config stops on <eos> alone: FullDelta stops at all only through the shared stop set.
+    full = pl.read_parquet(rehearsal / RUN / "eval/test/FullDelta.parquet")
+    assert full["eos"].any()
+    assert (full.filter(pl.col("eos"))["n_tokens"] < 32).all()
+
+
+def test_it_to_itself_through_the_hooked_bf16_forward(rehearsal: Path) -> None:
+    """KL(IT || IT) measured, not assumed: IT under FullDelta's hook at zero gates, in bf16,
+    against IT's own log-probs computed in other batches."""
+    it, _ = load_model(str(_snapshot(rehearsal, "it")), "bfloat16", "cpu")
+    assert next(it.parameters()).dtype == torch.bfloat16
+    run = rehearsal / RUN
+    rows = read_rows(str(run / "suite/test.parquet"), str(run / "teacher/test.parquet"))
+    pairs = list(zip(rows["prefix_ids"].to_list(), rows["token_ids"].to_list(), strict=True))
+    full = Variant.read(str(run / "variants/FullDelta.json"))
+    full = replace(full, surrogates={layer: str(rehearsal / path) for layer, path in full.surrogates.items()})
+    modules, _ = V.materialise(full)
+    edits = V.edits(replace(full, gates={layer: 0.0 for layer in full.gates}), modules)
+    assert edits, "the hook must be installed for this to measure anything"
+    reference = reference_logprobs(it, pairs, batch_size=7)
+    kl = answer_kl(it, rows, edits, 64, reference)
+    assert len(kl) == rows.height and 0 <= max(kl) <= 1e-3
+
+
+def test_caches_are_bf16_and_surrogates_fp32(rehearsal: Path) -> None:
+    run = rehearsal / RUN
+    for shard in (run / "cache").rglob("*.safetensors"):
+        if shard.name == "standardiser.safetensors":
+            continue
+        with safe_open(str(shard), framework="pt") as f:
+            assert f.metadata()["dtype"] == "bfloat16"
+            assert str(f.get_slice("delta.1").get_dtype()) == "BF16"
+    for layer in (1, 2):
+        with safe_open(str(run / f"surrogate/L{layer}.safetensors"), framework="pt") as f:
+            assert {str(f.get_slice(k).get_dtype()) for k in f.keys()} == {"F32"}  # noqa: SIM118
+        log = (run / f"logs/surrogate/L{layer}.log").read_text()
+        assert "trains in torch.float32 on cache torch.bfloat16" in log
