@@ -172,5 +172,5 @@ def test_lenient_endpoints_stand_next_to_exact_match_and_leave_cap_alone():
     m = {k: float(v) for k, v in metrics.variant_metrics(arrays.prompts["V"], arrays.codes).items()}
     assert m["QA_EM"] == 0.5 and m["QA_Lenient"] == 1.0 and m["Math_Lenient"] == 1.0
     assert m["Cap"] == pytest.approx((0.5 + 1.0 + 1 / 3) / 3)
-    with pytest.raises(ValueError, match="field 'lenient' is null/NaN for prompt .* \(slice (QA|Math); 3 rows\)"):
+    with pytest.raises(ValueError, match=r"field 'lenient' is null/NaN for prompt .* \(slice (QA|Math); 3 rows\)"):
         metrics.align({"A": _frame("A", HAND).with_columns(lenient=pl.lit(None, pl.Boolean))})

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import polars as pl
+from countryinfo import all_countries
 
 from postdiff.checkers import FORMAT_RULES, SLICES, dump_checker
 from postdiff.splits import GROUP, check_sizes
@@ -142,8 +143,6 @@ class Fact:
 
 def load_countries() -> list[dict[str, Any]]:
     """Every record ``countryinfo`` ships (bundled JSON: no network)."""
-    from countryinfo import all_countries
-
     return [dict(c.info()) for c in all_countries()]
 
 
@@ -328,7 +327,8 @@ def _requests(slice_name: str, templates: Sequence[str], acts: Sequence[str], n:
     order = list(range(len(templates)))
     rng.shuffle(order)
     none = dump_checker({})
-    items = [Item(f"{ID_PREFIX[slice_name]}-template:{t}", templates[t].format(x=acts[(j * k + i) % len(acts)]), (), none)
+    items = [Item(f"{ID_PREFIX[slice_name]}-template:{t}", templates[t].format(x=acts[(j * k + i) % len(acts)]),
+                  (), none)
              for j, t in enumerate(order[: math.ceil(n / k)]) for i in range(k)]
     return items[:n]
 

@@ -333,6 +333,7 @@ def builtin_suite(builtin: str, seed: int, sizes: Mapping[str, int], world: Mapp
     if builtin == "world":
         return generate_suite(seed, sum(sizes.values()), make_world(int(world["seed"]), int(world["n_countries"])))
     if builtin == "real":
+        # Imported here: postdiff.realworld builds on this module's items and phrasings.
         from postdiff.realworld import generate_real_suite, load_countries
 
         return generate_real_suite(seed, sizes, load_countries())
