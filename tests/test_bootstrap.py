@@ -117,3 +117,12 @@ def test_estimates_bracket_point_values(arrays):
     assert (est["lo"] <= est["estimate"]).all() and (est["estimate"] <= est["hi"]).all()
     pt_carry = est.row(2, named=True)
     assert (pt_carry["lo"], pt_carry["estimate"], pt_carry["hi"]) == (0.0, 0.0, 0.0)
+
+
+def test_lenient_endpoint_is_a_comparison_metric_and_bad_names_are_refused(arrays):
+    table = bootstrap.bootstrap_comparisons(arrays, [("FullDelta", "PT", "QA_Lenient"),
+                                                     {"a": "IT", "b": "PT", "metric": "Math_Lenient"}], B=200)
+    assert table["metric"].to_list() == ["QA_Lenient", "Math_Lenient"]
+    assert table["delta"][1] > 0
+    with pytest.raises(ValueError, match="unknown metric 'QA_lenient'"):
+        bootstrap.Comparison.parse(("FullDelta", "PT", "QA_lenient"))

@@ -73,8 +73,9 @@ def _frame(variant, rows):
                               "em": pl.Boolean, "format_pass": pl.Boolean,
                               "brevity_excess": pl.Float64, "refusal": pl.Boolean,
                               "kl": pl.Float64}, orient="row")
+    # The lenient match passes wherever exact match does (a bare answer is its own first line).
     return df.with_columns(variant=pl.lit(variant), text=pl.lit(""), eos=pl.lit(True),
-                           words=pl.lit(3))
+                           words=pl.lit(3), lenient=pl.col("em"))
 
 
 HAND = [
@@ -96,6 +97,7 @@ def test_hand_made_variant_metrics():
     arrays = metrics.align({"V": _frame("V", HAND)})
     m = {k: float(v) for k, v in metrics.variant_metrics(arrays.prompts["V"], arrays.codes).items()}
     assert m["QA_EM"] == 0.5 and m["Math_EM"] == 1.0
+    assert m["QA_Lenient"] == 0.5 and m["Math_Lenient"] == 1.0
     assert m["Format_Pass"] == pytest.approx(1 / 3)
     assert m["Cap"] == pytest.approx((0.5 + 1.0 + 1 / 3) / 3)
     assert m["Len"] == pytest.approx(110 / 11)
@@ -160,3 +162,15 @@ def test_read_eval_checks_files(tmp_path):
     write_parquet(_frame("B", HAND), tmp_path / "b.parquet")
     write_parquet(_frame("A", HAND), tmp_path / "a.parquet")
     assert list(metrics.read_eval([tmp_path / "b.parquet", tmp_path / "a.parquet"])) == ["B", "A"]
+
+
+def test_lenient_endpoints_stand_next_to_exact_match_and_leave_cap_alone():
+    # q2 answers in a sentence: exact match fails, the lenient match passes.
+    frame = _frame("V", HAND).with_columns(
+        lenient=pl.when(pl.col("id") == "q2").then(True).otherwise(pl.col("lenient")))
+    arrays = metrics.align({"V": frame})
+    m = {k: float(v) for k, v in metrics.variant_metrics(arrays.prompts["V"], arrays.codes).items()}
+    assert m["QA_EM"] == 0.5 and m["QA_Lenient"] == 1.0 and m["Math_Lenient"] == 1.0
+    assert m["Cap"] == pytest.approx((0.5 + 1.0 + 1 / 3) / 3)
+    with pytest.raises(ValueError, match=r"field 'lenient' is null/NaN for prompt .* \(slice (QA|Math); 3 rows\)"):
+        metrics.align({"A": _frame("A", HAND).with_columns(lenient=pl.lit(None, pl.Boolean))})

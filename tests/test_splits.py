@@ -89,3 +89,41 @@ def test_split_suite_stage_writes_one_file_per_split(tmp_path, suite):
         assert df["split"].unique().to_list() == [s]
         assert df.height == 6 * SIZES[s]
     assert pl.concat(parts.values()).sort("id").equals(assign_splits(suite, SIZES, seed=5).sort("id"))
+
+
+def _grouped(suite, size):
+    """The suite with a group column: ``size`` consecutive prompts of a slice per group."""
+    index = pl.int_range(pl.len()).over("slice") // size
+    return suite.with_columns(group=pl.col("slice") + pl.lit(":") + index.cast(pl.Utf8))
+
+
+def test_groups_stay_whole_when_the_sizes_allow(suite):
+    # 46 prompts per slice in groups of 2, sizes all even: every group lies in one split.
+    sizes = {k: 2 * v for k, v in SIZES.items()}
+    grouped = _grouped(pl.concat([suite, suite.with_columns(pl.col("id") + "b", pl.col("prompt") + " again")]), 2)
+    df = assign_splits(grouped, sizes, seed=0)
+    assert df.group_by("group").agg(pl.col("split").n_unique())["split"].max() == 1
+    for slice_name, split, n in df.group_by("slice", "split").len().iter_rows():
+        assert n == sizes[split], (slice_name, split)
+    assert assign_splits(grouped.sample(fraction=1.0, shuffle=True, seed=3), sizes, seed=0).sort("id").equals(
+        df.sort("id"))
+
+
+def test_groups_divided_by_the_sizes_are_logged(suite, caplog):
+    with caplog.at_level(logging.WARNING, logger="postdiff.splits"):
+        df = assign_splits(_grouped(suite, 5), SIZES, seed=0)
+    assert "group(s) divided between splits" in caplog.text
+    for slice_name, split, n in df.group_by("slice", "split").len().iter_rows():
+        assert n == SIZES[split], (slice_name, split)
+
+
+def test_a_group_in_two_slices_or_a_null_group_is_refused(suite):
+    with pytest.raises(ValueError, match=r"group 'same' spans slices"):
+        assign_splits(suite.with_columns(group=pl.lit("same")), SIZES, seed=0)
+    with pytest.raises(ValueError, match="column 'group' is null for prompt"):
+        assign_splits(suite.with_columns(group=pl.lit(None, pl.Utf8)), SIZES, seed=0)
+
+
+def test_without_a_group_column_each_prompt_is_its_own_group(suite):
+    with_ids = suite.with_columns(group=pl.col("id"))
+    assert assign_splits(with_ids, SIZES, seed=2).drop("group").equals(assign_splits(suite, SIZES, seed=2))

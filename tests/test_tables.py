@@ -41,7 +41,9 @@ def test_table1_files_follow_input_order_and_metrics(evals, tmp_path):
     assert len(md) == 2 + len(LEVELS) and md[0].startswith("| Variant | KL | Cap | CapRec |")
     assert "| PT | " in md[-1] and "| 0.000 |" in md[-1]
     tex = Path(out["tex"]).read_text()
-    assert tex.startswith(r"\begin{tabular}{lrrrrrrrrrrr}") and r"QA\_EM" in tex
+    assert tex.startswith(r"\begin{tabular}{l" + "r" * len(metrics.METRICS) + "}") and r"QA\_EM" in tex
+    # The lenient endpoints stand right after their exact-match columns.
+    assert "QA\\_EM & QA\\_Lenient & Math\\_EM & Math\\_Lenient" in tex
     assert tex.count(r" \\") == 1 + len(LEVELS)
 
 

@@ -1,5 +1,6 @@
-"""The prompt suite (SPEC §2): a seeded built-in generator over the world's ``eval`` half, and
-the loader that validates a user's own JSONL/Parquet suite.
+"""The prompt suite (SPEC §2): two seeded built-in generators (``suite.builtin``: ``world``, over
+the made-up world's ``eval`` half, here; ``real``, about real facts, in ``postdiff.realworld``),
+and the loader that validates a user's own JSONL/Parquet suite.
 
 Stage ``build_suite`` writes every prompt to ``suite.parquet``; a second stage,
 ``postdiff.splits:split_suite``, assigns the splits, so changing split sizes or the split seed
@@ -17,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -231,14 +232,17 @@ def generate_suite(seed: int, n_per_slice: Mapping[str, int] | int, world: World
             f"the world's eval half (world seed {world.seed}, {len(world.countries)} countries) has too few "
             f"distinct prompts: {detail}"
         )
-    rows = []
-    for s in SLICES:
-        rng = random.Random(f"postdiff-suite-{seed}-{s}")
-        for i, item in enumerate(_spread(pools[s], counts[s], rng)):
-            rows.append(
-                {"id": f"{ID_PREFIX[s]}-{i:04d}", "slice": s, "prompt": item.prompt, "gold": list(item.gold),
-                 "checker": item.checker}
-            )
+    return items_frame({s: _spread(pools[s], counts[s], random.Random(f"postdiff-suite-{seed}-{s}")) for s in SLICES})
+
+
+def items_frame(picked: Mapping[str, Sequence[Item]]) -> pl.DataFrame:
+    """The suite frame of each slice's items in order, with ids ``<prefix>-0000`` per slice."""
+    rows = [
+        {"id": f"{ID_PREFIX[s]}-{i:04d}", "slice": s, "prompt": item.prompt, "gold": list(item.gold),
+         "checker": item.checker}
+        for s in SLICES
+        for i, item in enumerate(picked.get(s, ()))
+    ]
     return pl.DataFrame(rows, schema=SCHEMA)
 
 
@@ -320,13 +324,30 @@ def load_user_suite(path: str | Path) -> pl.DataFrame:
     return validate_records(records, str(path))
 
 
+BUILTINS = ("world", "real")
+
+
+def builtin_suite(builtin: str, seed: int, sizes: Mapping[str, int], world: Mapping[str, Any]) -> pl.DataFrame:
+    """The built-in suite named by ``suite.builtin``: ``world`` asks about the embedded pair's
+    made-up world (``world`` = {seed, n_countries}); ``real`` about real facts (postdiff.realworld)."""
+    if builtin == "world":
+        return generate_suite(seed, sum(sizes.values()), make_world(int(world["seed"]), int(world["n_countries"])))
+    if builtin == "real":
+        # Imported here: postdiff.realworld builds on this module's items and phrasings.
+        from postdiff.realworld import generate_real_suite, load_countries
+
+        return generate_real_suite(seed, sizes, load_countries())
+    raise ValueError(f"suite.builtin must be one of {', '.join(BUILTINS)}, got {builtin!r}")
+
+
 def build_suite(job: Job) -> None:
-    """Stage: params ``source`` ("builtin" or a file), ``seed``, ``sizes`` (prompts per slice and
-    split; the built-in suite makes their sum per slice), ``world`` ({seed, n_countries})."""
+    """Stage: params ``source`` ("builtin" or a file), ``builtin`` ("world" or "real"; default
+    world), ``seed``, ``sizes`` (prompts per slice and split; a built-in suite makes their sum
+    per slice), ``world`` ({seed, n_countries})."""
     source = str(job.params["source"])
     if source == "builtin":
-        world = make_world(int(job.params["world"]["seed"]), int(job.params["world"]["n_countries"]))
-        df = generate_suite(int(job.params["seed"]), sum(job.params["sizes"].values()), world)
+        df = builtin_suite(str(job.params.get("builtin", "world")), int(job.params["seed"]), job.params["sizes"],
+                           job.params["world"])
     else:
         df = load_user_suite(source)
     log.info("suite from %s: %s", source, dict(df.group_by("slice").len().iter_rows()))

@@ -15,7 +15,7 @@ from postdiff.runtime import Job
 log = logging.getLogger(__name__)
 
 TABLE1_DIGITS = {"KL": 3, "Cap": 3, "CapRec": 3, "Len": 2, "BrevEx": 2, "VerbCarry": 3,
-                 "QA_EM": 3, "Math_EM": 3, "Format_Pass": 3, "Refusal": 3, "OverRefusal": 3}
+                 "QA_EM": 3, "QA_Lenient": 3, "Math_EM": 3, "Math_Lenient": 3, "Format_Pass": 3, "Refusal": 3, "OverRefusal": 3}
 LOWER_IS_BETTER = frozenset({"KL", "Len", "BrevEx", "VerbCarry", "OverRefusal"})
 _LATEX_ESCAPES = {c: "\\" + c for c in "&%$#_{}"} | {"~": r"\textasciitilde{}",
                                                       "^": r"\textasciicircum{}",

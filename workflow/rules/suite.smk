@@ -14,6 +14,7 @@ rule suite:
     params:
         entry="postdiff.suite:build_suite",
         source=config["suite"]["source"],
+        builtin=config["suite"]["builtin"],
         seed=config["suite"]["seed"],
         sizes=config["suite"]["sizes"],
         world=config["world"],
