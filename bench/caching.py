@@ -3,9 +3,10 @@ against two plain forward passes (PT and IT) over the same length-sorted batches
 
 A tiny random-init Gemma 3 pair (hidden 192, 4 layers, vocab 1024) and ~1000 teacher-like rows
 (prefix ~20 tokens, answers 3-48). Rounds alternate the two so machine load hits both alike;
-the ratio is of the fastest rounds. Writes bench/results/caching.json. Goal: ratio <= 1.15.
+the ratio is of the fastest rounds. Writes bench/results/caching.json (caching_cuda.json on a
+GPU, where the models and the stored caches are bf16 as on a real pair). Goal: ratio <= 1.15.
 
-    .venv/bin/python bench/caching.py [--rows 1000] [--rounds 5] [--threads 2]
+    .venv/bin/python bench/caching.py [--rows 1000] [--rounds 5] [--threads 2] [--device cuda]
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from transformers import Gemma3ForCausalLM
 
 from postdiff.cache import collect
 from postdiff.forward import length_sorted_batches
-from postdiff.models import gemma3_text_config
+from postdiff.models import gemma3_text_config, pick_device, pick_dtype
 from postdiff.template import teacher_forced_batch
 
 VOCAB = 1024
@@ -54,17 +55,20 @@ def teacher_rows(n: int, seed: int) -> pl.DataFrame:
 
 
 @torch.inference_mode()
-def plain_forwards(pt, it, rows: pl.DataFrame, batch_size: int) -> None:
+def plain_forwards(pt, it, rows: pl.DataFrame, batch_size: int, device: torch.device) -> None:
     prefixes, answers = rows["prefix_ids"].to_list(), rows["token_ids"].to_list()
     for idx in length_sorted_batches([len(p) + len(a) for p, a in zip(prefixes, answers)], batch_size):
         ids, attn, _ = teacher_forced_batch([prefixes[i] for i in idx], [answers[i] for i in idx], pad_id=0)
+        ids, attn = ids.to(device), attn.to(device)
         pt(input_ids=ids, attention_mask=attn, use_cache=False)
         it(input_ids=ids, attention_mask=attn, use_cache=False)
 
 
-def timed(fn) -> float:
+def timed(fn, device: torch.device) -> float:
     start = time.perf_counter()
     fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
@@ -75,24 +79,29 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--layers", type=int, nargs="+", default=[0, 1, 2, 3])
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "caching.json"))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="auto", help="models and stored caches (auto: bf16 on CUDA, fp32 on CPU)")
+    ap.add_argument("--out", default=None, help="default: bench/results/caching.json, caching_cuda.json on CUDA")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    pt, it = tiny_gemma(0), tiny_gemma(1)
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    out = args.out or str(Path(__file__).parent / "results" / f"caching{'_cuda' if device.type == 'cuda' else ''}.json")
+    pt, it = (tiny_gemma(seed).to(device, dtype) for seed in (0, 1))
     rows = teacher_rows(args.rows, seed=0)
     n_tokens = int(rows["token_ids"].list.len().sum())
 
     def ours() -> None:
-        collect(pt, it, args.layers, rows, args.batch_size)
+        collect(pt, it, args.layers, rows, args.batch_size, dtype)
 
     def base() -> None:
-        plain_forwards(pt, it, rows, args.batch_size)
+        plain_forwards(pt, it, rows, args.batch_size, device)
 
-    timed(ours), timed(base)  # warm-up: allocator, kernels
+    timed(ours, device), timed(base, device)  # warm-up: allocator, kernels
     t_ours, t_base = [], []
     for _ in range(args.rounds):
-        t_base.append(timed(base))
-        t_ours.append(timed(ours))
+        t_base.append(timed(base, device))
+        t_ours.append(timed(ours, device))
         print(f"base {t_base[-1]:.3f}s  ours {t_ours[-1]:.3f}s", file=sys.stderr)
     ratio = min(t_ours) / min(t_base)
     result = {
@@ -109,14 +118,16 @@ def main() -> None:
         "batch_size": args.batch_size,
         "threads": args.threads,
         "model": "Gemma3ForCausalLM random init, hidden 192, intermediate 768, 4 layers, vocab 1024",
-        "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+        else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
         "torch": torch.__version__,
         "command": " ".join([".venv/bin/python", *sys.argv]),
         "note": "ratio of the fastest of `rounds` alternating rounds; the baseline also computes the "
         "LM head and final norm, which block_outputs skips after the last wanted block",
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: result[k] for k in ("ratio", "ratio_median", "met")}))
 
 

@@ -3,7 +3,8 @@
 Hooked ``generate`` (a fixed random linear edit at one layer) against plain ``generate`` on a tiny
 random Gemma 3 (hidden 192, 4 layers, ~2.4M parameters), same prompts and the same number of new
 tokens (``min_new_tokens = max_new_tokens``), runs interleaved; ``ratio`` is the median of
-hooked/plain wall time over back-to-back pairs. Goal: ratio <= 1.10.
+hooked/plain wall time over back-to-back pairs. On CUDA the model is bf16, as a real pair is, and
+the figures go to bench/results/generation_cuda.json. Goal: ratio <= 1.10.
 
     .venv/bin/python bench/generation.py [--device cpu] [--reps 9] [--out bench/results/generation.json]
 """
@@ -24,7 +25,7 @@ from transformers import Gemma3ForCausalLM
 from postdiff.generation import generate
 from postdiff.hook import LayerEdit
 from postdiff.io import write_json
-from postdiff.models import gemma3_text_config, pick_device
+from postdiff.models import gemma3_text_config, pick_device, pick_dtype
 
 
 class _Ids:
@@ -42,19 +43,22 @@ def main() -> None:
     # One thread by default: on a shared 2-core machine, two-thread timings swung 5x with other load.
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="bench/results/generation.json")
+    ap.add_argument("--dtype", default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
+    ap.add_argument("--out", default=None, help="default: bench/results/generation.json, generation_cuda.json on CUDA")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
     device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    out = args.out or f"bench/results/generation{'_cuda' if device.type == 'cuda' else ''}.json"
     torch.manual_seed(args.seed)
     config = gemma3_text_config(1024, 192, 4, intermediate_size=768, num_heads=4, num_kv_heads=2)
-    model = Gemma3ForCausalLM(config).to(device).eval()
+    model = Gemma3ForCausalLM(config).to(device, dtype).eval()
     n_params = sum(p.numel() for p in model.parameters())
     g = torch.Generator().manual_seed(args.seed)
     lengths = torch.randint(16, 41, (args.prompts,), generator=g).tolist()
     prefixes = [torch.randint(4, 1024, (m,), generator=g).tolist() for m in lengths]
-    W = (torch.randn(192, 192, generator=g) / 192**0.5).to(device)
+    W = (torch.randn(192, 192, generator=g) / 192**0.5).to(device, dtype)
     edits = {args.layer: LayerEdit(0.5, lambda h: h @ W)}
 
     def run(hooked: bool) -> tuple[float, float]:
@@ -95,16 +99,17 @@ def main() -> None:
         "setup": {"prompts": args.prompts, "prompt_lengths": [min(lengths), max(lengths)],
                   "batch_size": args.batch_size, "new_tokens": args.new_tokens, "edit_layer": args.layer,
                   "edit": "0.5 * h @ W, W random [192, 192]", "params": n_params, "seed": args.seed},
+        "dtype": str(dtype).removeprefix("torch."),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "threads": args.threads,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
     }
-    write_json(result, args.out)
+    write_json(result, out)
     print(f"ratio {result['ratio']:.3f} (medians {result['ratio_of_medians']:.3f}, minima "
           f"{result['ratio_of_minima']:.3f}, cpu {result['cpu_ratio']:.3f}); "
-          f"plain {median['plain']:.3f}s hooked {median['hooked']:.3f}s -> {args.out}")
+          f"plain {median['plain']:.3f}s hooked {median['hooked']:.3f}s -> {out}")
 
 
 if __name__ == "__main__":
