@@ -14,9 +14,10 @@ from safetensors import safe_open
 from test_models import save_tiny
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from postdiff.io import sha256_file
+
 from postdiff.rehearsal import (
     REPO_IDS,
-    blob_hash,
     build_twin,
     padded_rows,
     remap_embeddings,
@@ -80,7 +81,7 @@ def test_twin_is_a_hub_cache_snapshot(twin: dict):
         for link in snapshot.iterdir():
             assert link.is_symlink() and not Path(os.readlink(link)).is_absolute()
             target = link.resolve()
-            assert target.parent == (repo / "blobs").resolve() and target.name == blob_hash(target)
+            assert target.parent == (repo / "blobs").resolve() and target.name == sha256_file(target)
             blobs[link.name] = target.name
         assert snapshot_commit(blobs) == snapshot.name
 
@@ -131,5 +132,5 @@ def test_shipped_twin_matches_its_checksums():
         blobs = {link.name: link.resolve().name for link in snapshot.iterdir()}
         assert {"config.json", "model.safetensors.index.json", "tokenizer.json", "generation_config.json"} <= set(blobs)
         for blob in (repo / "blobs").iterdir():
-            assert blob_hash(blob) == blob.name, blob
+            assert sha256_file(blob) == blob.name, blob
         assert snapshot_commit(blobs) == commit, repo_id

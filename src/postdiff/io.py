@@ -3,6 +3,7 @@ checked safetensors reader."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -61,6 +62,14 @@ def write_json(obj: Any, path: str | os.PathLike) -> None:
 
 def write_text(text: str, path: str | os.PathLike) -> None:
     _atomic(lambda p: p.write_text(text), path)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -12,19 +12,11 @@ from typing import Any
 import polars as pl
 
 from postdiff import __version__
-from postdiff.io import write_json, write_parquet, write_text
+from postdiff.io import sha256_file, write_json, write_parquet, write_text
 from postdiff.preflight import fingerprints
 from postdiff.runtime import Job
 
 log = logging.getLogger(__name__)
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _files(paths: Iterable[str | Path]) -> list[Path]:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from postdiff.io import atomic_path
+from postdiff.io import atomic_path, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -118,14 +118,6 @@ def generation_config(role: str, tokenizer, ids: Mapping[str, int]):
     return GenerationConfig(**common, eos_token_id=tokenizer.eos_token_id)
 
 
-def blob_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def snapshot_commit(blobs: Mapping[str, str]) -> str:
     """The snapshot's commit id: a hash of its ``{file name: blob sha256}``, so the same files
     give the same commit on every machine (and a checksum of the whole snapshot)."""
@@ -140,7 +132,7 @@ def place_in_cache(files: Path, hf_home: Path, repo_id: str) -> Path:
     """
     repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
     names = sorted(p.name for p in files.iterdir() if p.is_file())
-    blobs = {name: blob_hash(files / name) for name in names}
+    blobs = {name: sha256_file(files / name) for name in names}
     commit = snapshot_commit(blobs)
     if repo.exists():
         shutil.rmtree(repo)  # a rebuild replaces the repo whole, as a fresh download would

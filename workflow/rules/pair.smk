@@ -21,7 +21,34 @@ rule pair_info:
         STAGE
 
 
-TOY = {**{k: v for k, v in config["toy"].items() if k != "threads"}, "world_seed": config["world"]["seed"], "n_countries": config["world"]["n_countries"]}
+TOY = {**{k: v for k, v in config["toy"].items() if k not in ("threads", "train")}, "world_seed": config["world"]["seed"], "n_countries": config["world"]["n_countries"]}
+SHIPPED = "workflow/resources/embedded_pair"
+
+
+# By default the pair is the shipped one (the same on every machine); `toy.train: true` trains it.
+if not config["toy"]["train"]:
+
+    rule shipped_pair:
+        input:
+            shipped=SHIPPED,
+        output:
+            pt=directory(f"{RUN}/pair/pt"),
+            it=directory(f"{RUN}/pair/it"),
+        log:
+            f"{RUN}/logs/pair/shipped.log",
+        benchmark:
+            f"{RUN}/benchmarks/pair/shipped.tsv"
+        localrule: True
+        params:
+            entry="postdiff.toy.shipped:install",
+            **TOY,
+        conda:
+            ENV
+        script:
+            STAGE
+
+    ruleorder: shipped_pair > train_pt
+    ruleorder: shipped_pair > train_it
 
 
 rule tokenizer:
