@@ -54,7 +54,7 @@ def test_model_jobs_retry_with_more_memory_and_time(gemma_jobs: list) -> None:
         assert resources["attempt"] == 1 and resources["mem_mb"] == 64000 and resources["runtime"] == 120
     teacher = next(job for job in model_jobs if job.rule.name == "teacher")
     grown = teacher.rule.expand_resources(teacher.wildcards_dict, teacher.input, attempt=3)
-    assert (grown["mem_mb"], grown["runtime"], grown["attempt"]) == (4 * 64000, 4 * 120, 3)
+    assert (grown["mem_mb"], grown["runtime"], grown["attempt"]) == (3 * 64000, 3 * 120, 3)
 
 
 def test_the_pair_is_fingerprinted_once_per_run(gemma_jobs: list) -> None:

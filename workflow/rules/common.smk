@@ -74,8 +74,9 @@ def model_params():
 
 
 def _grows(value):
-    """A resource that doubles with every retry (an out-of-memory kill asks for more)."""
-    return lambda wildcards, attempt: value * 2 ** (attempt - 1)
+    """A resource that grows with the attempt (an out-of-memory or time-limit kill asks for more):
+    linear, so a second retry does not ask for four times what a node has."""
+    return lambda wildcards, attempt: value * attempt
 
 
 def gpu_resources():
