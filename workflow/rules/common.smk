@@ -17,10 +17,11 @@ BUILTIN = "builtin"
 PAIR_INFO = f"{RUN}/pair/info.json"
 
 # Every job (local, or a SLURM job re-reading this file) finds the pair's Hugging Face cache here.
+# (Set with update(): --lint takes `os.environ[...]` for a read that wants an `envvars:` directive.)
 if config["hf"]["home"]:
-    os.environ["HF_HOME"] = os.path.abspath(config["hf"]["home"])
+    os.environ.update(HF_HOME=os.path.abspath(config["hf"]["home"]))
 if config["hf"]["offline"]:
-    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ.update(HF_HUB_OFFLINE="1")
 
 
 wildcard_constraints:

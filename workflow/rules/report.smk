@@ -178,7 +178,7 @@ rule provenance:
             "postdiff.provenance:record",
             config=config,
             code_hash=package_hash(),
-            run_dir=RUN,
+            run_dir=lambda wildcards, output: str(Path(output.run_id).parents[1]),  # results/<run>
             benchmark_root=f"{RUN}/benchmarks",
         ),
     conda:
