@@ -326,8 +326,10 @@ def cross_reference_problems():
     labels = [variant_label(v) for v in VARIANTS]
     for i, comparison in enumerate(BOOT["comparisons"]):
         for side in ("a", "b"):
-            if comparison[side] not in labels:
-                problems.append(f"bootstrap.comparisons[{i}].{side}: {comparison[side]!r} is no variant label; "
+            name = comparison[side]
+            if name not in labels:
+                hint = f" (a key; its label is {variant_label(name)!r})" if name in VARIANTS else ""
+                problems.append(f"bootstrap.comparisons[{i}].{side}: {name!r} is no variant label{hint}; "
                                 f"labels: {', '.join(labels)}")
     for key in ("figure1_variants", "qualitative_variants"):
         for name in config["report"][key]:
