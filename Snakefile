@@ -27,6 +27,14 @@ include: "workflow/rules/selection.smk"
 include: "workflow/rules/report.smk"
 
 
+# A rule that runs a stage takes its params from stage() (common.smk), which adds the hash of the
+# stage's code: without it, editing the code would not rerun the rule.
+for _rule in workflow.rules:
+    if _rule.script == STAGE and (_rule.params.get("entry") is None
+                                  or _rule.params.get("code") != code_hash(_rule.params.entry)):
+        raise WorkflowError(f"rule {_rule.name}: take its params from stage(entry, ...) (workflow/rules/common.smk)")
+
+
 onstart:
     preflight()
 

@@ -18,6 +18,7 @@ from postdiff.scoring import (
     endpoint_values,
     feature_scores,
     feature_summaries,
+    plot_scores,
     score_features,
     standardised_coefficients,
     zscore,
@@ -122,8 +123,8 @@ def test_score_features_stage_writes_every_feature(world, tmp_path):
     job = Job(
         input={"variant": world.write_variant(full), "split": world.split, "teacher": world.teacher,
                "records": str(tmp_path / "full.parquet")},
-        output={"scores": str(tmp_path / "scores.parquet"), "plot": str(tmp_path / "top.png")},
-        params={**world.model_params, "ridge_alpha": 1.0, "batch_size": 4, "top_n": 5},
+        output={"scores": str(tmp_path / "scores.parquet")},
+        params={**world.model_params, "ridge_alpha": 1.0, "batch_size": 4},
     )
     score_features(job)
     table = pl.read_parquet(tmp_path / "scores.parquet")
@@ -131,6 +132,8 @@ def test_score_features_stage_writes_every_feature(world, tmp_path):
     assert table.select("layer", "feature").rows() == [(layer, j) for layer in (0, 1) for j in range(F)]
     assert np.isfinite(table.select(pl.exclude("layer", "feature")).to_numpy()).all()
     assert (table["activation_mass"] >= 0).all() and (table["activation_mass"] > 0).any()
+    plot_scores(Job(input={"scores": str(tmp_path / "scores.parquet")}, output={"plot": str(tmp_path / "top.png")},
+                    params={"top_n": 5}))
     assert (tmp_path / "top.png").stat().st_size > 1000
     split = pl.read_parquet(world.split).with_columns(pl.lit("test").alias("split"))
     split.write_parquet(tmp_path / "test.parquet")

@@ -213,3 +213,25 @@ def test_build_suite_stage_builtin_and_user(tmp_path):
     user = _jsonl(tmp_path, GOOD)
     build_suite(Job(input={}, output={"suite": str(out)}, params={**params, "source": str(user)}))
     assert pl.read_parquet(out).equals(load_user_suite(user))
+
+
+def test_user_suite_reports_every_bad_row_in_one_error(tmp_path):
+    rows = _with(1, slice="Chat")
+    rows[2]["id"] = "a"
+    rows[3]["gold"] = "Paris"
+    path = tmp_path / "suite.jsonl"
+    path.write_text("\n".join([json.dumps(r) for r in rows] + ["{not json"]) + "\n")
+    with pytest.raises(ValueError) as err:
+        load_user_suite(path)
+    lines = str(err.value).splitlines()
+    assert lines[0] == f"{path}: 4 bad rows"
+    assert [line.split(": ")[1] for line in lines[1:]] == ["line 5", "line 2 (id 'b')", "line 3 (id 'a')", "line 4 (id 'd')"]
+    assert "not valid JSON" in lines[1] and "unknown slice 'Chat'" in lines[2]
+    assert "duplicate of line 1" in lines[3] and "'gold' must be a list" in lines[4]
+
+    many = [{**GOOD[0], "id": f"x{i}", "prompt": f"p{i}", "slice": "Chat"} for i in range(25)]
+    with pytest.raises(ValueError) as err:
+        load_user_suite(_jsonl(tmp_path, many))
+    lines = str(err.value).splitlines()
+    assert lines[0].endswith(": 25 bad rows") and len(lines) == 1 + 20 + 1
+    assert lines[-1] == "... and 5 more bad row(s)"

@@ -64,6 +64,15 @@ def test_full_run_produces_every_artifact(tiny_run: Path) -> None:
     assert table1.filter(pl.col("Variant") == "IT")["KL"].item() == 0.0
     manifest = pl.read_parquet(run / "provenance/manifest.parquet")
     assert manifest["sha256"].str.len_chars().unique().to_list() == [64]
+    # Every file of the run but provenance/ and logs/ (and this job's own, later, benchmark).
+    on_disk = {str(p.relative_to(tiny_run)) for p in run.rglob("*") if p.is_file()
+               and p.relative_to(run).parts[0] not in ("provenance", "logs") and p.name != ".snakemake_timestamp"}
+    assert set(manifest["path"]) == on_disk - {f"{RUN}/benchmarks/provenance.tsv"}
+    kinds = dict(zip(manifest["path"], manifest["kind"]))
+    assert all((kind == "benchmark") == ("/benchmarks/" in path) for path, kind in kinds.items())
+    for part in ["cache/train/shard0.safetensors", "gates/full.json", "selection/scores.parquet",
+                 "selection/vmask_steps.parquet", "eval/test/PT/shard0.parquet", "pair/pt/config.json"]:
+        assert f"{RUN}/{part}" in kinds, part
     log = (run / "logs/pair_gap.log").read_text()
     assert "PT-to-IT gap" in log
 
@@ -122,7 +131,86 @@ def test_sweep_targets_rerun_only_themselves(tiny_run: Path) -> None:
 def test_report_is_one_html_file(tiny_run: Path) -> None:
     snakemake(tiny_run, "--report", "report.html")
     html = (tiny_run / "report.html").read_text(errors="replace")
-    assert "table1" in html and "figure1" in html
+    assert "table1" in html and "figure1" in html and "pair_gap.json" in html
+    assert "with 95% bootstrap intervals" in html and "{{" not in html.split("with 95% bootstrap")[0][-200:]
+
+
+def _edited_copy(tiny_run: Path, dest: Path, module: str) -> Path:
+    """A copy of the finished tiny run whose src/postdiff/<module> has one more line."""
+    shutil.copytree(tiny_run, dest, symlinks=True)
+    with open(dest / "src" / "postdiff" / module, "a") as fh:
+        fh.write("\n# an edit\n")
+    return dest
+
+
+MODEL_RULES = PAIR_RULES | {"pair_info", "teacher", "cache_shard", "train_surrogate", "surrogate_metrics",
+                            "gates_full", "gates_single", "gates_mean", "evaluate", "score_features",
+                            "select_cap", "select_vmask"}
+
+
+def test_editing_tables_reruns_the_tables_and_what_reads_them(tiny_run: Path, tmp_path: Path) -> None:
+    workdir = _edited_copy(tiny_run, tmp_path / "run", "tables.py")
+    jobs = planned_jobs(workdir)
+    assert jobs == {"table1": 1, "table2": 1, "r2_table": 1, "provenance": 1, "all": 1}
+    assert not MODEL_RULES & set(jobs)
+
+
+def test_editing_surrogate_reruns_its_importers_and_their_downstream(tiny_run: Path, tmp_path: Path) -> None:
+    everything = planned_jobs(copy_workflow(tmp_path))  # a dry run from scratch: every job
+    workdir = _edited_copy(tiny_run, tmp_path / "run", "surrogate.py")
+    jobs = planned_jobs(workdir)
+    # Entry modules that import postdiff.surrogate, directly or through another module.
+    importers = {"train_surrogate", "surrogate_metrics", "gates_full", "gates_single", "gates_mean",
+                 "evaluate", "score_features", "select_cap", "select_vmask"}
+    upstream = PAIR_RULES | {"pair_info", "suite", "split", "teacher", "cache_shard", "standardiser"}
+    assert {rule: jobs.get(rule) for rule in importers} == {rule: everything[rule] for rule in importers}
+    # The PT and IT specs read no surrogate; every other spec does.
+    expected = {rule: n for rule, n in everything.items() if rule not in upstream}
+    assert jobs == {**expected, "variant_spec": everything["variant_spec"] - 2}
+
+
+def test_plot_only_params_rerun_only_the_plot(tiny_run: Path) -> None:
+    config = _write_config(tiny_run, "top_n.yaml", scoring={"top_n": 3})
+    # provenance records the resolved config, so it reruns too
+    assert planned_jobs(tiny_run, configfile=config) == {"scores_plot": 1, "provenance": 1, "all": 1}
+
+
+def test_thresholds_have_one_form_in_paths(tiny_run: Path) -> None:
+    """`1` and `1.0` name one selection, and the README's sweep target works as printed."""
+    config = _write_config(tiny_run, "ints.yaml", selection={"cap_cutoff": 1.0, "verb_exclusion": 1},
+                           sweep={"cap_cutoffs": [0.5, 1], "strict_verb_exclusion": 0})
+    assert planned_jobs(tiny_run, _sweep_target(1.0), _sweep_target(0.5), _sweep_target(1.0, 0.0),
+                        configfile=config) == {}
+    jobs = planned_jobs(tiny_run, "--forceall", configfile=config)
+    assert jobs["select_cap"] == 3  # cutoffs 0.5 and 1.0, and the strict exclusion
+
+
+def test_readme_sweep_target_runs_as_printed(tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    target = re.search(r"^snakemake (results/default/sweep/\S+cap_mask\.json)", readme, re.M)[1]
+    assert target == "results/default/sweep/verb_exclusion=1.0/cap_cutoff=2.0/cap_mask.json"
+    workdir = copy_workflow(tmp_path)
+    proc = snakemake(workdir, target, "-n", configfile="config/config.yaml")
+    assert "select_cap" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("changes", "named"),
+    [
+        ({"bootstrap": {"comparisons": [{"a": "FullDelta", "b": "Pt", "metric": "Cap"}]}},
+         "bootstrap.comparisons[0].b: 'Pt' is no variant label"),
+        ({"bootstrap": {"comparisons": [{"a": "FullDelta-VMask", "b": "FullDelta", "metric": "Cap"}]}},
+         "bootstrap.comparisons[0].a: 'FullDelta-VMask' is no variant label (a key; its label is 'FullDelta - VMask')"),
+        ({"report": {"figure1_variants": ["PT", "IT", "Nope"]}}, "report.figure1_variants: 'Nope' is no variant key"),
+        ({"report": {"qualitative_variants": ["PT", "Nope"]}}, "report.qualitative_variants: 'Nope' is no variant key"),
+    ],
+)
+def test_unknown_variant_names_stop_the_workflow(tmp_path: Path, changes: dict, named: str) -> None:
+    workdir = copy_workflow(tmp_path)
+    config = _write_config(workdir, "names.yaml", **changes)
+    proc = snakemake(workdir, "-n", configfile=config, check=False)
+    assert proc.returncode != 0
+    assert named in proc.stdout + proc.stderr
 
 
 def test_same_config_gives_identical_tables(tiny_run: Path) -> None:

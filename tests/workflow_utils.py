@@ -13,9 +13,14 @@ TINY = "config/tiny.yaml"
 
 
 def copy_workflow(dest: Path) -> Path:
-    for name in ("Snakefile", "workflow", "config", "envs"):
+    """The workflow and its package: jobs import the copy's src/ (workflow/scripts/stage.py)."""
+    ignore = shutil.ignore_patterns("__pycache__")
+    for name in ("Snakefile", "workflow", "config", "envs", "src"):
         src = REPO / name
-        (shutil.copytree if src.is_dir() else shutil.copy2)(src, dest / name)
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=ignore)
+        else:
+            shutil.copy2(src, dest / name)
     return dest
 
 

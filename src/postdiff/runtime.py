@@ -91,6 +91,7 @@ def run_stage(smk: Any) -> None:
     """Entry point of ``workflow/scripts/stage.py``: call ``params.entry`` with a :class:`Job`."""
     params = dict(_named(smk.params))
     entry = params.pop("entry")
+    params.pop("code", None)  # the hash of the stage's code: for Snakemake's rerun trigger only
     job = Job(
         input=_named(smk.input),
         output=_named(smk.output),

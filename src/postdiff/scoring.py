@@ -216,8 +216,9 @@ def score_features(job: Job) -> None:
     """Stage: feature scores on the selector split.
 
     input: ``variant`` (FullDelta spec JSON), ``split``, ``teacher`` (selector), ``records``
-    (FullDelta's selector records); params: ``ridge_alpha``, ``top_n``, ``pt``, ``dtype``,
-    ``device``, ``batch_size``; output: ``scores`` (Parquet), ``plot`` (PNG).
+    (FullDelta's selector records); params: ``ridge_alpha``, ``pt``, ``dtype``, ``device``,
+    ``batch_size``; output: ``scores`` (Parquet). The plot is :func:`plot_scores`'s own job, so
+    a plot-only param never reruns the scoring.
     """
     variant, rows = selector_inputs(job, "scoring")
     records = aligned_records(pl.read_parquet(job.input["records"]), rows["id"].to_list(), job.input["records"])
@@ -230,6 +231,10 @@ def score_features(job: Job) -> None:
     summaries, counts = feature_summaries(model, pairs, variant, modules, job.batch_size())
     table = score_table(summaries, counts, modules, records, ridge_alpha)
     write_parquet(table, job.output["scores"])
-    fig = draw_top(table, int(job.params.get("top_n", DEFAULT_TOP_N)))
+
+
+def plot_scores(job: Job) -> None:
+    """Stage: the top ``params.top_n`` features by each score (input ``scores``) as a PNG (``plot``)."""
+    fig = draw_top(pl.read_parquet(job.input["scores"]), int(job.params.get("top_n", DEFAULT_TOP_N)))
     with atomic_path(job.output["plot"]) as tmp:
         fig.savefig(tmp, format="png", dpi=150)

@@ -269,22 +269,44 @@ def _check_record(rec: dict[str, Any], where: str) -> dict[str, Any]:
     return {"id": rec["id"], "slice": rec["slice"], "prompt": rec["prompt"], "gold": gold, "checker": checker}
 
 
-def validate_records(records: list[tuple[str, dict[str, Any]]], source: str) -> pl.DataFrame:
-    """A user suite from ``(location, row)`` pairs, checked row by row before anything else."""
-    if not records:
+MAX_REPORTED = 20  # bad rows named in one error; the rest are counted
+
+
+def bad_rows_error(source: str, problems: Sequence[str]) -> ValueError:
+    """One error for every bad row: the first :data:`MAX_REPORTED` named, one a line, the rest counted."""
+    lines = list(problems[:MAX_REPORTED])
+    if len(problems) > MAX_REPORTED:
+        lines.append(f"... and {len(problems) - MAX_REPORTED} more bad row(s)")
+    header = [] if len(problems) == 1 else [f"{source}: {len(problems)} bad rows"]
+    return ValueError("\n".join(header + lines))
+
+
+def validate_records(records: list[tuple[str, dict[str, Any]]], source: str,
+                     problems: Sequence[str] = ()) -> pl.DataFrame:
+    """A user suite from ``(location, row)`` pairs, checked row by row before anything else.
+    Every bad row is reported in one error (with ``problems`` found earlier, e.g. unreadable lines)."""
+    problems = list(problems)
+    if not records and not problems:
         raise ValueError(f"{source}: the suite has no prompts")
     rows: list[dict[str, Any]] = []
     seen_id: dict[str, str] = {}
     seen_prompt: dict[str, str] = {}
     for loc, rec in records:
         where = f"{source}: {loc}" + (f" (id {rec['id']!r})" if isinstance(rec.get("id"), str) else "")
-        row = _check_record(rec, where)
+        try:
+            row = _check_record(rec, where)
+        except ValueError as err:
+            problems.append(str(err))
+            continue
         if row["id"] in seen_id:
-            raise ValueError(f"{where}: field 'id': duplicate of {seen_id[row['id']]}")
-        if row["prompt"] in seen_prompt:
-            raise ValueError(f"{where}: field 'prompt': same text as {seen_prompt[row['prompt']]}")
-        seen_id[row["id"]] = seen_prompt[row["prompt"]] = loc
-        rows.append(row)
+            problems.append(f"{where}: field 'id': duplicate of {seen_id[row['id']]}")
+        elif row["prompt"] in seen_prompt:
+            problems.append(f"{where}: field 'prompt': same text as {seen_prompt[row['prompt']]}")
+        else:
+            seen_id[row["id"]] = seen_prompt[row["prompt"]] = loc
+            rows.append(row)
+    if problems:
+        raise bad_rows_error(source, problems)
     extra = sorted({k for _, rec in records for k in rec} - set(SCHEMA))
     if extra:
         log.warning("%s: ignoring column(s) %s (splits are assigned by the workflow)", source, extra)
@@ -294,19 +316,22 @@ def validate_records(records: list[tuple[str, dict[str, Any]]], source: str) -> 
     return pl.DataFrame(rows, schema=SCHEMA)
 
 
-def _jsonl_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
-    records = []
+def _jsonl_records(path: Path) -> tuple[list[tuple[str, dict[str, Any]]], list[str]]:
+    """The file's JSON objects with their line, and a problem for every line that is not one."""
+    records, problems = [], []
     for n, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: line {n}: not valid JSON ({err.msg})") from err
+            problems.append(f"{path}: line {n}: not valid JSON ({err.msg})")
+            continue
         if not isinstance(rec, dict):
-            raise ValueError(f"{path}: line {n}: expected a JSON object, got {type(rec).__name__}")
+            problems.append(f"{path}: line {n}: expected a JSON object, got {type(rec).__name__}")
+            continue
         records.append((f"line {n}", rec))
-    return records
+    return records, problems
 
 
 def load_user_suite(path: str | Path) -> pl.DataFrame:
@@ -315,13 +340,14 @@ def load_user_suite(path: str | Path) -> pl.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"user suite {path} does not exist")
+    problems: list[str] = []
     if path.suffix in {".jsonl", ".json"}:
-        records = _jsonl_records(path)
+        records, problems = _jsonl_records(path)
     elif path.suffix == ".parquet":
         records = [(f"row {i + 1}", rec) for i, rec in enumerate(pl.read_parquet(path).to_dicts())]
     else:
         raise ValueError(f"user suite {path}: unknown file type {path.suffix!r}; use .jsonl or .parquet")
-    return validate_records(records, str(path))
+    return validate_records(records, str(path), problems)
 
 
 BUILTINS = ("world", "real")

@@ -17,13 +17,15 @@ rule cache_shard:
     resources:
         **gpu_resources(),
     params:
-        entry="postdiff.cache:cache_shard",
-        **model_params(),
-        layers=config["layers"],
-        shard=lambda wc: int(wc.shard),
-        n_shards=config["cache"]["n_shards"],
-        batch_size=config["cache"]["batch_size"],
-        cache_dtype=config["cache"]["dtype"],
+        **stage(
+            "postdiff.cache:cache_shard",
+            **model_params(),
+            layers=config["layers"],
+            shard=lambda wc: int(wc.shard),
+            n_shards=config["cache"]["n_shards"],
+            batch_size=config["cache"]["batch_size"],
+            cache_dtype=config["cache"]["dtype"],
+        ),
     conda:
         ENV
     script:
@@ -40,8 +42,10 @@ rule standardiser:
     benchmark:
         f"{RUN}/benchmarks/cache/standardiser.tsv"
     params:
-        entry="postdiff.standardise:standardiser",
-        layers=config["layers"],
+        **stage(
+            "postdiff.standardise:standardiser",
+            layers=config["layers"],
+        ),
     conda:
         ENV
     script:

@@ -1,8 +1,13 @@
 # Paths, parameters and resources shared by every stage.
+import ast
+import hashlib
 import json
 import os
 import re
 import sys
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
 
 RUN = f"results/{config['run']}"
 SPLITS = ["train", "calib", "selector", "test"]
@@ -12,14 +17,99 @@ BUILTIN = "builtin"
 PAIR_INFO = f"{RUN}/pair/info.json"
 
 # Every job (local, or a SLURM job re-reading this file) finds the pair's Hugging Face cache here.
+# (Set with update(): --lint takes `os.environ[...]` for a read that wants an `envvars:` directive.)
 if config["hf"]["home"]:
-    os.environ["HF_HOME"] = os.path.abspath(config["hf"]["home"])
+    os.environ.update(HF_HOME=os.path.abspath(config["hf"]["home"]))
 if config["hf"]["offline"]:
-    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ.update(HF_HUB_OFFLINE="1")
 
 
 wildcard_constraints:
     split="|".join(SPLITS),
+
+
+# The package that every job imports: the workflow's own src/, which stage.py puts first on the path.
+SRC = Path(workflow.basedir) / "src"
+
+
+def _module_file(mod):
+    """The source file of `mod` (a dotted postdiff name) under SRC, or None."""
+    base = SRC.joinpath(*mod.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def _imported(mod, path):
+    """postdiff modules that `mod`'s source imports anywhere in the file (static, no import)."""
+    package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_bytes(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = getattr(node, "module") or ""  # (the word is a keyword of Snakefiles)
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(p for p in [*parts, base] if p)
+            found.add(base)
+            # `from postdiff import metrics` imports the submodule postdiff.metrics
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return {m for m in found if m.split(".")[0] == "postdiff" and _module_file(m)}
+
+
+_CODE_HASHES = {}
+
+
+def code_hash(entry):
+    """sha256 of the source of `entry`'s module and of every postdiff module it imports, directly
+    or indirectly (with the packages around them). As a param it reruns exactly the jobs whose
+    code changed; their outputs change, so everything downstream reruns too."""
+    mod = entry.partition(":")[0]
+    if mod not in _CODE_HASHES:
+        if _module_file(mod) is None:
+            raise ValueError(f"stage entry {entry!r}: no module {mod} under {SRC}")
+        seen, todo = set(), [mod]
+        while todo:
+            name = todo.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            parts = name.split(".")
+            todo.extend(".".join(parts[:i]) for i in range(1, len(parts)))  # packages run on import
+            todo.extend(_imported(name, _module_file(name)))
+        digest = hashlib.sha256()
+        for name in sorted(seen):
+            path = _module_file(name)
+            digest.update(f"{path.relative_to(SRC)}\0".encode() + path.read_bytes() + b"\0")
+        _CODE_HASHES[mod] = digest.hexdigest()
+    return _CODE_HASHES[mod]
+
+
+def stage(entry, **params):
+    """A rule's params: the stage function `entry` ("postdiff.module:function"), the hash of its
+    code, and the stage's own params. Every rule that runs STAGE takes its params from here."""
+    return dict(entry=entry, code=code_hash(entry), **params)
+
+
+def package_hash():
+    """sha256 of the whole package and of the workflow's rules and scripts: the run id's code."""
+    root = Path(workflow.basedir)
+    files = [root / "Snakefile", *sorted((root / "workflow").rglob("*.smk")),
+             *sorted((root / "workflow" / "scripts").rglob("*.py")), *sorted((SRC / "postdiff").rglob("*.py"))]
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.relative_to(root)}\0".encode() + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def threshold(value):
+    """The one form of a threshold in paths: `cap_cutoff=2.0` whether the config says 2 or 2.0."""
+    text = repr(float(value))
+    if not re.fullmatch(r"-?\d+\.\d+", text):
+        raise ValueError(f"threshold {value!r}: use a plain decimal number (got {text} as a float)")
+    return text
 
 
 def preflight():
@@ -109,7 +199,7 @@ GATE_INPUTS = dict(
 
 
 def gate_params(mode, layers):
-    return dict(entry="postdiff.gates:calibrate", mode=mode, layers=layers, **model_params(), **config["gates"])
+    return stage("postdiff.gates:calibrate", mode=mode, layers=layers, **model_params(), **config["gates"])
 
 
 def variant_table():
@@ -123,7 +213,7 @@ def variant_table():
 
 VARIANTS = variant_table()
 MASK_FILES = {
-    "cap": f"{RUN}/sweep/verb_exclusion={config['selection']['verb_exclusion']}/cap_cutoff={config['selection']['cap_cutoff']}/cap_mask.json",
+    "cap": f"{RUN}/sweep/verb_exclusion={threshold(config['selection']['verb_exclusion'])}/cap_cutoff={threshold(config['selection']['cap_cutoff'])}/cap_mask.json",
     "vmask": f"{RUN}/selection/vmask.json",
     "random": f"{RUN}/selection/random_mask.json",
     "mass": f"{RUN}/selection/mass_mask.json",
@@ -218,15 +308,41 @@ def last_step(work):
 
 def sweep_targets():
     """Every cutoff of the grid under the locked exclusion, and the locked cutoff under the strict one."""
-    grid = [f"{RUN}/sweep/verb_exclusion={SEL['verb_exclusion']}/cap_cutoff={c}/cap_mask.json" for c in config["sweep"]["cap_cutoffs"]]
-    strict = f"{RUN}/sweep/verb_exclusion={config['sweep']['strict_verb_exclusion']}/cap_cutoff={SEL['cap_cutoff']}/cap_mask.json"
-    return grid + [strict]
+    locked, strict = threshold(SEL["verb_exclusion"]), threshold(config["sweep"]["strict_verb_exclusion"])
+    pairs = [(locked, threshold(c)) for c in config["sweep"]["cap_cutoffs"]] + [(strict, threshold(SEL["cap_cutoff"]))]
+    # One path per threshold pair: `[1, 2, 2.0]` is two selections, not three.
+    return [f"{RUN}/sweep/verb_exclusion={e}/cap_cutoff={c}/cap_mask.json" for e, c in dict.fromkeys(pairs)]
 
 
 BOOT = config["bootstrap"]
 TEST_EVALS = [f"{RUN}/eval/test/{v}.parquet" for v in VARIANTS]
 ABLATION = ["FullDelta"] + [v for v in VARIANTS if v.startswith("OneLayer-")]
-QUALITATIVE = [v for v in config["report"]["qualitative_variants"] if v in VARIANTS]
+QUALITATIVE = config["report"]["qualitative_variants"]
+
+
+def cross_reference_problems():
+    """Names that one part of the config uses for another: comparison labels must be variant
+    labels, report lists must be variant keys. One line per problem."""
+    problems = []
+    labels = [variant_label(v) for v in VARIANTS]
+    for i, comparison in enumerate(BOOT["comparisons"]):
+        for side in ("a", "b"):
+            name = comparison[side]
+            if name not in labels:
+                hint = f" (a key; its label is {variant_label(name)!r})" if name in VARIANTS else ""
+                problems.append(f"bootstrap.comparisons[{i}].{side}: {name!r} is no variant label{hint}; "
+                                f"labels: {', '.join(labels)}")
+    for key in ("figure1_variants", "qualitative_variants"):
+        for name in config["report"][key]:
+            if name not in VARIANTS:
+                hint = f" (a label; the key is {next(v for v in VARIANTS if variant_label(v) == name)!r})" \
+                    if name in labels else ""
+                problems.append(f"report.{key}: {name!r} is no variant key{hint}; keys: {', '.join(VARIANTS)}")
+    return problems
+
+
+if cross_reference_problems():
+    raise WorkflowError("postdiff: the config names unknown variants:\n" + "\n".join(cross_reference_problems()))
 
 
 def table_outputs(name, caption):

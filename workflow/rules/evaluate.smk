@@ -26,12 +26,14 @@ rule evaluate:
     resources:
         **gpu_resources(),
     params:
-        entry="postdiff.evaluate:evaluate_variant",
-        **model_params(),
-        max_new_tokens=EVAL["max_new_tokens"],
-        batch_size=EVAL["batch_size"],
-        shard=lambda wc: int(wc.shard),
-        n_shards=EVAL["n_shards"],
+        **stage(
+            "postdiff.evaluate:evaluate_variant",
+            **model_params(),
+            max_new_tokens=EVAL["max_new_tokens"],
+            batch_size=EVAL["batch_size"],
+            shard=lambda wc: int(wc.shard),
+            n_shards=EVAL["n_shards"],
+        ),
     conda:
         ENV
     script:
@@ -50,7 +52,7 @@ rule merge_eval:
     benchmark:
         f"{RUN}/benchmarks/eval/{{eval_split}}/{{variant}}.tsv"
     params:
-        entry="postdiff.shards:merge",
+        **stage("postdiff.shards:merge"),
     conda:
         ENV
     script:

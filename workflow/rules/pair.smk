@@ -12,9 +12,11 @@ rule pair_info:
     benchmark:
         f"{RUN}/benchmarks/pair/info.tsv"
     params:
-        entry="postdiff.preflight:pair_info",
-        **model_paths(),
-        layers=config["layers"],
+        **stage(
+            "postdiff.preflight:pair_info",
+            **model_paths(),
+            layers=config["layers"],
+        ),
     conda:
         ENV
     script:
@@ -59,8 +61,10 @@ rule tokenizer:
     benchmark:
         f"{RUN}/benchmarks/pair/tokenizer.tsv"
     params:
-        entry="postdiff.toy.train:build_tokenizer",
-        **TOY,
+        **stage(
+            "postdiff.toy.train:build_tokenizer",
+            **TOY,
+        ),
     conda:
         ENV
     script:
@@ -81,8 +85,10 @@ rule train_pt:
     resources:
         **gpu_resources(),
     params:
-        entry="postdiff.toy.train:train_pt",
-        **TOY,
+        **stage(
+            "postdiff.toy.train:train_pt",
+            **TOY,
+        ),
     conda:
         ENV
     script:
@@ -103,8 +109,10 @@ rule train_it:
     resources:
         **gpu_resources(),
     params:
-        entry="postdiff.toy.train:train_it",
-        **TOY,
+        **stage(
+            "postdiff.toy.train:train_it",
+            **TOY,
+        ),
     conda:
         ENV
     script:

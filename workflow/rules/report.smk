@@ -11,9 +11,11 @@ rule table1:
     benchmark:
         f"{RUN}/benchmarks/tables/table1.tsv"
     params:
-        entry="postdiff.tables:table1",
-        pt=variant_label("PT"),
-        it=variant_label("IT"),
+        **stage(
+            "postdiff.tables:table1",
+            pt=variant_label("PT"),
+            it=variant_label("IT"),
+        ),
     conda:
         ENV
     script:
@@ -30,10 +32,12 @@ rule table2:
     benchmark:
         f"{RUN}/benchmarks/tables/table2.tsv"
     params:
-        entry="postdiff.tables:table2",
-        pt=variant_label("PT"),
-        it=variant_label("IT"),
-        **BOOT,
+        **stage(
+            "postdiff.tables:table2",
+            pt=variant_label("PT"),
+            it=variant_label("IT"),
+            **BOOT,
+        ),
     conda:
         ENV
     script:
@@ -50,7 +54,7 @@ rule r2_table:
     benchmark:
         f"{RUN}/benchmarks/tables/r2.tsv"
     params:
-        entry="postdiff.tables:r2_table",
+        **stage("postdiff.tables:r2_table"),
     conda:
         ENV
     script:
@@ -67,8 +71,10 @@ rule figure1:
     benchmark:
         f"{RUN}/benchmarks/figures/figure1.tsv"
     params:
-        entry="postdiff.figures:figure1",
-        **{k: BOOT[k] for k in ("B", "seed", "level")},
+        **stage(
+            "postdiff.figures:figure1",
+            **{k: BOOT[k] for k in ("B", "seed", "level")},
+        ),
     conda:
         ENV
     script:
@@ -86,8 +92,10 @@ rule figure2:
     benchmark:
         f"{RUN}/benchmarks/figures/figure2.tsv"
     params:
-        entry="postdiff.figures:figure2",
-        **{k: BOOT[k] for k in ("B", "seed", "level")},
+        **stage(
+            "postdiff.figures:figure2",
+            **{k: BOOT[k] for k in ("B", "seed", "level")},
+        ),
     conda:
         ENV
     script:
@@ -105,10 +113,12 @@ rule qualitative:
     benchmark:
         f"{RUN}/benchmarks/qualitative.tsv"
     params:
-        entry="postdiff.qualitative:qualitative",
-        variants=[variant_label(v) for v in QUALITATIVE],
-        per_slice=config["report"]["qualitative_per_slice"],
-        seed=config["report"]["seed"],
+        **stage(
+            "postdiff.qualitative:qualitative",
+            variants=[variant_label(v) for v in QUALITATIVE],
+            per_slice=config["report"]["qualitative_per_slice"],
+            seed=config["report"]["seed"],
+        ),
     conda:
         ENV
     script:
@@ -121,14 +131,16 @@ rule pair_gap:
         it=f"{RUN}/eval/test/IT.parquet",
         **{f"{split}_teacher": f"{RUN}/teacher/{split}.parquet" for split in SPLITS},
     output:
-        gap=f"{RUN}/pair_gap.json",
+        gap=report(f"{RUN}/pair_gap.json", caption="../report/pair_gap.rst", category="Pair"),
     log:
         f"{RUN}/logs/pair_gap.log",
     benchmark:
         f"{RUN}/benchmarks/pair_gap.tsv"
     params:
-        entry="postdiff.gap:pair_gap",
-        splits=SPLITS,
+        **stage(
+            "postdiff.gap:pair_gap",
+            splits=SPLITS,
+        ),
     conda:
         ENV
     script:
@@ -138,12 +150,14 @@ rule pair_gap:
 REPORTED = [
     *rules.table1.output, *rules.table2.output, *rules.r2_table.output,
     *rules.figure1.output, *rules.figure2.output, *rules.qualitative.output,
-    *rules.sweep_summary.output, *rules.pair_gap.output,
+    *rules.sweep_summary.output, *rules.pair_gap.output, *rules.scores_plot.output,
 ]
 
 
 rule provenance:
     input:
+        # Every leaf of the run, so every job of the run is upstream; the manifest itself covers
+        # every file under results/<run>/ (provenance.manifest).
         artifacts=REPORTED + TEST_EVALS + sweep_targets() + [MASK_FILES["vmask"]]
         + [f"{RUN}/variants/{v}.json" for v in VARIANTS]
         + expand(f"{RUN}/surrogate/L{{layer}}.safetensors", layer=config["layers"])
@@ -160,9 +174,13 @@ rule provenance:
     benchmark:
         f"{RUN}/benchmarks/provenance.tsv"
     params:
-        entry="postdiff.provenance:record",
-        config=config,
-        benchmark_root=f"{RUN}/benchmarks",
+        **stage(
+            "postdiff.provenance:record",
+            config=config,
+            code_hash=package_hash(),
+            run_dir=lambda wildcards, output: str(Path(output.run_id).parents[1]),  # results/<run>
+            benchmark_root=f"{RUN}/benchmarks",
+        ),
     conda:
         ENV
     script:

@@ -8,7 +8,6 @@ rule score_features:
         **model_inputs(),
     output:
         scores=f"{RUN}/selection/scores.parquet",
-        plot=report(f"{RUN}/selection/scores.png", caption="../report/scores.rst", category="Selection"),
     log:
         f"{RUN}/logs/selection/scores.log",
     benchmark:
@@ -18,11 +17,30 @@ rule score_features:
     resources:
         **gpu_resources(),
     params:
-        entry="postdiff.scoring:score_features",
-        **model_params(),
-        ridge_alpha=config["scoring"]["ridge_alpha"],
-        top_n=config["scoring"]["top_n"],
-        batch_size=SEL["batch_size"],
+        **stage(
+            "postdiff.scoring:score_features",
+            **model_params(),
+            ridge_alpha=config["scoring"]["ridge_alpha"],
+            batch_size=SEL["batch_size"],
+        ),
+    conda:
+        ENV
+    script:
+        STAGE
+
+
+# Its own job: `scoring.top_n` only sizes the plot, so changing it reruns the plot alone.
+rule scores_plot:
+    input:
+        scores=rules.score_features.output.scores,
+    output:
+        plot=report(f"{RUN}/selection/scores.png", caption="../report/scores.rst", category="Selection"),
+    log:
+        f"{RUN}/logs/selection/scores_plot.log",
+    benchmark:
+        f"{RUN}/benchmarks/selection/scores_plot.tsv"
+    params:
+        **stage("postdiff.scoring:plot_scores", top_n=config["scoring"]["top_n"]),
     conda:
         ENV
     script:
@@ -57,9 +75,11 @@ for target, sel in SELECTIONS.items():
             resources:
                 **gpu_resources(),
             params:
-                entry="postdiff.selection:select",
-                **sel["params"],
-                **model_params(),
+                **stage(
+                    "postdiff.selection:select",
+                    **sel["params"],
+                    **model_params(),
+                ),
             conda:
                 ENV
             script:
@@ -84,11 +104,13 @@ for target, sel in SELECTIONS.items():
             resources:
                 **gpu_resources(),
             params:
-                entry="postdiff.selection:select_shard",
-                shard=lambda wc: int(wc.shard),
-                n_shards=SEL["n_shards"],
-                **sel["params"],
-                **model_params(),
+                **stage(
+                    "postdiff.selection:select_shard",
+                    shard=lambda wc: int(wc.shard),
+                    n_shards=SEL["n_shards"],
+                    **sel["params"],
+                    **model_params(),
+                ),
             conda:
                 ENV
             script:
@@ -110,8 +132,10 @@ for target, sel in SELECTIONS.items():
             benchmark:
                 f"{RUN}/benchmarks/{sel['log']}/step{{step}}.tsv"
             params:
-                entry="postdiff.selection:select_step",
-                **sel["params"],
+                **stage(
+                    "postdiff.selection:select_step",
+                    **sel["params"],
+                ),
             conda:
                 ENV
             script:
@@ -132,8 +156,10 @@ for target, sel in SELECTIONS.items():
             benchmark:
                 f"{RUN}/benchmarks/{sel['log']}.tsv"
             params:
-                entry="postdiff.selection:select_finish",
-                **sel["params"],
+                **stage(
+                    "postdiff.selection:select_finish",
+                    **sel["params"],
+                ),
             conda:
                 ENV
             script:
@@ -152,8 +178,10 @@ rule baseline_masks:
     benchmark:
         f"{RUN}/benchmarks/selection/baselines.tsv"
     params:
-        entry="postdiff.selection:baseline_masks",
-        seed=config["baselines"]["seed"],
+        **stage(
+            "postdiff.selection:baseline_masks",
+            seed=config["baselines"]["seed"],
+        ),
     conda:
         ENV
     script:
@@ -172,7 +200,7 @@ rule sweep_summary:
     benchmark:
         f"{RUN}/benchmarks/sweep/summary.tsv"
     params:
-        entry="postdiff.selection:sweep_summary",
+        **stage("postdiff.selection:sweep_summary"),
     conda:
         ENV
     script:

@@ -12,12 +12,14 @@ rule suite:
     benchmark:
         f"{RUN}/benchmarks/suite.tsv"
     params:
-        entry="postdiff.suite:build_suite",
-        source=config["suite"]["source"],
-        builtin=config["suite"]["builtin"],
-        seed=config["suite"]["seed"],
-        sizes=config["suite"]["sizes"],
-        world=config["world"],
+        **stage(
+            "postdiff.suite:build_suite",
+            source=config["suite"]["source"],
+            builtin=config["suite"]["builtin"],
+            seed=config["suite"]["seed"],
+            sizes=config["suite"]["sizes"],
+            world=config["world"],
+        ),
     conda:
         ENV
     script:
@@ -34,9 +36,11 @@ rule split:
     benchmark:
         f"{RUN}/benchmarks/split.tsv"
     params:
-        entry="postdiff.splits:split_suite",
-        seed=config["suite"]["seed"],
-        sizes=config["suite"]["sizes"],
+        **stage(
+            "postdiff.splits:split_suite",
+            seed=config["suite"]["seed"],
+            sizes=config["suite"]["sizes"],
+        ),
     conda:
         ENV
     script:

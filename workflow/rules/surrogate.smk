@@ -25,11 +25,13 @@ rule train_surrogate:
     resources:
         **gpu_resources(),
     params:
-        entry="postdiff.surrogate:train_layer",
-        **model_params(),
-        layer=lambda wc: int(wc.layer),
-        layers=config["layers"],
-        **config["surrogate"],
+        **stage(
+            "postdiff.surrogate:train_layer",
+            **model_params(),
+            layer=lambda wc: int(wc.layer),
+            layers=config["layers"],
+            **config["surrogate"],
+        ),
     conda:
         ENV
     script:
@@ -54,11 +56,13 @@ rule surrogate_metrics:
     resources:
         **gpu_resources(),
     params:
-        entry="postdiff.surrogate:layer_metrics",
-        **model_params(),
-        layer=lambda wc: int(wc.layer),
-        layers=config["layers"],
-        splits=SPLITS,
+        **stage(
+            "postdiff.surrogate:layer_metrics",
+            **model_params(),
+            layer=lambda wc: int(wc.layer),
+            layers=config["layers"],
+            splits=SPLITS,
+        ),
     conda:
         ENV
     script:

@@ -16,9 +16,11 @@ rule teacher:
     resources:
         **gpu_resources(),
     params:
-        entry="postdiff.teacher:teacher",
-        **model_params(),
-        **config["teacher"],
+        **stage(
+            "postdiff.teacher:teacher",
+            **model_params(),
+            **config["teacher"],
+        ),
     conda:
         ENV
     script:

@@ -15,10 +15,12 @@ rule variant_spec:
     benchmark:
         f"{RUN}/benchmarks/variants/{{variant}}.tsv"
     params:
-        entry="postdiff.spec:build_spec",
-        surrogate_layers=config["layers"],
-        name=lambda wc: variant_label(wc.variant),
-        mode=lambda wc: VARIANTS[wc.variant]["mode"],
+        **stage(
+            "postdiff.spec:build_spec",
+            surrogate_layers=config["layers"],
+            name=lambda wc: variant_label(wc.variant),
+            mode=lambda wc: VARIANTS[wc.variant]["mode"],
+        ),
     conda:
         ENV
     script:

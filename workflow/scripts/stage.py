@@ -1,4 +1,13 @@
 # Every rule runs this one script; the stage itself is `params.entry` in src/postdiff/.
-from postdiff.runtime import run_stage
+# The workflow's own src/ goes first on the path: a job runs the code that its rule's `code` param
+# hashed (workflow/rules/common.smk), and needs no installed package (e.g. under --sdm conda).
+import sys
+from pathlib import Path
 
-run_stage(snakemake)  # noqa: F821 (injected by Snakemake)
+SRC = Path(snakemake.scriptdir).resolve().parents[1] / "src"  # noqa: F821 (injected by Snakemake)
+if (SRC / "postdiff" / "__init__.py").is_file():
+    sys.path.insert(0, str(SRC))
+
+from postdiff.runtime import run_stage  # noqa: E402
+
+run_stage(snakemake)  # noqa: F821
