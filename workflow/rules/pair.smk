@@ -42,8 +42,7 @@ if not config["toy"]["train"]:
             f"{RUN}/benchmarks/pair/shipped.tsv"
         localrule: True
         params:
-            entry="postdiff.toy.shipped:install",
-            **TOY,
+            **stage("postdiff.toy.shipped:install", **TOY),
         conda:
             ENV
         script:
