@@ -68,6 +68,16 @@ def test_forward_selection_known_answer_order_and_stop():
     assert step3 == {1: 1.0, 6: 4.0}  # both below 5: stop
 
 
+def test_min_gain_requires_a_margin_per_step():
+    objective, _ = additive({A: 1.0, B: 3.0, C: 2.0, D: -1.0}, {(B, A): -5.0})
+    # B adds 3 (> 2.5); C would add 2 (not > 2.5): stop after one step.
+    mask, value, steps = forward_select([A, B, C, D], objective, base=0.0, size_cap=5, min_gain=2.5)
+    assert mask == (B,) and value == 3.0 and steps["step"].max() == 2
+    # A gain equal to the margin is not enough; with no margin the same step is taken.
+    assert forward_select([B], objective, base=0.0, size_cap=5, min_gain=3.0)[0] == ()
+    assert forward_select([B], objective, base=0.0, size_cap=5, min_gain=0.0)[0] == (B,)
+
+
 def test_size_cap_base_ties_and_nan():
     objective, _ = additive({A: 1.0, B: 1.0, C: 1.0, D: 1.0})
     mask, value, _ = forward_select([C, A, B, D], objective, base=0.0, size_cap=2)

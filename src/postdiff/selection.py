@@ -41,6 +41,7 @@ DEFAULTS = {
     "lambda": 0.5,
     "size_cap": 5,
     "max_candidates": 32,
+    "min_gain": 0.0,
 }
 STEP_SCHEMA = {
     "step": pl.Int64,
@@ -138,8 +139,11 @@ def shard_candidates(state: State, shard: int, n_shards: int) -> list[Pair]:
     return [] if state.stopped else state.remaining[shard::n_shards]
 
 
-def advance(state: State, tried: Sequence[Pair], values: Sequence[float], size_cap: int) -> tuple[State, pl.DataFrame]:
-    """Take the best of the next step's ``tried`` candidates if it beats the mask so far.
+def advance(
+    state: State, tried: Sequence[Pair], values: Sequence[float], size_cap: int, min_gain: float = 0.0
+) -> tuple[State, pl.DataFrame]:
+    """Take the best of the next step's ``tried`` candidates if it beats the mask so far by more
+    than ``min_gain`` (0: any gain, the paper's rule).
 
     A NaN objective never counts as better; ties go to the candidate earlier in the pool.
     Returns the new state and the step's rows (every tried candidate, the chosen one flagged).
@@ -152,7 +156,7 @@ def advance(state: State, tried: Sequence[Pair], values: Sequence[float], size_c
     if sorted(tried, key=order.__getitem__) != state.remaining:
         raise ValueError(f"step {step}: evaluated candidates {list(tried)} are not the remaining pool {state.remaining}")
     best = max(range(len(tried)), key=lambda i: (-math.inf if math.isnan(values[i]) else values[i], -order[tried[i]]))
-    better = not math.isnan(values[best]) and (math.isnan(state.objective) or values[best] > state.objective)
+    better = not math.isnan(values[best]) and (math.isnan(state.objective) or values[best] > state.objective + min_gain)
     rows = pl.DataFrame(
         [dict(step=step, layer=c[0], feature=c[1], objective=v, chosen=better and i == best)
          for i, (c, v) in sorted(enumerate(zip(tried, values)), key=lambda t: order[t[1][0]])],
@@ -168,10 +172,14 @@ def advance(state: State, tried: Sequence[Pair], values: Sequence[float], size_c
 
 
 def forward_select(
-    pool: Sequence[Pair], objective: Callable[[list[Mask]], list[float]], base: float, size_cap: int
+    pool: Sequence[Pair],
+    objective: Callable[[list[Mask]], list[float]],
+    base: float,
+    size_cap: int,
+    min_gain: float = 0.0,
 ) -> tuple[Mask, float, pl.DataFrame]:
     """Add, one at a time, the candidate whose mask scores highest, while that beats the mask
-    so far (``base`` for the empty one) and the mask is below ``size_cap``.
+    so far (``base`` for the empty one) by more than ``min_gain`` and the mask is below ``size_cap``.
 
     ``objective`` scores a list of masks at once (one call per step). Returns the mask, its
     objective and every evaluated candidate per step.
@@ -179,7 +187,7 @@ def forward_select(
     state, steps = start(pool, base, size_cap), []
     while not state.stopped:
         tried = state.remaining
-        state, rows = advance(state, tried, objective([state.chosen + (c,) for c in tried]), size_cap)
+        state, rows = advance(state, tried, objective([state.chosen + (c,) for c in tried]), size_cap, min_gain)
         steps.append(rows)
     return state.chosen, state.objective, pl.concat(steps) if steps else pl.DataFrame(schema=STEP_SCHEMA)
 
@@ -217,6 +225,7 @@ class Selection:
     exclusion: float | None
     lam: float
     size_cap: int
+    min_gain: float
     max_candidates: int | None
     pool: list[Pair]
     base: float
@@ -230,11 +239,13 @@ class Selection:
         cutoff, exclusion = _param(p, rule.cutoff_key), _param(p, rule.exclusion_key)
         lam = float(p.get("lambda", DEFAULTS["lambda"]))
         size_cap = int(p.get("size_cap", DEFAULTS["size_cap"]))
+        min_gain = float(p.get("min_gain", DEFAULTS["min_gain"]))
         max_candidates = p.get("max_candidates", DEFAULTS["max_candidates"])
         max_candidates = None if max_candidates is None else int(max_candidates)
         max_new_tokens = int(p["max_new_tokens"])
-        if size_cap < 0 or (max_candidates is not None and max_candidates < 1):
-            raise ValueError(f"selection: need size_cap >= 0 and max_candidates >= 1, got {size_cap}, {max_candidates}")
+        if size_cap < 0 or (max_candidates is not None and max_candidates < 1) or not min_gain >= 0:
+            raise ValueError(f"selection: need size_cap >= 0, max_candidates >= 1 and min_gain >= 0, "
+                             f"got {size_cap}, {max_candidates}, {min_gain}")
         scores = pl.read_parquet(job.input["scores"])
         needed = ["layer", "feature", rule.score, *([rule.exclude_by] if rule.exclude_by else [])]
         if missing := [c for c in needed if c not in scores.columns]:
@@ -251,7 +262,7 @@ class Selection:
         score_of = partial(rule.objective, refs=refs, lam=lam)
         pool = candidates(scores, rule, cutoff, exclusion, max_candidates)
         log.info("%s: %d candidates, base objective %.5f", rule.name, len(pool), score_of(refs[rule.unmasked]))
-        return cls(job, rule, cutoff, exclusion, lam, size_cap, max_candidates, pool, score_of(refs[rule.unmasked]),
+        return cls(job, rule, cutoff, exclusion, lam, size_cap, min_gain, max_candidates, pool, score_of(refs[rule.unmasked]),
                    score_of, rows,
                    Variant(name=f"select_{rule.name}", mode=rule.mode, gates=full.gates, surrogates=full.surrogates))
 
@@ -292,6 +303,7 @@ class Selection:
                 "exclusion": self.exclusion,
                 "lambda": self.lam,
                 "size_cap": self.size_cap,
+                "min_gain": self.min_gain,
                 "max_candidates": self.max_candidates,
                 "n_candidates": len(self.pool),
             },
@@ -315,7 +327,7 @@ def select(job: Job) -> None:
     ``full_records``); output: ``mask`` (JSON), ``steps`` (Parquet)."""
     sel = Selection.read(job, _rule(job))
     objective = sel.objective() if sel.pool else None
-    sel.write(*forward_select(sel.pool, objective, sel.base, sel.size_cap))
+    sel.write(*forward_select(sel.pool, objective, sel.base, sel.size_cap, sel.min_gain))
 
 
 def _previous(job: Job, sel: Selection) -> State:
@@ -351,7 +363,7 @@ def select_step(job: Job) -> None:
     paths = job.input["values"]
     values = pl.concat([pl.read_parquet(p) for p in ([paths] if isinstance(paths, str) else paths)])
     tried = [(int(a), int(b)) for a, b in values.select("layer", "feature").iter_rows()]
-    state, steps = advance(state, tried, values["objective"].to_list(), sel.size_cap)
+    state, steps = advance(state, tried, values["objective"].to_list(), sel.size_cap, sel.min_gain)
     write_parquet(steps, job.output["steps"])
     write_json(state.to_json(), job.output["state"])
 

@@ -254,7 +254,7 @@ SEL = config["selection"]
 
 def selection_params(**extra):
     """A selection's own params; the jobs that evaluate candidates add `model_params()`."""
-    keys = ("lambda", "size_cap", "max_candidates", "max_new_tokens", "batch_size")
+    keys = ("lambda", "size_cap", "min_gain", "max_candidates", "max_new_tokens", "batch_size")
     return dict(**{k: SEL[k] for k in keys}, **extra)
 
 
