@@ -13,6 +13,8 @@ from snakemake.api import SnakemakeApi
 from snakemake.settings.types import ConfigSettings, DAGSettings, OutputSettings, ResourceSettings
 from workflow_utils import copy_workflow
 
+from postdiff.runtime import Job
+
 GEMMA = "config/gemma3-4b.yaml"
 
 
@@ -63,3 +65,11 @@ def test_the_pair_is_fingerprinted_once_per_run(gemma_jobs: list) -> None:
     pair_file = str(info[0].output[0])
     loaders = [job for job in gemma_jobs if "device" in dict(job.params.items())]
     assert all(pair_file in map(str, job.input) for job in loaders)
+
+
+def test_a_retry_halves_the_batch_size_each_time() -> None:
+    sizes = [Job(input={}, output={}, params={"batch_size": 64}, attempt=a).batch_size() for a in (1, 2, 3, 8)]
+    assert sizes == [64, 32, 16, 1]
+    assert Job(input={}, output={}, params={"max_batch": 10}, attempt=2).batch_size("max_batch") == 5
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        Job(input={}, output={}, params={"batch_size": 0}).batch_size()
