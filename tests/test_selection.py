@@ -12,6 +12,7 @@ from postdiff import variants as V
 from postdiff.evaluate import evaluate, evaluate_masks, read_rows
 from postdiff.models import load_model
 from postdiff.runtime import Job
+from postdiff import metrics
 from postdiff.selection import (
     RULES,
     STEP_SCHEMA,
@@ -21,6 +22,7 @@ from postdiff.selection import (
     layer_mask,
     mass_mask,
     State,
+    step_gains,
     advance,
     random_mask,
     select,
@@ -76,6 +78,22 @@ def test_min_gain_requires_a_margin_per_step():
     # A gain equal to the margin is not enough; with no margin the same step is taken.
     assert forward_select([B], objective, base=0.0, size_cap=5, min_gain=3.0)[0] == ()
     assert forward_select([B], objective, base=0.0, size_cap=5, min_gain=0.0)[0] == (B,)
+
+
+def test_step_gains_known_answers():
+    """A step that changes nothing gains exactly 0 in every resample; a step to IT-like records
+    gains what the objectives say, with an interval around it."""
+    frames = metrics.synthetic_records({"PT": 0.0, "IT": 1.0, "half": 0.5}, n_per_slice=30)
+    refs = {"pt": frames["PT"], "it": frames["IT"]}
+    point = metrics.summary(metrics.align({k: v.with_columns(pl.col("kl").fill_null(0.0)) for k, v in frames.items()}))
+    same = step_gains(RULES["cap"], 0.5, refs, frames["PT"], [frames["PT"]], B=200, seed=0, level=0.95)
+    assert same == [{"step": 1, "objective": pytest.approx(point["PT"]["Cap"]), "gain": 0.0, "lo": 0.0, "hi": 0.0}]
+    two = step_gains(RULES["cap"], 0.5, refs, frames["PT"], [frames["half"], frames["IT"]], B=200, seed=0, level=0.95)
+    half = point["half"]["Cap"] - 0.5 * point["half"]["VerbCarry"] - point["PT"]["Cap"]
+    assert [g["step"] for g in two] == [1, 2]
+    assert two[0]["gain"] == pytest.approx(half) and two[1]["objective"] == pytest.approx(point["IT"]["Cap"] - 0.5)
+    assert all(g["lo"] < g["gain"] < g["hi"] for g in two)
+    assert step_gains(RULES["cap"], 0.5, refs, frames["PT"], [], B=10, seed=0, level=0.95) == []
 
 
 def test_size_cap_base_ties_and_nan():
@@ -220,28 +238,35 @@ def test_selection_stages_pick_the_feature_that_makes_the_gold_answers(world, tm
             paths[f"{name}_records"] = str(tmp_path / f"{rule}_{name}.parquet")
             rec.write_parquet(paths[f"{name}_records"])
         refs = {name[:-8]: selector_metrics(pl.read_parquet(p)) for name, p in paths.items()}
-        out = {"mask": str(tmp_path / f"{rule}.json"), "steps": str(tmp_path / f"{rule}_steps.parquet")}
+        out = {"mask": str(tmp_path / f"{rule}.json"), "steps": str(tmp_path / f"{rule}_steps.parquet"),
+               "records": str(tmp_path / f"{rule}_records.parquet")}
         inputs = {"variant": world.write_variant(full), "split": split_path, "teacher": world.teacher,
                   "scores": str(tmp_path / "scores.parquet"), **paths}
         params = {**world.model_params, **params, "selection": rule, "lambda": 0.5, "size_cap": 2, "max_candidates": 4,
-                  "max_new_tokens": NEW, "batch_size": 16}
+                  "max_new_tokens": NEW, "batch_size": 16, "gain_bootstrap": {"B": 500, "seed": 0, "level": 0.95}}
         select(Job(input=inputs, output=out, params=params))
         # The same selection as a cluster runs it: two candidate shards per step, merged.
-        state, step_rows = [], []
+        state, step_rows, step_records = [], [], []
         for step in (1, 2):
             values = [str(tmp_path / f"{rule}_s{step}_{s}.parquet") for s in range(2)]
-            for s, path in enumerate(values):
-                select_shard(Job(input={**inputs, "state": state}, output={"values": path},
+            shard_records = [str(tmp_path / f"{rule}_s{step}_{s}_records.parquet") for s in range(2)]
+            for s, (path, rec_path) in enumerate(zip(values, shard_records)):
+                select_shard(Job(input={**inputs, "state": state}, output={"values": path, "records": rec_path},
                                  params={**params, "shard": s, "n_shards": 2}))
             step_rows.append(str(tmp_path / f"{rule}_s{step}_rows.parquet"))
-            select_step(Job(input={**inputs, "state": state, "values": values},
-                            output={"state": str(tmp_path / f"{rule}_s{step}.json"), "steps": step_rows[-1]},
+            step_records.append(str(tmp_path / f"{rule}_s{step}_records.parquet"))
+            select_step(Job(input={**inputs, "state": state, "values": values, "records": shard_records},
+                            output={"state": str(tmp_path / f"{rule}_s{step}.json"), "steps": step_rows[-1],
+                                    "records": step_records[-1]},
                             params=params))
             state = str(tmp_path / f"{rule}_s{step}.json")
-        sharded = {"mask": str(tmp_path / f"{rule}_sharded.json"), "steps": str(tmp_path / f"{rule}_sharded.parquet")}
-        select_finish(Job(input={**inputs, "state": state, "steps": step_rows}, output=sharded, params=params))
+        sharded = {"mask": str(tmp_path / f"{rule}_sharded.json"), "steps": str(tmp_path / f"{rule}_sharded.parquet"),
+                   "records": str(tmp_path / f"{rule}_sharded_records.parquet")}
+        select_finish(Job(input={**inputs, "state": state, "steps": step_rows, "step_records": step_records},
+                          output=sharded, params=params))
         assert json.loads(open(sharded["mask"]).read()) == json.loads(open(out["mask"]).read())
         assert pl.read_parquet(sharded["steps"]).equals(pl.read_parquet(out["steps"]))
+        assert pl.read_parquet(sharded["records"]).equals(pl.read_parquet(out["records"]))
         result = json.loads((tmp_path / f"{rule}.json").read_text())
         steps = pl.read_parquet(out["steps"])
         assert result["n_candidates"] == 4 and steps.filter(pl.col("step") == 1).height == 4
@@ -252,6 +277,18 @@ def test_selection_stages_pick_the_feature_that_makes_the_gold_answers(world, tm
         assert result["base_objective"] == pytest.approx(
             RULES[rule].objective(refs[RULES[rule].unmasked], refs, 0.5))
         assert result["objective"] > result["base_objective"]
+        # Each accepted step: its records are its mask's alone, its gain the objective's rise.
+        records, gains = pl.read_parquet(out["records"]), result["step_gains"]
+        assert [(g["step"], g["layer"], g["feature"]) for g in gains] == [(t + 1, *c) for t, c in enumerate(chosen)]
+        previous = result["base_objective"]
+        for g in gains:
+            mask = layer_mask(chosen[: g["step"]])
+            alone = Variant(name="x", mode=template.mode, gates=full.gates, surrogates=full.surrogates, mask=mask)
+            rec = evaluate(model, tok, rows, alone, V.edits(alone, modules), NEW, 5, None)
+            assert records.filter(pl.col("step") == g["step"])["text"].to_list() == rec["text"].to_list()
+            assert g["gain"] == pytest.approx(g["objective"] - previous, abs=1e-12) and g["lo"] <= g["hi"]
+            previous = g["objective"]
+        assert previous == pytest.approx(result["objective"], abs=1e-12)
         # Every step's objective is its mask's objective measured alone.
         for step, layer, feature, objective in steps.select("step", "layer", "feature", "objective").rows():
             mask = layer_mask([*chosen[: step - 1], (layer, feature)])

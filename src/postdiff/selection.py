@@ -13,16 +13,16 @@ import json
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from functools import cached_property, partial
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
 import polars as pl
 
-from postdiff import metrics
+from postdiff import bootstrap, metrics
 from postdiff import variants as V
-from postdiff.evaluate import check_budget, evaluate_masks, load_pt
+from postdiff.evaluate import RECORD_SCHEMA, check_budget, evaluate_masks, load_pt
 from postdiff.io import read_json, write_json, write_parquet, write_text
 from postdiff.runtime import Job
 from postdiff.scoring import aligned_records, selector_inputs
@@ -43,6 +43,8 @@ DEFAULTS = {
     "max_candidates": 32,
     "min_gain": 0.0,
 }
+# Per-prompt selector records of each accepted step's mask (step 1 is the one-feature mask).
+STEP_RECORD_SCHEMA = {"step": pl.Int64, **RECORD_SCHEMA}
 STEP_SCHEMA = {
     "step": pl.Int64,
     "layer": pl.Int64,
@@ -71,8 +73,9 @@ class Rule:
 
 
 def verb_carry(m: Metrics, refs: Mapping[str, Metrics]) -> float:
-    return float(metrics.verb_carry(m["Len"], refs["pt"]["Len"], refs["it"]["Len"],
-                                    m["BrevEx"], refs["pt"]["BrevEx"], refs["it"]["BrevEx"]))
+    """Works on floats and, elementwise, on bootstrap resamples ``[B]``."""
+    return metrics.verb_carry(m["Len"], refs["pt"]["Len"], refs["it"]["Len"],
+                              m["BrevEx"], refs["pt"]["BrevEx"], refs["it"]["BrevEx"])
 
 
 def cap_objective(m: Metrics, refs: Mapping[str, Metrics], lam: float) -> float:
@@ -192,6 +195,35 @@ def forward_select(
     return state.chosen, state.objective, pl.concat(steps) if steps else pl.DataFrame(schema=STEP_SCHEMA)
 
 
+def step_gains(
+    rule: Rule, lam: float, references: Mapping[str, pl.DataFrame], unmasked: pl.DataFrame,
+    steps: Sequence[pl.DataFrame], B: int, seed: int, level: float,
+) -> list[dict[str, float]]:
+    """Each accepted step's gain in the selection objective over the mask before it (the
+    ``unmasked`` variant's records before step 1), with a paired, slice-stratified bootstrap
+    interval over the selector prompts: every resample redraws the prompts of all masks and
+    references alike, and recomputes both objectives."""
+    if not steps:
+        return []
+    # KL is not measured during selection; the objective never reads it.
+    frames = {f"ref:{k}": v for k, v in references.items()} | {f"step{t}": f for t, f in enumerate([unmasked, *steps])}
+    arrays = metrics.align({k: f.with_columns(pl.col("kl").fill_null(0.0)) for k, f in frames.items()})
+    counts = bootstrap.resample_counts(bootstrap.stratified_indices(arrays.codes, B, np.random.default_rng(seed)))
+    point = metrics.summary(arrays, "ref:pt", "ref:it")
+    samples = bootstrap.resampled_metrics(arrays, list(frames), counts, "ref:pt", "ref:it")
+
+    def objective(by_variant: Mapping[str, Mapping], t: int):
+        refs = {k.removeprefix("ref:"): v for k, v in by_variant.items() if k.startswith("ref:")}
+        return rule.objective(by_variant[f"step{t}"], refs, lam)
+
+    out = []
+    for t in range(1, len(steps) + 1):
+        lo, hi = bootstrap.percentile_interval(objective(samples, t) - objective(samples, t - 1), level)
+        out.append({"step": t, "objective": float(objective(point, t)),
+                    "gain": float(objective(point, t) - objective(point, t - 1)), "lo": lo, "hi": hi})
+    return out
+
+
 def layer_mask(mask: Sequence[Pair]) -> dict[int, list[int]]:
     out: dict[int, list[int]] = {}
     for layer, feature in mask:
@@ -232,6 +264,9 @@ class Selection:
     score_of: Callable[[Metrics], float]
     rows: pl.DataFrame
     variant: Variant
+    references: dict[str, pl.DataFrame]  # the references' selector records, in ``rows`` order
+    # Records of every mask evaluated in this job, so accepted steps' records can be saved.
+    evaluated: dict[Mask, pl.DataFrame] = field(default_factory=dict)
 
     @classmethod
     def read(cls, job: Job, rule: Rule) -> Selection:
@@ -252,19 +287,23 @@ class Selection:
             raise ValueError(f"{job.input['scores']}: missing columns {missing}")
         full, rows = selector_inputs(job, "selection")
         check_budget(rows, max_new_tokens, job.input["teacher"])
-        refs = {}
+        references = {}
         for ref in rule.references:
             path = job.input[f"{ref}_records"]
-            records = aligned_records(pl.read_parquet(path), rows["id"].to_list(), path)
-            if int(records["n_tokens"].max()) > max_new_tokens:
+            references[ref] = aligned_records(pl.read_parquet(path), rows["id"].to_list(), path)
+            if int(references[ref]["n_tokens"].max()) > max_new_tokens:
                 raise ValueError(f"{path}: records run past max_new_tokens={max_new_tokens}; use the same budget")
-            refs[ref] = selector_metrics(records)
-        score_of = partial(rule.objective, refs=refs, lam=lam)
+        refs = {ref: selector_metrics(records) for ref, records in references.items()}
+
+        def score_of(m: Metrics) -> float:
+            return float(rule.objective(m, refs, lam))
+
         pool = candidates(scores, rule, cutoff, exclusion, max_candidates)
         log.info("%s: %d candidates, base objective %.5f", rule.name, len(pool), score_of(refs[rule.unmasked]))
         return cls(job, rule, cutoff, exclusion, lam, size_cap, min_gain, max_candidates, pool, score_of(refs[rule.unmasked]),
                    score_of, rows,
-                   Variant(name=f"select_{rule.name}", mode=rule.mode, gates=full.gates, surrogates=full.surrogates))
+                   Variant(name=f"select_{rule.name}", mode=rule.mode, gates=full.gates, surrogates=full.surrogates),
+                   references)
 
     def start(self) -> State:
         return start(self.pool, self.base, self.size_cap)
@@ -285,15 +324,31 @@ class Selection:
                 return []
             records = evaluate_masks(model, tokenizer, self.rows, self.variant, modules, [layer_mask(m) for m in masks],
                                      int(p["max_new_tokens"]), self.job.batch_size())
-            return [self.score_of(selector_metrics(records.filter(pl.col("candidate") == c))) for c in range(len(masks))]
+            for c, mask in enumerate(masks):
+                self.evaluated[mask] = records.filter(pl.col("candidate") == c).drop("candidate")
+            return [self.score_of(selector_metrics(self.evaluated[mask])) for mask in masks]
 
         return objective
 
-    def write(self, mask: Mask, objective: float, steps: pl.DataFrame) -> None:
-        out = self.job.output
+    def step_records(self, mask: Mask) -> pl.DataFrame:
+        """Selector records of the masks ``mask[:1], mask[:2], ...``, evaluated in this job."""
+        frames = [self.evaluated[mask[:t]].with_columns(pl.lit(t, dtype=pl.Int64).alias("step")) for t in range(1, len(mask) + 1)]
+        return pl.concat([f.select(list(STEP_RECORD_SCHEMA)) for f in frames]) if frames else pl.DataFrame(schema=STEP_RECORD_SCHEMA)
+
+    def write(self, mask: Mask, objective: float, steps: pl.DataFrame, records: pl.DataFrame) -> None:
+        """The mask JSON (with each accepted step's gain and its interval), the steps' rows and
+        the accepted steps' per-prompt records."""
+        out, p = self.job.output, self.job.params.get("gain_bootstrap", {})
+        by_step = [records.filter(pl.col("step") == t).drop("step") for t in range(1, len(mask) + 1)]
+        gains = step_gains(self.rule, self.lam, self.references, self.references[self.rule.unmasked], by_step,
+                           int(p.get("B", 10_000)), int(p.get("seed", 0)), float(p.get("level", 0.95)))
+        for gain, pair in zip(gains, mask):
+            log.info("step %d: %s gain %.5f [%.5f, %.5f]", gain["step"], pair, gain["gain"], gain["lo"], gain["hi"])
         write_parquet(steps, out["steps"])
+        write_parquet(records, out["records"])
         write_json(
             {
+                "step_gains": [{**g, "layer": pair[0], "feature": pair[1]} for g, pair in zip(gains, mask)],
                 "rule": self.rule.name,
                 "mask": layer_mask(mask),
                 "order": [list(pair) for pair in mask],
@@ -327,7 +382,8 @@ def select(job: Job) -> None:
     ``full_records``); output: ``mask`` (JSON), ``steps`` (Parquet)."""
     sel = Selection.read(job, _rule(job))
     objective = sel.objective() if sel.pool else None
-    sel.write(*forward_select(sel.pool, objective, sel.base, sel.size_cap, sel.min_gain))
+    mask, value, steps = forward_select(sel.pool, objective, sel.base, sel.size_cap, sel.min_gain)
+    sel.write(mask, value, steps, sel.step_records(mask))
 
 
 def _previous(job: Job, sel: Selection) -> State:
@@ -353,6 +409,12 @@ def select_shard(job: Job) -> None:
     write_parquet(pl.DataFrame({"layer": [c[0] for c in tried], "feature": [c[1] for c in tried], "objective": values},
                                schema={"layer": pl.Int64, "feature": pl.Int64, "objective": pl.Float64}),
                   job.output["values"])
+    # Every tried mask's records: the step's merge keeps the accepted one's.
+    candidate = {"layer": pl.Int64, "feature": pl.Int64}
+    records = [sel.evaluated[state.chosen + (c,)].with_columns(pl.lit(c[0]).alias("layer"), pl.lit(c[1]).alias("feature"))
+               for c in tried]
+    write_parquet(pl.concat([r.select(*RECORD_SCHEMA, *candidate) for r in records]) if records
+                  else pl.DataFrame(schema={**RECORD_SCHEMA, **candidate}), job.output["records"])
 
 
 def select_step(job: Job) -> None:
@@ -363,8 +425,17 @@ def select_step(job: Job) -> None:
     paths = job.input["values"]
     values = pl.concat([pl.read_parquet(p) for p in ([paths] if isinstance(paths, str) else paths)])
     tried = [(int(a), int(b)) for a, b in values.select("layer", "feature").iter_rows()]
+    before = len(state.chosen)
     state, steps = advance(state, tried, values["objective"].to_list(), sel.size_cap, sel.min_gain)
+    records = pl.DataFrame(schema=STEP_RECORD_SCHEMA)
+    if len(state.chosen) > before:
+        layer, feature = state.chosen[-1]
+        paths = job.input["records"]
+        shards = pl.concat([pl.read_parquet(p) for p in ([paths] if isinstance(paths, str) else paths)])
+        accepted = shards.filter((pl.col("layer") == layer) & (pl.col("feature") == feature))
+        records = accepted.with_columns(pl.lit(len(state.chosen), dtype=pl.Int64).alias("step")).select(list(STEP_RECORD_SCHEMA))
     write_parquet(steps, job.output["steps"])
+    write_parquet(records, job.output["records"])
     write_json(state.to_json(), job.output["state"])
 
 
@@ -377,7 +448,9 @@ def select_finish(job: Job) -> None:
     state = _previous(job, sel)
     if not state.stopped:
         raise ValueError(f"{job.input['state']}: selection has not finished after step {state.step}")
-    sel.write(state.chosen, state.objective, steps)
+    paths = job.input["step_records"]
+    records = pl.concat([pl.read_parquet(p) for p in ([paths] if isinstance(paths, str) else paths)])
+    sel.write(state.chosen, state.objective, steps, records.sort("step", maintain_order=True))
 
 
 def read_mask_file(path: str) -> dict:

@@ -255,7 +255,9 @@ SEL = config["selection"]
 def selection_params(**extra):
     """A selection's own params; the jobs that evaluate candidates add `model_params()`."""
     keys = ("lambda", "size_cap", "min_gain", "max_candidates", "max_new_tokens", "batch_size")
-    return dict(**{k: SEL[k] for k in keys}, **extra)
+    # Each accepted step's gain gets an interval from the same paired bootstrap as Table 2.
+    gain_bootstrap = {k: config["bootstrap"][k] for k in ("B", "seed", "level")}
+    return dict(**{k: SEL[k] for k in keys}, gain_bootstrap=gain_bootstrap, **extra)
 
 
 # The two forward selections: where each writes its mask, steps, per-step work and logs.
@@ -264,6 +266,7 @@ SELECTIONS = {
         input=dict(**SELECTOR, **SELECTION_REFERENCES, **model_inputs()),
         mask=f"{RUN}/sweep/verb_exclusion={{exclusion}}/cap_cutoff={{cutoff}}/cap_mask.json",
         steps=f"{RUN}/sweep/verb_exclusion={{exclusion}}/cap_cutoff={{cutoff}}/steps.parquet",
+        records=f"{RUN}/sweep/verb_exclusion={{exclusion}}/cap_cutoff={{cutoff}}/step_records.parquet",
         work=f"{RUN}/sweep/verb_exclusion={{exclusion}}/cap_cutoff={{cutoff}}/select",
         log=f"sweep/verb_exclusion={{exclusion}}/cap_cutoff={{cutoff}}",
         params=selection_params(
@@ -276,6 +279,7 @@ SELECTIONS = {
         input=dict(**SELECTOR, **SELECTION_REFERENCES, **model_inputs(), full_records=f"{RUN}/eval/selector/FullDelta.parquet"),
         mask=f"{RUN}/selection/vmask.json",
         steps=f"{RUN}/selection/vmask_steps.parquet",
+        records=f"{RUN}/selection/vmask_step_records.parquet",
         work=f"{RUN}/selection/vmask",
         log="selection/vmask",
         params=selection_params(selection="vmask", verb_cutoff=SEL["verb_cutoff"]),
@@ -292,9 +296,10 @@ def previous_state(work):
     return lambda wc: [] if int(wc.step) == 1 else _filled(f"{work}/step{int(wc.step) - 1}.json", wc)
 
 
-def step_values(work):
-    """Input function: every candidate shard's objective values of one step."""
-    return lambda wc: [_filled(f"{work}/step{wc.step}/shard{s}.parquet", wc) for s in range(SEL["n_shards"])]
+def step_values(work, suffix=""):
+    """Input function: every candidate shard's objective values (or, with `suffix` "_records",
+    its candidates' selector records) of one step."""
+    return lambda wc: [_filled(f"{work}/step{wc.step}/shard{s}{suffix}.parquet", wc) for s in range(SEL["n_shards"])]
 
 
 def last_step(work):
@@ -303,6 +308,7 @@ def last_step(work):
     return dict(
         state=lambda wc: _filled(f"{work}/step{SEL['size_cap']}.json", wc),
         steps=lambda wc: [_filled(f"{work}/step{t}.parquet", wc) for t in steps],
+        step_records=lambda wc: [_filled(f"{work}/step{t}_records.parquet", wc) for t in steps],
     )
 
 

@@ -51,6 +51,7 @@ wildcard_constraints:
     exclusion=r"[^/]+",
     cutoff=r"[^/]+",
     step=r"\d+",
+    shard=r"\d+",
 
 
 # One job per selection; or, with `selection.n_shards` > 1, every step's candidates cut into
@@ -66,6 +67,7 @@ for target, sel in SELECTIONS.items():
             output:
                 mask=sel["mask"],
                 steps=sel["steps"],
+                records=sel["records"],
             log:
                 f"{RUN}/logs/{sel['log']}.log",
             benchmark:
@@ -95,6 +97,7 @@ for target, sel in SELECTIONS.items():
                 state=previous_state(sel["work"]),
             output:
                 values=f"{sel['work']}/step{{step}}/shard{{shard}}.parquet",
+                records=f"{sel['work']}/step{{step}}/shard{{shard}}_records.parquet",
             log:
                 f"{RUN}/logs/{sel['log']}/step{{step}}/shard{{shard}}.log",
             benchmark:
@@ -124,9 +127,11 @@ for target, sel in SELECTIONS.items():
                 **sel["input"],
                 state=previous_state(sel["work"]),
                 values=step_values(sel["work"]),
+                records=step_values(sel["work"], "_records"),
             output:
                 state=f"{sel['work']}/step{{step}}.json",
                 steps=f"{sel['work']}/step{{step}}.parquet",
+                records=f"{sel['work']}/step{{step}}_records.parquet",
             log:
                 f"{RUN}/logs/{sel['log']}/step{{step}}.log",
             benchmark:
@@ -151,6 +156,7 @@ for target, sel in SELECTIONS.items():
             output:
                 mask=sel["mask"],
                 steps=sel["steps"],
+                records=sel["records"],
             log:
                 f"{RUN}/logs/{sel['log']}.log",
             benchmark:
