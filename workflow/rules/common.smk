@@ -312,12 +312,13 @@ def last_step(work):
     )
 
 
-def sweep_targets():
-    """Every cutoff of the grid under the locked exclusion, and the locked cutoff under the strict one."""
+def sweep_targets(output="mask"):
+    """Every cutoff of the grid under the locked exclusion, and the locked cutoff under the strict
+    one: their CapMask files (or another `output` of the cap selection, e.g. "records")."""
     locked, strict = threshold(SEL["verb_exclusion"]), threshold(config["sweep"]["strict_verb_exclusion"])
     pairs = [(locked, threshold(c)) for c in config["sweep"]["cap_cutoffs"]] + [(strict, threshold(SEL["cap_cutoff"]))]
     # One path per threshold pair: `[1, 2, 2.0]` is two selections, not three.
-    return [f"{RUN}/sweep/verb_exclusion={e}/cap_cutoff={c}/cap_mask.json" for e, c in dict.fromkeys(pairs)]
+    return [SELECTIONS["cap"][output].format(exclusion=e, cutoff=c) for e, c in dict.fromkeys(pairs)]
 
 
 BOOT = config["bootstrap"]

@@ -159,6 +159,7 @@ rule provenance:
         # Every leaf of the run, so every job of the run is upstream; the manifest itself covers
         # every file under results/<run>/ (provenance.manifest).
         artifacts=REPORTED + TEST_EVALS + sweep_targets() + [MASK_FILES["vmask"]]
+        + sweep_targets("records") + [SELECTIONS["vmask"]["records"]]
         + [f"{RUN}/variants/{v}.json" for v in VARIANTS]
         + expand(f"{RUN}/surrogate/L{{layer}}.safetensors", layer=config["layers"])
         + [f"{RUN}/suite/{split}.parquet" for split in SPLITS]
