@@ -10,18 +10,14 @@ from tqdm.auto import tqdm
 
 from postdiff.forward import EditFactory, Edits, as_variant, edits_for, length_sorted_batches
 from postdiff.hook import intervene
+from postdiff.models import stop_set
 from postdiff.template import left_padded_prompts
 
 
 def stop_ids(model: nn.Module, tokenizer) -> list[int]:
     """The tokenizer's EOS plus the model's generation EOS ids, which :func:`postdiff.models.load_model`
     sets to the pair's one stop set."""
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = {tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])}
-    ids.discard(None)
-    if not ids:
-        raise ValueError("neither the tokenizer nor the model's generation config names an EOS token")
-    return sorted(ids)
+    return stop_set(tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None))
 
 
 def cut_at_eos(tokens: list[int], eos: Sequence[int]) -> tuple[list[int], bool]:

@@ -122,15 +122,20 @@ def generation_eos(spec: str, local_only: bool | None = None) -> list[int]:
     return _eos_list(config.eos_token_id)
 
 
-def stop_ids(tokenizer, *specs: str) -> list[int]:
+def stop_set(tokenizer_eos: int | None, *eos_values: int | list[int] | None) -> list[int]:
+    """The sorted union of a tokenizer's EOS id and generation-config EOS values (int or list)."""
+    ids = {tokenizer_eos, *(i for value in eos_values for i in _eos_list(value))}
+    ids.discard(None)
+    if not ids:
+        raise ValueError("neither the tokenizer nor any generation config names an EOS token")
+    return sorted(ids)
+
+
+def pair_stop_ids(tokenizer, *specs: str) -> list[int]:
     """The stop set of a pair: the tokenizer's EOS and every EOS id in the generation configs of
     ``specs``. Gemma 3 IT stops on ``<end_of_turn>`` as well as ``<eos>`` and its PT on ``<eos>``
     alone; a steered PT that emits ``<end_of_turn>`` must stop where the IT teacher stops."""
-    ids = {tokenizer.eos_token_id, *(i for spec in specs for i in generation_eos(spec))}
-    ids.discard(None)
-    if not ids:
-        raise ValueError(f"neither the tokenizer nor the generation configs of {list(specs)} name an EOS token")
-    return sorted(ids)
+    return stop_set(tokenizer.eos_token_id, *(generation_eos(spec) for spec in specs))
 
 
 def load_model(
@@ -138,7 +143,7 @@ def load_model(
 ) -> tuple[nn.Module, object]:
     """``(model, tokenizer)`` from a hub id or local HF directory, in eval mode without grads.
 
-    The model's generation config is set to stop on :func:`stop_ids` of ``spec`` and its
+    The model's generation config is set to stop on :func:`pair_stop_ids` of ``spec`` and its
     ``partner`` (the other model of the pair), so PT and IT generate under one stop set.
     """
     from transformers import AutoModelForCausalLM
@@ -151,7 +156,7 @@ def load_model(
     # No device_map: that would make `accelerate` a hard dependency for a single-device load.
     model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dtype, local_files_only=local)
     model.to(dev).eval().requires_grad_(False)
-    model.generation_config.eos_token_id = stop_ids(tok, spec, *([partner] if partner else []))
+    model.generation_config.eos_token_id = pair_stop_ids(tok, spec, *([partner] if partner else []))
     log.info("%s stops on ids %s", spec, model.generation_config.eos_token_id)
     return model, tok
 
@@ -168,27 +173,33 @@ def vocab_mismatch(spec_a: str, tok_a, spec_b: str, tok_b) -> str | None:
     )
 
 
-def load_pair(pt: str, it: str, dtype: str = "auto", device: str = "auto") -> Pair:
-    """Load PT and IT, refusing a pair with different vocabularies before any weights load."""
+def text_config(spec: str):
+    """The text model's config of ``spec`` (inside multimodal wrappers too), without weights."""
     from transformers import AutoConfig
 
-    specs = {"pt": pt, "it": it}
-    local = {k: loads_locally(s) for k, s in specs.items()}
-    toks = {k: load_tokenizer(s, local_only=local[k]) for k, s in specs.items()}
-    if (msg := vocab_mismatch(pt, toks["pt"], it, toks["it"])) is not None:
-        raise ValueError(f"refusing model pair: {msg}")
-    sizes = {
-        k: AutoConfig.from_pretrained(s, local_files_only=local[k]).get_text_config().vocab_size
-        for k, s in specs.items()
-    }
+    return AutoConfig.from_pretrained(spec, local_files_only=loads_locally(spec)).get_text_config()
+
+
+def pair_mismatches(pt: str, it: str) -> list[str]:
+    """Why PT and IT cannot be compared token by token: different tokenizer vocabularies or
+    embedding sizes. Reads tokenizers and configs only."""
+    problems = []
+    if msg := vocab_mismatch(pt, load_tokenizer(pt), it, load_tokenizer(it)):
+        problems.append(msg)
+    sizes = {"pt": text_config(pt).vocab_size, "it": text_config(it).vocab_size}
     if sizes["pt"] != sizes["it"]:
-        raise ValueError(
-            f"refusing model pair: embedding vocab sizes differ: {pt!r} has {sizes['pt']}, "
-            f"{it!r} has {sizes['it']}"
-        )
+        problems.append(f"embedding vocab sizes differ: {pt!r} has {sizes['pt']} embedding rows, "
+                        f"{it!r} has {sizes['it']}")
+    return problems
+
+
+def load_pair(pt: str, it: str, dtype: str = "auto", device: str = "auto") -> Pair:
+    """Load PT and IT, refusing a pair with different vocabularies before any weights load."""
+    if problems := pair_mismatches(pt, it):
+        raise ValueError("refusing model pair: " + "; ".join(problems))
     pt_model, _ = load_model(pt, dtype, device, partner=it)
-    it_model, _ = load_model(it, dtype, device, partner=pt)
-    return Pair(pt_model, it_model, toks["it"])
+    it_model, it_tok = load_model(it, dtype, device, partner=pt)
+    return Pair(pt_model, it_model, it_tok)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

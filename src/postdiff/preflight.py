@@ -41,24 +41,15 @@ def model_problem(key: str, spec: str) -> str | None:
 def pair_problems(pt: str, it: str, layers: Sequence[int], keys: Mapping[str, str] | None = None) -> list[str]:
     """One line per problem of the pair: a model that is nowhere, different vocabularies, a layer
     out of range. ``keys`` names each check's config key (``pt``, ``it``, ``layers``)."""
-    from transformers import AutoConfig
-
-    from postdiff.models import loads_locally, load_tokenizer, vocab_mismatch
+    from postdiff.models import pair_mismatches, text_config
 
     keys = {"pt": "pair.pt", "it": "pair.it", "layers": "layers", **(keys or {})}
     specs = {"pt": pt, "it": it}
     problems = [p for role, spec in specs.items() if (p := model_problem(keys[role], spec))]
     if problems:
         return problems
-    toks = {role: load_tokenizer(spec) for role, spec in specs.items()}
-    if msg := vocab_mismatch(pt, toks["pt"], it, toks["it"]):
-        problems.append(f"{keys['it']}: {it!r}: {msg}")
-    configs = {role: AutoConfig.from_pretrained(spec, local_files_only=loads_locally(spec)).get_text_config()
-               for role, spec in specs.items()}
-    if configs["pt"].vocab_size != configs["it"].vocab_size:
-        problems.append(f"{keys['it']}: {it!r} has {configs['it'].vocab_size} embedding rows, "
-                        f"{keys['pt']} {pt!r} has {configs['pt'].vocab_size}")
-    n_layers = min(c.num_hidden_layers for c in configs.values())
+    problems = [f"{keys['it']}: {it!r}: {msg}" for msg in pair_mismatches(pt, it)]
+    n_layers = min(text_config(spec).num_hidden_layers for spec in specs.values())
     bad = [layer for layer in layers if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers]
     if bad:
         problems.append(f"{keys['layers']}: {bad} out of range: the pair has {n_layers} decoder blocks (0..{n_layers - 1})")
@@ -78,14 +69,14 @@ def pair_facts(pt: str, it: str) -> dict[str, Any]:
     """Fingerprints, the one stop set and the structure of the pair, without loading weights."""
     from transformers import AutoConfig
 
-    from postdiff.models import loads_locally, fingerprint, load_tokenizer, stop_ids
+    from postdiff.models import fingerprint, load_tokenizer, loads_locally, pair_stop_ids
 
     text = AutoConfig.from_pretrained(pt, local_files_only=loads_locally(pt))
     return {
         "pt": pt,
         "it": it,
         "fingerprints": {role: fingerprint(spec) for role, spec in zip(ROLES, (pt, it))},
-        "stop_ids": stop_ids(load_tokenizer(it), pt, it),
+        "stop_ids": pair_stop_ids(load_tokenizer(it), pt, it),
         "architecture": (text.architectures or [type(text).__name__])[0],
         "n_layers": text.get_text_config().num_hidden_layers,
         "vocab_size": text.get_text_config().vocab_size,
