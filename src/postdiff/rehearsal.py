@@ -9,8 +9,9 @@ of that, so the real-pair path of the workflow runs end to end on a CPU. Its PT-
 embedded pair's: the trained text weights move over unchanged, except that the row the embedded
 pair stops with moves to ``<end_of_turn>``, so both models end an answer the way Gemma IT does.
 
-Run ``python -m postdiff.rehearsal --source results/default/pair`` after the default run has
-trained the embedded pair; the shipped cache in ``workflow/resources/hf_home`` was made that way.
+Run ``python -m postdiff.rehearsal --source results/default/pair`` once a default run has put
+the embedded pair there (shipped or trained); the cache in ``workflow/resources/hf_home`` was
+made that way.
 """
 
 from __future__ import annotations
