@@ -56,6 +56,9 @@ localrules:
     figure1,
     figure2,
     qualitative,
+    seed_table,
+    seed_figure,
+    mask_stability,
     provenance,
 
 

@@ -21,7 +21,7 @@ PAIR_CAP, PAIR_LEN, CAP_REC = 0.01, 0.5, 0.05
 def test_default_run_reproduces_table1(tmp_path_factory: pytest.TempPathFactory) -> None:
     workdir = copy_workflow(tmp_path_factory.mktemp("default_run"))
     snakemake(workdir, configfile="config/config.yaml")
-    got = pl.read_csv(workdir / "results/default/tables/table1.csv")
+    got = pl.read_csv(workdir / "results/default/seed0/tables/table1.csv")
     want = pl.read_csv(EXPECTED)
     assert got["Variant"].to_list() == want["Variant"].to_list()
     for g, w in zip(got.iter_rows(named=True), want.iter_rows(named=True)):

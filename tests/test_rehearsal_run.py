@@ -40,7 +40,7 @@ def _snapshot(workdir: Path, role: str) -> Path:
 
 def test_table1_and_a_real_gap(rehearsal: Path) -> None:
     run = rehearsal / RUN
-    table1 = pl.read_csv(run / "tables/table1.csv")
+    table1 = pl.read_csv(run / "seed0/tables/table1.csv")
     assert table1["Variant"].to_list()[:3] == ["PT", "IT", "FullDelta"]
     row = {v: r for v, r in zip(table1["Variant"], table1.iter_rows(named=True))}
     gap = json.loads((run / "pair_gap.json").read_text())
@@ -62,7 +62,7 @@ def test_it_and_steered_pt_stop_on_end_of_turn(rehearsal: Path) -> None:
     assert stopped.height > 0.9 * teacher.height
     assert {ids[-1] for ids in stopped["token_ids"]} == {end_of_turn}  # the twin's IT ends turns as Gemma IT does
     # PT's own generation config stops on <eos> alone: FullDelta stops at all only through the shared stop set.
-    full = pl.read_parquet(rehearsal / RUN / "eval/test/FullDelta.parquet")
+    full = pl.read_parquet(rehearsal / RUN / "seed0/eval/test/FullDelta.parquet")
     assert full["eos"].any()
     assert (full.filter(pl.col("eos"))["n_tokens"] < 32).all()
 
@@ -75,7 +75,7 @@ def test_it_to_itself_through_the_hooked_bf16_forward(rehearsal: Path) -> None:
     run = rehearsal / RUN
     rows = read_rows(str(run / "suite/test.parquet"), str(run / "teacher/test.parquet"))
     pairs = list(zip(rows["prefix_ids"].to_list(), rows["token_ids"].to_list(), strict=True))
-    full = Variant.read(str(run / "variants/FullDelta.json"))
+    full = Variant.read(str(run / "seed0/variants/FullDelta.json"))
     full = replace(full, surrogates={layer: str(rehearsal / path) for layer, path in full.surrogates.items()})
     modules, _ = V.materialise(full)
     edits = V.edits(replace(full, gates={layer: 0.0 for layer in full.gates}), modules)
@@ -94,7 +94,7 @@ def test_caches_are_bf16_and_surrogates_fp32(rehearsal: Path) -> None:
             assert f.metadata()["dtype"] == "bfloat16"
             assert str(f.get_slice("delta.1").get_dtype()) == "BF16"
     for layer in (1, 2):
-        with safe_open(str(run / f"surrogate/L{layer}.safetensors"), framework="pt") as f:
+        with safe_open(str(run / f"seed0/surrogate/L{layer}.safetensors"), framework="pt") as f:
             assert {str(f.get_slice(k).get_dtype()) for k in f.keys()} == {"F32"}  # noqa: SIM118
-        log = (run / f"logs/surrogate/L{layer}.log").read_text()
+        log = (run / f"logs/seed0/surrogate/L{layer}.log").read_text()
         assert "trains in torch.float32 on cache torch.bfloat16" in log

@@ -165,6 +165,13 @@ def test_seed_table_and_figure_stages(tmp_path):
     fig = seeds.draw_seeds(table)
     assert [ax.get_title() for ax in fig.axes] == [
         "Cap (higher is better)", "CapRec (higher is better)", "KL (lower is better)"]
+    # A metric no seed defines (CapRec of a pair with no gap) gets no panel; a partly defined one
+    # draws its defined variants only.
+    undefined = table.with_columns(
+        pl.when(pl.col("Metric") == "CapRec").then(float("nan")).otherwise(pl.col(c)).alias(c)
+        for c in ("seed_3", "seed_5", "mean", "min", "max")
+    ).with_columns(n_finite=pl.when(pl.col("Metric") == "CapRec").then(0).otherwise(pl.col("n_finite")))
+    assert [ax.get_title() for ax in seeds.draw_seeds(undefined).axes] == ["Cap (higher is better)", "KL (lower is better)"]
 
 
 def _save_surrogate(path: Path, W_dec: torch.Tensor, layer: int, seed: int) -> str:

@@ -32,7 +32,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.skipif(NODE_MEM_MB is None, reason=
 
 
 def _tables(workdir: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(workdir)): p.read_bytes() for p in sorted(workdir.glob("results/*/tables/*.csv"))}
+    return {str(p.relative_to(workdir)): p.read_bytes() for p in sorted(workdir.glob("results/*/**/tables/*.csv"))}
 
 
 def test_slurm_tables_match_local(tiny_run: Path, tmp_path: Path) -> None:
@@ -49,7 +49,7 @@ def test_slurm_tables_match_local(tiny_run: Path, tmp_path: Path) -> None:
     assert "submitted with SLURM jobid" in proc.stdout + proc.stderr, "no job went through SLURM"
 
     expected, got = _tables(tiny_run), _tables(cluster)
-    assert expected, f"the local run wrote no results/*/tables/*.csv under {tiny_run}"
+    assert expected, f"the local run wrote no results/*/**/tables/*.csv under {tiny_run}"
     assert sorted(got) == sorted(expected)
     differing = [name for name in expected if got[name] != expected[name]]
     assert not differing, f"tables differ between the local and the SLURM run: {differing}"

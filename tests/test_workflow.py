@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -9,10 +10,11 @@ from pathlib import Path
 import polars as pl
 import pytest
 import yaml
-from workflow_utils import TINY, copy_workflow, planned_jobs, snakemake
+from workflow_utils import TINY, copy_workflow, planned_jobs, planned_outputs, snakemake
 
 pytestmark = pytest.mark.slow
 RUN = "results/tiny"
+SEED0 = f"{RUN}/seed0"
 PAIR_RULES = {"tokenizer", "train_pt", "train_it"}
 SELECTION_RULES = {"score_features", "select_cap", "select_vmask", "baseline_masks", "sweep_summary"}
 TEST_SPLIT = re.compile(r"/(suite|teacher)/test\.parquet$|/cache/test/|/eval/test/")
@@ -27,7 +29,7 @@ def _write_config(workdir: Path, name: str, **changes: dict) -> str:
 
 
 def _sweep_target(cutoff: float, exclusion: float = 1.0) -> str:
-    return f"{RUN}/sweep/verb_exclusion={exclusion}/cap_cutoff={cutoff}/cap_mask.json"
+    return f"{SEED0}/sweep/verb_exclusion={exclusion}/cap_cutoff={cutoff}/cap_mask.json"
 
 
 def test_dry_run_shows_the_dag(tmp_path: Path) -> None:
@@ -55,10 +57,12 @@ def test_bad_config_stops_before_any_job(tmp_path: Path, change: dict, named: st
 def test_full_run_produces_every_artifact(tiny_run: Path) -> None:
     run = tiny_run / RUN
     for path in ["tables/table1.csv", "tables/table2.tex", "tables/r2.md", "figures/figure1.pdf",
-                 "figures/figure2.png", "qualitative.html", "sweep/summary.csv", "pair_gap.json",
+                 "figures/figure2.png", "qualitative.html", "sweep/summary.csv"]:
+        assert (run / "seed0" / path).stat().st_size > 0, path
+    for path in ["pair_gap.json", "tables/seeds.csv", "figures/seeds.png", "tables/mask_stability.csv",
                  "provenance/manifest.parquet", "provenance/runtimes.csv", "provenance/run_id.json"]:
         assert (run / path).stat().st_size > 0, path
-    table1 = pl.read_csv(run / "tables/table1.csv")
+    table1 = pl.read_csv(run / "seed0/tables/table1.csv")
     assert table1["Variant"].to_list()[:3] == ["PT", "IT", "FullDelta"]
     assert "FullDelta - VMask" in table1["Variant"].to_list()
     assert table1.filter(pl.col("Variant") == "IT")["KL"].item() == 0.0
@@ -70,8 +74,9 @@ def test_full_run_produces_every_artifact(tiny_run: Path) -> None:
     assert set(manifest["path"]) == on_disk - {f"{RUN}/benchmarks/provenance.tsv"}
     kinds = dict(zip(manifest["path"], manifest["kind"]))
     assert all((kind == "benchmark") == ("/benchmarks/" in path) for path, kind in kinds.items())
-    for part in ["cache/train/shard0.safetensors", "gates/full.json", "selection/scores.parquet",
-                 "selection/vmask_steps.parquet", "eval/test/PT/shard0.parquet", "pair/pt/config.json"]:
+    for part in ["cache/train/shard0.safetensors", "seed0/gates/full.json", "gates/mean.json",
+                 "seed0/selection/scores.parquet", "seed0/selection/vmask_steps.parquet", "eval/test/PT/shard0.parquet",
+                 "seed0/eval/test/FullDelta/shard0.parquet", "pair/pt/config.json"]:
         assert f"{RUN}/{part}" in kinds, part
     log = (run / "logs/pair_gap.log").read_text()
     assert "PT-to-IT gap" in log
@@ -86,6 +91,41 @@ def test_suite_seed_reruns_only_what_depends_on_it(tiny_run: Path) -> None:
     jobs = planned_jobs(tiny_run, configfile=config)
     assert {"suite", "split", "teacher", "cache_shard", "table1"} <= set(jobs)
     assert not PAIR_RULES & set(jobs), f"the pair does not depend on the suite seed: {jobs}"
+
+
+def test_adding_a_seed_runs_that_seed_and_the_aggregates(tiny_run: Path, tmp_path: Path) -> None:
+    """A second surrogate seed adds its own jobs, the across-seed aggregates and provenance, and
+    nothing else; the across-seed table then sets both seeds' Table 1 side by side."""
+    workdir = tmp_path / "seeds"
+    shutil.copytree(tiny_run, workdir, symlinks=True)
+    config = _write_config(workdir, "seeds.yaml", surrogate={"seeds": [0, 1]})
+    planned = planned_outputs(workdir, configfile=config)
+    aggregates = {"seed_table", "seed_figure", "mask_stability", "provenance"}
+    assert aggregates <= {rule for rule, _ in planned}
+    seed_jobs = [(rule, outs) for rule, outs in planned if rule not in aggregates]
+    stray = [(rule, out) for rule, outs in seed_jobs for out in outs if not out.startswith(f"{RUN}/seed1/")]
+    assert not stray, f"adding seed 1 reruns jobs outside results/tiny/seed1/: {stray}"
+    assert {"train_surrogate", "gates_full", "evaluate", "select_cap", "table1"} <= {rule for rule, _ in seed_jobs}
+
+    snakemake(workdir, configfile=config)
+    seeds = pl.read_csv(workdir / RUN / "tables/seeds.csv")
+    tables = {s: pl.read_csv(workdir / RUN / f"seed{s}/tables/table1.csv") for s in (0, 1)}
+    metrics = [c for c in tables[0].columns if c != "Variant"]
+    assert seeds.height == tables[0].height * len(metrics)
+    for row in seeds.iter_rows(named=True):
+        values = [tables[s].filter(pl.col("Variant") == row["Variant"])[row["Metric"]].item() for s in (0, 1)]
+        assert [row["seed_0"], row["seed_1"]] == pytest.approx(values, nan_ok=True), row
+        finite = [v for v in values if v == v]
+        if finite:
+            assert (row["mean"], row["min"], row["max"]) == pytest.approx((sum(finite) / len(finite), min(finite), max(finite)))
+    pt = seeds.filter(pl.col("Variant") == "PT")
+    assert (pt["min"] == pt["max"]).all(), "PT does not depend on the surrogate seed"
+    stability = pl.read_parquet(workdir / RUN / "tables/mask_stability.parquet")
+    for s in (0, 1):
+        vmask = json.loads((workdir / RUN / f"seed{s}/selection/vmask.json").read_text())["mask"]
+        rows = stability.filter((pl.col("seed") == s) & (pl.col("mask") == "VMask"))
+        assert rows.height == sum(len(f) for f in vmask.values())
+        assert ((rows["best_in_dictionary_cos"] >= rows["best_in_mask_cos"].fill_nan(0)) | rows["best_in_mask_cos"].is_nan()).all()
 
 
 def test_selection_never_reads_the_test_split(tiny_run: Path) -> None:
@@ -151,7 +191,8 @@ MODEL_RULES = PAIR_RULES | {"pair_info", "teacher", "cache_shard", "train_surrog
 def test_editing_tables_reruns_the_tables_and_what_reads_them(tiny_run: Path, tmp_path: Path) -> None:
     workdir = _edited_copy(tiny_run, tmp_path / "run", "tables.py")
     jobs = planned_jobs(workdir)
-    assert jobs == {"table1": 1, "table2": 1, "r2_table": 1, "provenance": 1, "all": 1}
+    # The across-seed table reads Table 1, and its figure reads it.
+    assert jobs == {"table1": 1, "table2": 1, "r2_table": 1, "seed_table": 1, "seed_figure": 1, "provenance": 1, "all": 1}
     assert not MODEL_RULES & set(jobs)
 
 
@@ -187,8 +228,8 @@ def test_thresholds_have_one_form_in_paths(tiny_run: Path) -> None:
 
 def test_readme_sweep_target_runs_as_printed(tmp_path: Path) -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    target = re.search(r"^snakemake (results/default/sweep/\S+cap_mask\.json)", readme, re.M)[1]
-    assert target == "results/default/sweep/verb_exclusion=1.0/cap_cutoff=2.0/cap_mask.json"
+    target = re.search(r"^snakemake (results/default/seed\d+/sweep/\S+cap_mask\.json)", readme, re.M)[1]
+    assert target == "results/default/seed0/sweep/verb_exclusion=1.0/cap_cutoff=2.0/cap_mask.json"
     workdir = copy_workflow(tmp_path)
     proc = snakemake(workdir, target, "-n", configfile="config/config.yaml")
     assert "select_cap" in proc.stdout
@@ -214,14 +255,14 @@ def test_unknown_variant_names_stop_the_workflow(tmp_path: Path, changes: dict, 
 
 
 def test_same_config_gives_identical_tables(tiny_run: Path) -> None:
-    tables = {p.name: p.read_bytes() for p in (tiny_run / RUN / "tables").glob("*.csv")}
-    surrogate, table1 = tiny_run / RUN / "surrogate/L0.safetensors", tiny_run / RUN / "tables/table1.csv"
+    tables = {p: p.read_bytes() for p in (tiny_run / RUN).glob("**/tables/*.csv")}
+    surrogate, table1 = tiny_run / SEED0 / "surrogate/L0.safetensors", tiny_run / SEED0 / "tables/table1.csv"
     before = {p: p.stat().st_mtime_ns for p in (surrogate, table1)}
     # Deleting an intermediate is not enough: Snakemake leaves it missing while everything after
     # it is up to date. Forcing the surrogates reruns them and everything downstream.
     snakemake(tiny_run, "--forcerun", "train_surrogate")
     assert all(p.stat().st_mtime_ns > t for p, t in before.items()), "the surrogates and tables did not run again"
-    again = {p.name: p.read_bytes() for p in (tiny_run / RUN / "tables").glob("*.csv")}
+    again = {p: p.read_bytes() for p in (tiny_run / RUN).glob("**/tables/*.csv")}
     assert again == tables
 
 

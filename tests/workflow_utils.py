@@ -40,3 +40,10 @@ def planned_jobs(workdir: Path, *targets: str, configfile: str = TINY) -> dict[s
     if "Nothing to be done" in text:
         return {}
     return {m[1]: int(m[2]) for m in re.finditer(r"^(\S+)\s+(\d+)\s*$", text, re.M) if m[1] != "total"}
+
+
+def planned_outputs(workdir: Path, *targets: str, configfile: str = TINY) -> list[tuple[str, list[str]]]:
+    """(rule, outputs) of every job a run would execute now, from a dry run's job listing."""
+    proc = snakemake(workdir, *targets, "-n", configfile=configfile)
+    jobs = re.findall(r"^(?:local)?rule (\S+):\n(?:    (?!output:).*\n)*    output: (.*)$", proc.stdout, re.M)
+    return [(rule, outputs.split(", ")) for rule, outputs in jobs]

@@ -31,7 +31,7 @@ _LABELS = {"Cap": "Cap (higher is better)", "KL": "KL to IT (lower is better)",
            "Len": "Len, tokens (lower is better)"}
 
 
-def _new_figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     return fig
@@ -53,7 +53,7 @@ def _bars(ax: Axes, estimates: pl.DataFrame, metric: str) -> None:
 
 def draw_figure1(estimates: pl.DataFrame) -> Figure:
     """Cap, KL and Len of the main variants with bootstrap intervals."""
-    fig = _new_figure(12, 4)
+    fig = new_figure(12, 4)
     for ax, metric in zip(fig.subplots(1, len(FIGURE1_METRICS)), FIGURE1_METRICS):
         _bars(ax, estimates, metric)
     return fig
@@ -62,7 +62,7 @@ def draw_figure1(estimates: pl.DataFrame) -> Figure:
 def draw_figure2(estimates: pl.DataFrame, sweep: pl.DataFrame) -> Figure:
     """Left: KL and Cap of the full surrogate and its one-layer ablations. Right: selector
     objective per cutoff, marked by whether the cutoff reproduces the locked mask."""
-    fig = _new_figure(13, 4)
+    fig = new_figure(13, 4)
     axes = fig.subplots(1, 3, width_ratios=[1, 1, 1.4])
     for ax, metric in zip(axes, FIGURE2_METRICS):
         _bars(ax, estimates, metric)

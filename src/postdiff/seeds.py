@@ -111,7 +111,7 @@ def seed_table(job: Job) -> None:
     if len(paths) != len(seeds) or len(set(seeds)) != len(seeds):
         raise ValueError(f"seed_table: need one table per distinct seed, got {len(paths)} tables for seeds {seeds}")
     table = across_seeds({seed: pl.read_csv(path) for seed, path in zip(seeds, paths)})
-    tables._write_all(table, table, None, job.output)
+    tables.write_all(table, table, None, job.output)
     write_parquet(table, job.output["parquet"])
     log.info("across seeds %s: %d variants x metrics", seeds, table.height)
 
@@ -125,23 +125,27 @@ def _seed_panel(ax, table: pl.DataFrame, metric: str, legend: bool) -> None:
     rows = table.filter(pl.col("Metric") == metric)
     variants = rows["Variant"].to_list()
     seed_columns = [c for c in rows.columns if c.startswith("seed_")]
-    dots = rows.unpivot(index="Variant", on=seed_columns, variable_name="seed")
-    x = np.arange(len(variants))
-    ax.vlines(x, rows["min"].to_numpy(), rows["max"].to_numpy(), color="grey", linewidth=2, zorder=1)
-    sns.stripplot(x=dots["Variant"].to_list(), y=dots["value"].to_numpy(), hue=dots["seed"].to_list(),
+    # An undefined estimate (CapRec with no gap) leaves its variant's slot empty.
+    dots = rows.unpivot(index="Variant", on=seed_columns, variable_name="seed").filter(pl.col("value").is_not_nan())
+    defined = (rows["n_finite"] > 0).to_numpy()
+    x = np.arange(len(variants))[defined]
+    ax.vlines(x, rows["min"].to_numpy()[defined], rows["max"].to_numpy()[defined], color="grey", linewidth=2, zorder=1)
+    sns.stripplot(x=dots["Variant"].to_list(), y=dots["value"].to_numpy(), hue=dots["seed"].str.replace("seed_", "seed ").to_list(),
                   order=variants, jitter=0.15, size=5, legend=legend, ax=ax, zorder=2)
-    ax.scatter(x, rows["mean"].to_numpy(), marker="_", s=400, color="black", zorder=3, label="mean")
+    ax.scatter(x, rows["mean"].to_numpy()[defined], marker="_", s=400, color="black", zorder=3, label="mean")
     ax.set_title(_label(metric))
     ax.set_xlabel("")
-    ax.tick_params(axis="x", labelrotation=60)
+    for label in ax.get_xticklabels():
+        label.set(rotation=60, ha="right", rotation_mode="anchor")
 
 
 def draw_seeds(table: pl.DataFrame) -> Figure:
     """One panel per key Table 1 metric present in ``table`` (:func:`across_seeds`' layout)."""
-    shown = [m for m in SEED_FIGURE_METRICS if m in table["Metric"].to_list()]
+    defined = table.filter(pl.col("n_finite") > 0)["Metric"].to_list()
+    shown = [m for m in SEED_FIGURE_METRICS if m in defined]
     if not shown:
-        raise ValueError(f"draw_seeds: none of {SEED_FIGURE_METRICS} in the table")
-    fig = figures._new_figure(3.2 * len(shown), 4.5)
+        raise ValueError(f"draw_seeds: none of {SEED_FIGURE_METRICS} has an estimate in the table")
+    fig = figures.new_figure(3.2 * len(shown), 4.5)
     axes = np.atleast_1d(fig.subplots(1, len(shown)))
     for k, (ax, metric) in enumerate(zip(axes, shown)):
         _seed_panel(ax, table, metric, legend=k == len(shown) - 1)

@@ -91,7 +91,7 @@ def to_latex(df: pl.DataFrame, digits: Mapping[str, int] | None = None) -> str:
                       *body, r"\bottomrule", r"\end{tabular}"]) + "\n"
 
 
-def _write_all(csv: pl.DataFrame, display: pl.DataFrame, digits: Mapping[str, int] | None,
+def write_all(csv: pl.DataFrame, display: pl.DataFrame, digits: Mapping[str, int] | None,
                output: Mapping[str, str]) -> None:
     write_text(csv.write_csv(), output["csv"])
     write_text(to_markdown(display, digits), output["md"])
@@ -108,7 +108,7 @@ def table1(job: Job) -> None:
     output.csv/md/tex."""
     arrays = metrics.align(metrics.read_eval(_evals(job)))
     frame = table1_frame(arrays, job.params.get("pt", "PT"), job.params.get("it", "IT"))
-    _write_all(frame, frame, TABLE1_DIGITS, job.output)
+    write_all(frame, frame, TABLE1_DIGITS, job.output)
     log.info("table 1: %d variants x %d prompts", frame.height, len(arrays.ids))
 
 
@@ -122,11 +122,11 @@ def table2(job: Job) -> None:
         arrays, comparisons, B=int(job.params.get("B", 10_000)),
         seed=int(job.params.get("seed", 0)), level=float(job.params.get("level", 0.95)),
         pt=job.params.get("pt", "PT"), it=job.params.get("it", "IT")))
-    _write_all(frame, table2_display(frame), None, job.output)
+    write_all(frame, table2_display(frame), None, job.output)
     log.info("table 2: %d comparisons", frame.height)
 
 
 def r2_table(job: Job) -> None:
     """input.metrics: per-layer surrogate metrics (layer, split, n, r2, dead_fraction)."""
     frame = pl.concat([pl.read_parquet(p) for p in job.input["metrics"]]).sort(["layer", "split"])
-    _write_all(frame, frame, None, job.output)
+    write_all(frame, frame, None, job.output)

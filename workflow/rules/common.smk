@@ -15,6 +15,11 @@ STAGE = "../scripts/stage.py"
 ENV = "../../envs/postdiff.yaml"
 BUILTIN = "builtin"
 PAIR_INFO = f"{RUN}/pair/info.json"
+# Each surrogate seed has its own surrogates, gates, selections, evaluations and tables under
+# results/<run>/seed<N>/; what no surrogate touches (suite, teacher, caches, PT, IT, MeanDiff)
+# is computed once for all seeds, so adding a seed runs only that seed's jobs.
+SEEDS = config["surrogate"]["seeds"]
+SEED = f"{RUN}/seed{{seed}}"
 
 # Every job (local, or a SLURM job re-reading this file) finds the pair's Hugging Face cache here.
 # (Set with update(): --lint takes `os.environ[...]` for a read that wants an `envvars:` directive.)
@@ -26,6 +31,9 @@ if config["hf"]["offline"]:
 
 wildcard_constraints:
     split="|".join(SPLITS),
+    seed=r"\d+",
+    # "" for a seed-independent variant's files, "seed<N>/" for a seed's (see variant_dir).
+    seeddir=r"(seed\d+/)?",
 
 
 # The package that every job imports: the workflow's own src/, which stage.py puts first on the path.
@@ -212,42 +220,74 @@ def variant_table():
 
 
 VARIANTS = variant_table()
-MASK_FILES = {
-    "cap": f"{RUN}/sweep/verb_exclusion={threshold(config['selection']['verb_exclusion'])}/cap_cutoff={threshold(config['selection']['cap_cutoff'])}/cap_mask.json",
-    "vmask": f"{RUN}/selection/vmask.json",
-    "random": f"{RUN}/selection/random_mask.json",
-    "mass": f"{RUN}/selection/mass_mask.json",
-}
 SURROGATE_MODES = ("full", "add_mask", "minus_mask", "bdec")
+# Gates that no surrogate calibrates; every other gates file is a seed's.
+SHARED_GATES = ("mean",)
+# Per seed (a `{seed}` pattern); the cap mask is the locked cutoff's.
+MASK_FILES = {
+    "cap": f"{SEED}/sweep/verb_exclusion={threshold(config['selection']['verb_exclusion'])}/cap_cutoff={threshold(config['selection']['cap_cutoff'])}/cap_mask.json",
+    "vmask": f"{SEED}/selection/vmask.json",
+    "random": f"{SEED}/selection/random_mask.json",
+    "mass": f"{SEED}/selection/mass_mask.json",
+}
+
+
+def seeded(name):
+    """Whether variant `name` depends on the surrogate seed: it reads a surrogate, a mask or
+    surrogate-calibrated gates."""
+    entry = VARIANTS[name]
+    return entry["mode"] in SURROGATE_MODES or "mask" in entry or entry.get("gates") not in (None, *SHARED_GATES)
+
+
+def variant_dir(name, seed="{seed}"):
+    """Where variant `name`'s spec and evaluations live below results/<run>/: "" for a
+    seed-independent variant, "seed<N>/" (or the `{seed}` pattern) for a seeded one."""
+    return f"seed{seed}/" if seeded(name) else ""
+
+
+def eval_file(split, name, seed="{seed}"):
+    """The merged records of variant `name` on `split` (a `{seed}` pattern for a seeded one)."""
+    return f"{RUN}/{variant_dir(name, seed)}eval/{split}/{name}.parquet"
 
 
 def variant_label(name):
     return VARIANTS[name].get("label", name)
 
 
+def _seed_of(wildcards):
+    """The seed that a variant job's `seeddir` names, after checking it matches the variant."""
+    name, seeddir = wildcards.variant, wildcards.seeddir
+    if seeded(name) != bool(seeddir):
+        where = f"{RUN}/seed<N>/" if seeded(name) else f"{RUN}/"
+        raise WorkflowError(f"variant {name} {'depends' if seeded(name) else 'does not depend'} on the surrogate "
+                            f"seed: its files are under {where} (asked for {RUN}/{seeddir})")
+    return int(seeddir[len("seed"):-1]) if seeddir else None
+
+
 def variant_inputs(wildcards):
-    entry = VARIANTS[wildcards.variant]
+    entry, seed = VARIANTS[wildcards.variant], _seed_of(wildcards)
     inputs = {}
     if "gates" in entry:
-        inputs["gates"] = f"{RUN}/gates/{entry['gates']}.json"
+        root = RUN if entry["gates"] in SHARED_GATES else SEED.format(seed=seed)
+        inputs["gates"] = f"{root}/gates/{entry['gates']}.json"
     if entry["mode"] in SURROGATE_MODES:
-        inputs["surrogates"] = expand(f"{RUN}/surrogate/L{{layer}}.safetensors", layer=config["layers"])
+        inputs["surrogates"] = expand(f"{SEED}/surrogate/L{{layer}}.safetensors", seed=seed, layer=config["layers"])
     if "mask" in entry:
-        inputs["mask"] = MASK_FILES.get(entry["mask"], entry["mask"])
+        inputs["mask"] = MASK_FILES.get(entry["mask"], entry["mask"]).format(seed=seed)
     if entry["mode"] == "mean":
         inputs["standardiser"] = f"{RUN}/cache/standardiser.safetensors"
     return inputs
 
 
 SELECTOR = dict(
-    variant=f"{RUN}/variants/FullDelta.json",
+    variant=f"{SEED}/variants/FullDelta.json",
     split=f"{RUN}/suite/selector.parquet",
     teacher=f"{RUN}/teacher/selector.parquet",
 )
 SELECTION_REFERENCES = dict(
-    scores=f"{RUN}/selection/scores.parquet",
-    pt_records=f"{RUN}/eval/selector/PT.parquet",
-    it_records=f"{RUN}/eval/selector/IT.parquet",
+    scores=f"{SEED}/selection/scores.parquet",
+    pt_records=eval_file("selector", "PT"),
+    it_records=eval_file("selector", "IT"),
 )
 SEL = config["selection"]
 
@@ -264,11 +304,11 @@ def selection_params(**extra):
 SELECTIONS = {
     "cap": dict(
         input=dict(**SELECTOR, **SELECTION_REFERENCES, **model_inputs()),
-        mask=f"{RUN}/sweep/verb_exclusion={{exclusion}}/cap_cutoff={{cutoff}}/cap_mask.json",
-        steps=f"{RUN}/sweep/verb_exclusion={{exclusion}}/cap_cutoff={{cutoff}}/steps.parquet",
-        records=f"{RUN}/sweep/verb_exclusion={{exclusion}}/cap_cutoff={{cutoff}}/step_records.parquet",
-        work=f"{RUN}/sweep/verb_exclusion={{exclusion}}/cap_cutoff={{cutoff}}/select",
-        log=f"sweep/verb_exclusion={{exclusion}}/cap_cutoff={{cutoff}}",
+        mask=f"{SEED}/sweep/verb_exclusion={{exclusion}}/cap_cutoff={{cutoff}}/cap_mask.json",
+        steps=f"{SEED}/sweep/verb_exclusion={{exclusion}}/cap_cutoff={{cutoff}}/steps.parquet",
+        records=f"{SEED}/sweep/verb_exclusion={{exclusion}}/cap_cutoff={{cutoff}}/step_records.parquet",
+        work=f"{SEED}/sweep/verb_exclusion={{exclusion}}/cap_cutoff={{cutoff}}/select",
+        log="seed{seed}/sweep/verb_exclusion={exclusion}/cap_cutoff={cutoff}",
         params=selection_params(
             selection="cap",
             cap_cutoff=lambda wc: float(wc.cutoff),
@@ -276,12 +316,12 @@ SELECTIONS = {
         ),
     ),
     "vmask": dict(
-        input=dict(**SELECTOR, **SELECTION_REFERENCES, **model_inputs(), full_records=f"{RUN}/eval/selector/FullDelta.parquet"),
-        mask=f"{RUN}/selection/vmask.json",
-        steps=f"{RUN}/selection/vmask_steps.parquet",
-        records=f"{RUN}/selection/vmask_step_records.parquet",
-        work=f"{RUN}/selection/vmask",
-        log="selection/vmask",
+        input=dict(**SELECTOR, **SELECTION_REFERENCES, **model_inputs(), full_records=eval_file("selector", "FullDelta")),
+        mask=MASK_FILES["vmask"],
+        steps=f"{SEED}/selection/vmask_steps.parquet",
+        records=f"{SEED}/selection/vmask_step_records.parquet",
+        work=f"{SEED}/selection/vmask",
+        log="seed{seed}/selection/vmask",
         params=selection_params(selection="vmask", verb_cutoff=SEL["verb_cutoff"]),
     ),
 }
@@ -312,17 +352,18 @@ def last_step(work):
     )
 
 
-def sweep_targets(output="mask"):
+def sweep_targets(output="mask", seed="{seed}"):
     """Every cutoff of the grid under the locked exclusion, and the locked cutoff under the strict
-    one: their CapMask files (or another `output` of the cap selection, e.g. "records")."""
+    one: their CapMask files (or another `output` of the cap selection, e.g. "records"), for
+    `seed` (by default a `{seed}` pattern)."""
     locked, strict = threshold(SEL["verb_exclusion"]), threshold(config["sweep"]["strict_verb_exclusion"])
     pairs = [(locked, threshold(c)) for c in config["sweep"]["cap_cutoffs"]] + [(strict, threshold(SEL["cap_cutoff"]))]
     # One path per threshold pair: `[1, 2, 2.0]` is two selections, not three.
-    return [SELECTIONS["cap"][output].format(exclusion=e, cutoff=c) for e, c in dict.fromkeys(pairs)]
+    return [SELECTIONS["cap"][output].format(exclusion=e, cutoff=c, seed=seed) for e, c in dict.fromkeys(pairs)]
 
 
 BOOT = config["bootstrap"]
-TEST_EVALS = [f"{RUN}/eval/test/{v}.parquet" for v in VARIANTS]
+TEST_EVALS = [eval_file("test", v) for v in VARIANTS]
 ABLATION = ["FullDelta"] + [v for v in VARIANTS if v.startswith("OneLayer-")]
 QUALITATIVE = config["report"]["qualitative_variants"]
 
@@ -352,16 +393,21 @@ if cross_reference_problems():
     raise WorkflowError("postdiff: the config names unknown variants:\n" + "\n".join(cross_reference_problems()))
 
 
-def table_outputs(name, caption):
+def table_outputs(name, caption, root=SEED):
+    """A table's CSV (in the report), Markdown and LaTeX under `root`/tables: by default one seed's."""
+    sub = dict(subcategory="seed {seed}") if root == SEED else {}
     return {
-        ext: report(f"{RUN}/tables/{name}.{ext}", caption=f"../report/{caption}", category="Tables")
-        if ext == "csv" else f"{RUN}/tables/{name}.{ext}"
+        ext: report(f"{root}/tables/{name}.{ext}", caption=f"../report/{caption}", category="Tables", **sub)
+        if ext == "csv" else f"{root}/tables/{name}.{ext}"
         for ext in ("csv", "md", "tex")
     }
 
 
-def figure_outputs(name, caption):
+def figure_outputs(name, caption, root=SEED):
+    """A figure's PNG (in the report) and PDF under `root`/figures: by default one seed's."""
+    sub = dict(subcategory="seed {seed}") if root == SEED else {}
     return {
-        "png": report(f"{RUN}/figures/{name}.png", caption=f"../report/{caption}", category="Figures"),
-        "pdf": f"{RUN}/figures/{name}.pdf",
+        "png": report(f"{root}/figures/{name}.png", caption=f"../report/{caption}", category="Figures", **sub),
+        "pdf": f"{root}/figures/{name}.pdf",
     }
+

@@ -11,16 +11,16 @@ wildcard_constraints:
 
 rule evaluate:
     input:
-        variant=f"{RUN}/variants/{{variant}}.json",
+        variant=f"{RUN}/{{seeddir}}variants/{{variant}}.json",
         split=f"{RUN}/suite/{{eval_split}}.parquet",
         teacher=f"{RUN}/teacher/{{eval_split}}.parquet",
         **model_inputs(),
     output:
-        records=f"{RUN}/eval/{{eval_split}}/{{variant}}/shard{{shard}}.parquet",
+        records=f"{RUN}/{{seeddir}}eval/{{eval_split}}/{{variant}}/shard{{shard}}.parquet",
     log:
-        f"{RUN}/logs/eval/{{eval_split}}/{{variant}}/shard{{shard}}.log",
+        f"{RUN}/logs/{{seeddir}}eval/{{eval_split}}/{{variant}}/shard{{shard}}.log",
     benchmark:
-        f"{RUN}/benchmarks/eval/{{eval_split}}/{{variant}}/shard{{shard}}.tsv"
+        f"{RUN}/benchmarks/{{seeddir}}eval/{{eval_split}}/{{variant}}/shard{{shard}}.tsv"
     threads: config["threads"]
     retries: RETRIES
     resources:
@@ -43,14 +43,14 @@ rule evaluate:
 rule merge_eval:
     input:
         shards=expand(
-            f"{RUN}/eval/{{{{eval_split}}}}/{{{{variant}}}}/shard{{shard}}.parquet", shard=range(EVAL["n_shards"])
+            f"{RUN}/{{{{seeddir}}}}eval/{{{{eval_split}}}}/{{{{variant}}}}/shard{{shard}}.parquet", shard=range(EVAL["n_shards"])
         ),
     output:
-        merged=f"{RUN}/eval/{{eval_split}}/{{variant}}.parquet",
+        merged=f"{RUN}/{{seeddir}}eval/{{eval_split}}/{{variant}}.parquet",
     log:
-        f"{RUN}/logs/eval/{{eval_split}}/{{variant}}.log",
+        f"{RUN}/logs/{{seeddir}}eval/{{eval_split}}/{{variant}}.log",
     benchmark:
-        f"{RUN}/benchmarks/eval/{{eval_split}}/{{variant}}.tsv"
+        f"{RUN}/benchmarks/{{seeddir}}eval/{{eval_split}}/{{variant}}.tsv"
     params:
         **stage("postdiff.shards:merge"),
     conda:

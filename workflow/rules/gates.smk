@@ -1,17 +1,17 @@
-# Per-layer gates alpha_l, calibrated on calib over a KL grid: the joint surrogate, each layer on
-# its own (the one-layer ablation) and the MeanDiff baseline.
+# Per-layer gates alpha_l, calibrated on calib over a KL grid: each seed's joint surrogate and each
+# of its layers on its own (the one-layer ablation), and the MeanDiff baseline (no seed).
 
 rule gates_full:
     input:
         **GATE_INPUTS,
-        surrogates=expand(f"{RUN}/surrogate/L{{layer}}.safetensors", layer=config["layers"]),
+        surrogates=expand(f"{SEED}/surrogate/L{{layer}}.safetensors", layer=config["layers"], allow_missing=True),
     output:
-        gates=f"{RUN}/gates/full.json",
-        curve=f"{RUN}/gates/full_curve.parquet",
+        gates=f"{SEED}/gates/full.json",
+        curve=f"{SEED}/gates/full_curve.parquet",
     log:
-        f"{RUN}/logs/gates/full.log",
+        f"{RUN}/logs/seed{{seed}}/gates/full.log",
     benchmark:
-        f"{RUN}/benchmarks/gates/full.tsv"
+        f"{RUN}/benchmarks/seed{{seed}}/gates/full.tsv"
     threads: config["threads"]
     retries: RETRIES
     resources:
@@ -27,14 +27,14 @@ rule gates_full:
 rule gates_single:
     input:
         **GATE_INPUTS,
-        surrogates=f"{RUN}/surrogate/L{{layer}}.safetensors",
+        surrogates=f"{SEED}/surrogate/L{{layer}}.safetensors",
     output:
-        gates=f"{RUN}/gates/single_L{{layer}}.json",
-        curve=f"{RUN}/gates/single_L{{layer}}_curve.parquet",
+        gates=f"{SEED}/gates/single_L{{layer}}.json",
+        curve=f"{SEED}/gates/single_L{{layer}}_curve.parquet",
     log:
-        f"{RUN}/logs/gates/single_L{{layer}}.log",
+        f"{RUN}/logs/seed{{seed}}/gates/single_L{{layer}}.log",
     benchmark:
-        f"{RUN}/benchmarks/gates/single_L{{layer}}.tsv"
+        f"{RUN}/benchmarks/seed{{seed}}/gates/single_L{{layer}}.tsv"
     threads: config["threads"]
     retries: RETRIES
     resources:

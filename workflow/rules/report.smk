@@ -1,5 +1,6 @@
-# Tables 1-2, Figures 1-2, the qualitative page, the R^2 table, the pair's gap and the
-# reproducibility records of the run.
+# Per seed: Tables 1-2, Figures 1-2, the qualitative page and the R^2 table. Across seeds: every
+# seed's Table 1 side by side and the stability of the masks. Once per run: the pair's gap and the
+# reproducibility records.
 
 rule table1:
     input:
@@ -7,9 +8,9 @@ rule table1:
     output:
         **table_outputs("table1", "table1.rst"),
     log:
-        f"{RUN}/logs/tables/table1.log",
+        f"{RUN}/logs/seed{{seed}}/tables/table1.log",
     benchmark:
-        f"{RUN}/benchmarks/tables/table1.tsv"
+        f"{RUN}/benchmarks/seed{{seed}}/tables/table1.tsv"
     params:
         **stage(
             "postdiff.tables:table1",
@@ -28,9 +29,9 @@ rule table2:
     output:
         **table_outputs("table2", "table2.rst"),
     log:
-        f"{RUN}/logs/tables/table2.log",
+        f"{RUN}/logs/seed{{seed}}/tables/table2.log",
     benchmark:
-        f"{RUN}/benchmarks/tables/table2.tsv"
+        f"{RUN}/benchmarks/seed{{seed}}/tables/table2.tsv"
     params:
         **stage(
             "postdiff.tables:table2",
@@ -46,13 +47,13 @@ rule table2:
 
 rule r2_table:
     input:
-        metrics=expand(f"{RUN}/surrogate/L{{layer}}_metrics.parquet", layer=config["layers"]),
+        metrics=expand(f"{SEED}/surrogate/L{{layer}}_metrics.parquet", layer=config["layers"], allow_missing=True),
     output:
         **table_outputs("r2", "r2.rst"),
     log:
-        f"{RUN}/logs/tables/r2.log",
+        f"{RUN}/logs/seed{{seed}}/tables/r2.log",
     benchmark:
-        f"{RUN}/benchmarks/tables/r2.tsv"
+        f"{RUN}/benchmarks/seed{{seed}}/tables/r2.tsv"
     params:
         **stage("postdiff.tables:r2_table"),
     conda:
@@ -63,13 +64,13 @@ rule r2_table:
 
 rule figure1:
     input:
-        evals=[f"{RUN}/eval/test/{v}.parquet" for v in config["report"]["figure1_variants"]],
+        evals=[eval_file("test", v) for v in config["report"]["figure1_variants"]],
     output:
         **figure_outputs("figure1", "figure1.rst"),
     log:
-        f"{RUN}/logs/figures/figure1.log",
+        f"{RUN}/logs/seed{{seed}}/figures/figure1.log",
     benchmark:
-        f"{RUN}/benchmarks/figures/figure1.tsv"
+        f"{RUN}/benchmarks/seed{{seed}}/figures/figure1.tsv"
     params:
         **stage(
             "postdiff.figures:figure1",
@@ -83,14 +84,14 @@ rule figure1:
 
 rule figure2:
     input:
-        evals=[f"{RUN}/eval/test/{v}.parquet" for v in ABLATION],
+        evals=[eval_file("test", v) for v in ABLATION],
         sweep=rules.sweep_summary.output.summary,
     output:
         **figure_outputs("figure2", "figure2.rst"),
     log:
-        f"{RUN}/logs/figures/figure2.log",
+        f"{RUN}/logs/seed{{seed}}/figures/figure2.log",
     benchmark:
-        f"{RUN}/benchmarks/figures/figure2.tsv"
+        f"{RUN}/benchmarks/seed{{seed}}/figures/figure2.tsv"
     params:
         **stage(
             "postdiff.figures:figure2",
@@ -105,13 +106,14 @@ rule figure2:
 rule qualitative:
     input:
         suite=f"{RUN}/suite/test.parquet",
-        evals=[f"{RUN}/eval/test/{v}.parquet" for v in QUALITATIVE],
+        evals=[eval_file("test", v) for v in QUALITATIVE],
     output:
-        html=report(f"{RUN}/qualitative.html", caption="../report/qualitative.rst", category="Qualitative"),
+        html=report(f"{SEED}/qualitative.html", caption="../report/qualitative.rst", category="Qualitative",
+                    subcategory="seed {seed}"),
     log:
-        f"{RUN}/logs/qualitative.log",
+        f"{RUN}/logs/seed{{seed}}/qualitative.log",
     benchmark:
-        f"{RUN}/benchmarks/qualitative.tsv"
+        f"{RUN}/benchmarks/seed{{seed}}/qualitative.tsv"
     params:
         **stage(
             "postdiff.qualitative:qualitative",
@@ -127,8 +129,8 @@ rule qualitative:
 
 rule pair_gap:
     input:
-        pt=f"{RUN}/eval/test/PT.parquet",
-        it=f"{RUN}/eval/test/IT.parquet",
+        pt=eval_file("test", "PT"),
+        it=eval_file("test", "IT"),
         **{f"{split}_teacher": f"{RUN}/teacher/{split}.parquet" for split in SPLITS},
     output:
         gap=report(f"{RUN}/pair_gap.json", caption="../report/pair_gap.rst", category="Pair"),
@@ -147,10 +149,79 @@ rule pair_gap:
         STAGE
 
 
-REPORTED = [
+rule seed_table:
+    input:
+        tables=expand(rules.table1.output.csv, seed=SEEDS),
+    output:
+        **table_outputs("seeds", "seeds.rst", root=RUN),
+        parquet=f"{RUN}/tables/seeds.parquet",
+    log:
+        f"{RUN}/logs/tables/seeds.log",
+    benchmark:
+        f"{RUN}/benchmarks/tables/seeds.tsv"
+    params:
+        **stage("postdiff.seeds:seed_table", seeds=SEEDS),
+    conda:
+        ENV
+    script:
+        STAGE
+
+
+rule seed_figure:
+    input:
+        table=rules.seed_table.output.parquet,
+    output:
+        **figure_outputs("seeds", "seeds_figure.rst", root=RUN),
+    log:
+        f"{RUN}/logs/figures/seeds.log",
+    benchmark:
+        f"{RUN}/benchmarks/figures/seeds.tsv"
+    params:
+        **stage("postdiff.seeds:seed_figure"),
+    conda:
+        ENV
+    script:
+        STAGE
+
+
+# The masks whose stability across seeds is reported, by their Table 1 names.
+STABLE_MASKS = {"CapMask": MASK_FILES["cap"], "VMask": MASK_FILES["vmask"]}
+
+
+rule mask_stability:
+    input:
+        # Seed-major, then layer (modules) or mask (masks): the order the stage reads them in.
+        modules=[f"{SEED}/surrogate/L{layer}.safetensors".format(seed=s) for s in SEEDS for layer in config["layers"]],
+        masks=[path.format(seed=s) for s in SEEDS for path in STABLE_MASKS.values()],
+    output:
+        parquet=f"{RUN}/tables/mask_stability.parquet",
+        csv=report(f"{RUN}/tables/mask_stability.csv", caption="../report/mask_stability.rst", category="Tables"),
+    log:
+        f"{RUN}/logs/tables/mask_stability.log",
+    benchmark:
+        f"{RUN}/benchmarks/tables/mask_stability.tsv"
+    params:
+        **stage("postdiff.seeds:stability", seeds=SEEDS, layers=config["layers"], mask_names=list(STABLE_MASKS)),
+    conda:
+        ENV
+    script:
+        STAGE
+
+
+PER_SEED_REPORTED = [
     *rules.table1.output, *rules.table2.output, *rules.r2_table.output,
     *rules.figure1.output, *rules.figure2.output, *rules.qualitative.output,
-    *rules.sweep_summary.output, *rules.pair_gap.output, *rules.scores_plot.output,
+    *rules.sweep_summary.output, *rules.scores_plot.output,
+]
+REPORTED = [
+    *expand(PER_SEED_REPORTED, seed=SEEDS), *rules.pair_gap.output,
+    *rules.seed_table.output, *rules.seed_figure.output, *rules.mask_stability.output,
+]
+# Each seed's leaves: with the reported files, every job of the seed is upstream of provenance.
+SEED_LEAVES = [
+    *TEST_EVALS, *sweep_targets(), MASK_FILES["vmask"], *sweep_targets("records"), SELECTIONS["vmask"]["records"],
+    *[f"{RUN}/{variant_dir(v)}variants/{v}.json" for v in VARIANTS],
+    *expand(f"{SEED}/surrogate/L{{layer}}.safetensors", layer=config["layers"], allow_missing=True),
 ]
 
 
@@ -158,10 +229,7 @@ rule provenance:
     input:
         # Every leaf of the run, so every job of the run is upstream; the manifest itself covers
         # every file under results/<run>/ (provenance.manifest).
-        artifacts=REPORTED + TEST_EVALS + sweep_targets() + [MASK_FILES["vmask"]]
-        + sweep_targets("records") + [SELECTIONS["vmask"]["records"]]
-        + [f"{RUN}/variants/{v}.json" for v in VARIANTS]
-        + expand(f"{RUN}/surrogate/L{{layer}}.safetensors", layer=config["layers"])
+        artifacts=REPORTED + sorted(set(expand(SEED_LEAVES, seed=SEEDS)))
         + [f"{RUN}/suite/{split}.parquet" for split in SPLITS]
         + [f"{RUN}/teacher/{split}.parquet" for split in SPLITS],
         pair=PAIR_INFO,

@@ -1,17 +1,18 @@
 # Feature scores on the selector split, CapMask / VMask by forward selection, size-matched
-# baseline masks, and the threshold sweep (every cutoff its own target). Nothing here reads test.
+# baseline masks, and the threshold sweep (every cutoff its own target), per surrogate seed.
+# Nothing here reads test.
 
 rule score_features:
     input:
         **SELECTOR,
-        records=f"{RUN}/eval/selector/FullDelta.parquet",
+        records=eval_file("selector", "FullDelta"),
         **model_inputs(),
     output:
-        scores=f"{RUN}/selection/scores.parquet",
+        scores=SELECTION_REFERENCES["scores"],
     log:
-        f"{RUN}/logs/selection/scores.log",
+        f"{RUN}/logs/seed{{seed}}/selection/scores.log",
     benchmark:
-        f"{RUN}/benchmarks/selection/scores.tsv"
+        f"{RUN}/benchmarks/seed{{seed}}/selection/scores.tsv"
     threads: config["threads"]
     retries: RETRIES
     resources:
@@ -34,11 +35,12 @@ rule scores_plot:
     input:
         scores=rules.score_features.output.scores,
     output:
-        plot=report(f"{RUN}/selection/scores.png", caption="../report/scores.rst", category="Selection"),
+        plot=report(f"{SEED}/selection/scores.png", caption="../report/scores.rst", category="Selection",
+                    subcategory="seed {seed}"),
     log:
-        f"{RUN}/logs/selection/scores_plot.log",
+        f"{RUN}/logs/seed{{seed}}/selection/scores_plot.log",
     benchmark:
-        f"{RUN}/benchmarks/selection/scores_plot.tsv"
+        f"{RUN}/benchmarks/seed{{seed}}/selection/scores_plot.tsv"
     params:
         **stage("postdiff.scoring:plot_scores", top_n=config["scoring"]["top_n"]),
     conda:
@@ -180,13 +182,14 @@ rule baseline_masks:
         random=MASK_FILES["random"],
         mass=MASK_FILES["mass"],
     log:
-        f"{RUN}/logs/selection/baselines.log",
+        f"{RUN}/logs/seed{{seed}}/selection/baselines.log",
     benchmark:
-        f"{RUN}/benchmarks/selection/baselines.tsv"
+        f"{RUN}/benchmarks/seed{{seed}}/selection/baselines.tsv"
     params:
+        # The RandomMask draw follows the surrogate seed (seed 0 draws with baselines.seed itself).
         **stage(
             "postdiff.selection:baseline_masks",
-            seed=config["baselines"]["seed"],
+            seed=lambda wc: config["baselines"]["seed"] + int(wc.seed),
         ),
     conda:
         ENV
@@ -199,12 +202,13 @@ rule sweep_summary:
         masks=sweep_targets(),
         locked=MASK_FILES["cap"],
     output:
-        summary=f"{RUN}/sweep/summary.parquet",
-        csv=report(f"{RUN}/sweep/summary.csv", caption="../report/sweep.rst", category="Threshold sweep"),
+        summary=f"{SEED}/sweep/summary.parquet",
+        csv=report(f"{SEED}/sweep/summary.csv", caption="../report/sweep.rst", category="Threshold sweep",
+                   subcategory="seed {seed}"),
     log:
-        f"{RUN}/logs/sweep/summary.log",
+        f"{RUN}/logs/seed{{seed}}/sweep/summary.log",
     benchmark:
-        f"{RUN}/benchmarks/sweep/summary.tsv"
+        f"{RUN}/benchmarks/seed{{seed}}/sweep/summary.tsv"
     params:
         **stage("postdiff.selection:sweep_summary"),
     conda:

@@ -1,4 +1,9 @@
-# One TopK surrogate per layer, fitted on the train cache, and its R^2 / dead features per split.
+# One TopK surrogate per layer and seed, fitted on the train cache, and its R^2 / dead features
+# per split.
+
+# The training keys of every seed's surrogates: the seed list itself is no param of a seed's job,
+# so adding a seed leaves the others' surrogates alone.
+SURROGATE = {k: v for k, v in config["surrogate"].items() if k != "seeds"}
 
 
 rule train_surrogate:
@@ -8,18 +13,18 @@ rule train_surrogate:
         teacher=f"{RUN}/teacher/train.parquet",
         **model_inputs(),
     output:
-        module=f"{RUN}/surrogate/L{{layer}}.safetensors",
-        curve=f"{RUN}/surrogate/L{{layer}}_curve.parquet",
+        module=f"{SEED}/surrogate/L{{layer}}.safetensors",
+        curve=f"{SEED}/surrogate/L{{layer}}_curve.parquet",
         curve_png=report(
-            f"{RUN}/surrogate/L{{layer}}_curve.png",
+            f"{SEED}/surrogate/L{{layer}}_curve.png",
             caption="../report/curve.rst",
             category="Surrogate",
-            labels={"layer": "{layer}", "figure": "loss curve"},
+            labels={"seed": "{seed}", "layer": "{layer}", "figure": "loss curve"},
         ),
     log:
-        f"{RUN}/logs/surrogate/L{{layer}}.log",
+        f"{RUN}/logs/seed{{seed}}/surrogate/L{{layer}}.log",
     benchmark:
-        f"{RUN}/benchmarks/surrogate/L{{layer}}.tsv"
+        f"{RUN}/benchmarks/seed{{seed}}/surrogate/L{{layer}}.tsv"
     threads: config["threads"]
     retries: RETRIES
     resources:
@@ -30,7 +35,8 @@ rule train_surrogate:
             **model_params(),
             layer=lambda wc: int(wc.layer),
             layers=config["layers"],
-            **config["surrogate"],
+            seed=lambda wc: int(wc.seed),
+            **SURROGATE,
         ),
     conda:
         ENV
@@ -46,11 +52,11 @@ rule surrogate_metrics:
         **{f"{split}_teacher": f"{RUN}/teacher/{split}.parquet" for split in SPLITS},
         **model_inputs(),
     output:
-        metrics=f"{RUN}/surrogate/L{{layer}}_metrics.parquet",
+        metrics=f"{SEED}/surrogate/L{{layer}}_metrics.parquet",
     log:
-        f"{RUN}/logs/surrogate/L{{layer}}_metrics.log",
+        f"{RUN}/logs/seed{{seed}}/surrogate/L{{layer}}_metrics.log",
     benchmark:
-        f"{RUN}/benchmarks/surrogate/L{{layer}}_metrics.tsv"
+        f"{RUN}/benchmarks/seed{{seed}}/surrogate/L{{layer}}_metrics.tsv"
     threads: config["threads"]
     retries: RETRIES
     resources:

@@ -1,4 +1,5 @@
-# Variants as data: each config entry becomes variants/<name>.json, which one evaluation rule runs.
+# Variants as data: each config entry becomes variants/<name>.json, which one evaluation rule runs;
+# a variant that depends on the surrogate seed gets one spec per seed, under seed<N>/.
 
 
 wildcard_constraints:
@@ -9,11 +10,11 @@ rule variant_spec:
     input:
         unpack(variant_inputs),
     output:
-        spec=f"{RUN}/variants/{{variant}}.json",
+        spec=f"{RUN}/{{seeddir}}variants/{{variant}}.json",
     log:
-        f"{RUN}/logs/variants/{{variant}}.log",
+        f"{RUN}/logs/{{seeddir}}variants/{{variant}}.log",
     benchmark:
-        f"{RUN}/benchmarks/variants/{{variant}}.tsv"
+        f"{RUN}/benchmarks/{{seeddir}}variants/{{variant}}.tsv"
     params:
         **stage(
             "postdiff.spec:build_spec",
