@@ -24,6 +24,7 @@ include: "workflow/rules/gates.smk"
 include: "workflow/rules/variants.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/selection.smk"
+include: "workflow/rules/features.smk"
 include: "workflow/rules/report.smk"
 
 
@@ -56,6 +57,7 @@ localrules:
     figure1,
     figure2,
     qualitative,
+    feature_page,
     provenance,
 
 

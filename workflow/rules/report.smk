@@ -150,7 +150,7 @@ rule pair_gap:
 REPORTED = [
     *rules.table1.output, *rules.table2.output, *rules.r2_table.output,
     *rules.figure1.output, *rules.figure2.output, *rules.qualitative.output,
-    *rules.sweep_summary.output, *rules.pair_gap.output, *rules.scores_plot.output,
+    *rules.sweep_summary.output, *rules.pair_gap.output, *rules.scores_plot.output, *rules.feature_page.output,
 ]
 
 

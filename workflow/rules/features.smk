@@ -1,0 +1,77 @@
+# Feature cards: one data job (reads the selector and test caches in one streaming pass, runs IT
+# for the logit lens and, with features.steer, PT for steering) and one local job rendering the
+# page. Nothing upstream of the tables reads them.
+
+FEATURES = config["features"]
+# Every path of the feature cards is built here; `FEATURE_SEEDS` lists the data sets the page shows.
+FEATURE_DIR = f"{RUN}/features"
+FEATURE_NAMES = ("cards", "masks", "activity", "contexts", "lens", "layer_lens", "steering")
+FEATURE_FILES = {name: f"{FEATURE_DIR}/{name}.parquet" for name in FEATURE_NAMES}
+FEATURE_SEEDS = {f"surrogate seed {config['surrogate']['seed']}": FEATURE_FILES}
+
+
+def feature_masks():
+    """Label -> mask file: the locked CapMask, VMask and every sweep cutoff's CapMask."""
+    masks = {"CapMask (locked)": MASK_FILES["cap"], "VMask": MASK_FILES["vmask"]}
+    for path in sweep_targets():
+        found = dict(re.findall(r"(verb_exclusion|cap_cutoff)=([^/]+)", path))
+        masks[f"CapMask sweep: cap_cutoff {found['cap_cutoff']}, verb_exclusion {found['verb_exclusion']}"] = path
+    return masks
+
+
+rule feature_data:
+    input:
+        scores=f"{RUN}/selection/scores.parquet",
+        gates=f"{RUN}/gates/full.json",
+        standardiser=rules.standardiser.output.standardiser,
+        surrogates=expand(f"{RUN}/surrogate/L{{layer}}.safetensors", layer=config["layers"]),
+        masks=list(feature_masks().values()),
+        **{split: cache_shards(split) for split in ("selector", "test")},
+        **{f"{split}_suite": f"{RUN}/suite/{split}.parquet" for split in ("selector", "test")},
+        **{f"{split}_teacher": f"{RUN}/teacher/{split}.parquet" for split in ("selector", "test")},
+        **model_inputs(),
+    output:
+        **FEATURE_FILES,
+    log:
+        f"{RUN}/logs/features/data.log",
+    benchmark:
+        f"{RUN}/benchmarks/features/data.tsv"
+    threads: config["threads"]
+    retries: RETRIES
+    resources:
+        **gpu_resources(),
+    params:
+        **stage(
+            "postdiff.features:feature_data",
+            **model_params(),
+            layers=config["layers"],
+            mask_labels=list(feature_masks()),
+            **FEATURES,
+            max_new_tokens=EVAL["max_new_tokens"],
+            batch_size=EVAL["batch_size"],
+        ),
+    conda:
+        ENV
+    script:
+        STAGE
+
+
+rule feature_page:
+    input:
+        **{name: [files[name] for files in FEATURE_SEEDS.values()] for name in FEATURE_NAMES},
+    output:
+        html=report(f"{RUN}/features.html", caption="../report/features.rst", category="Features"),
+    log:
+        f"{RUN}/logs/features/page.log",
+    benchmark:
+        f"{RUN}/benchmarks/features/page.tsv"
+    params:
+        **stage(
+            "postdiff.featurepage:feature_page",
+            labels=list(FEATURE_SEEDS),
+            steer=FEATURES["steer"],
+        ),
+    conda:
+        ENV
+    script:
+        STAGE
