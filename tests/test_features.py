@@ -297,3 +297,10 @@ def test_page_in_headless_chromium(browser: DevTools, tmp_path: Path) -> None:
     page.write_text(P.render([hand_seed()], steer=True))
     assert check_in_browser(browser, page, tmp_path / "features.png") == 2
     assert (tmp_path / "features.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_the_tiny_runs_page_in_headless_chromium(browser: DevTools, tiny_run: Path, tmp_path: Path) -> None:
+    page = tiny_run / "results/tiny/features.html"
+    n_cards = pl.read_parquet(tiny_run / "results/tiny/features/cards.parquet").height
+    assert check_in_browser(browser, page, tmp_path / "tiny_features.png") == n_cards > 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -55,7 +56,7 @@ def test_bad_config_stops_before_any_job(tmp_path: Path, change: dict, named: st
 def test_full_run_produces_every_artifact(tiny_run: Path) -> None:
     run = tiny_run / RUN
     for path in ["tables/table1.csv", "tables/table2.tex", "tables/r2.md", "figures/figure1.pdf",
-                 "figures/figure2.png", "qualitative.html", "sweep/summary.csv", "pair_gap.json",
+                 "figures/figure2.png", "qualitative.html", "sweep/summary.csv", "pair_gap.json", "features.html",
                  "provenance/manifest.parquet", "provenance/runtimes.csv", "provenance/run_id.json"]:
         assert (run / path).stat().st_size > 0, path
     table1 = pl.read_csv(run / "tables/table1.csv")
@@ -75,6 +76,25 @@ def test_full_run_produces_every_artifact(tiny_run: Path) -> None:
         assert f"{RUN}/{part}" in kinds, part
     log = (run / "logs/pair_gap.log").read_text()
     assert "PT-to-IT gap" in log
+
+
+def test_feature_cards_cover_every_selected_feature(tiny_run: Path) -> None:
+    run = tiny_run / RUN
+    cards = pl.read_parquet(run / "features/cards.parquet")
+    masked = set()
+    for path in [run / "selection/vmask.json", *run.glob("sweep/*/*/cap_mask.json")]:
+        masked |= {(int(layer), j) for layer, features in json.loads(path.read_text())["mask"].items() for j in features}
+    keys = set(cards.select("layer", "feature").iter_rows())
+    assert masked <= keys and cards.height > 0
+    assert cards.filter(pl.col("reasons").list.contains("top cap_score")).height == 3  # tiny.yaml's features.top_n
+    activity = pl.read_parquet(run / "features/activity.parquet")
+    assert activity.height == 2 * cards.height and activity["frequency"].is_between(0, 1).all()
+    steering = pl.read_parquet(run / "features/steering.parquet")
+    fired = activity.filter((pl.col("split") == "selector") & (pl.col("n_active") > 0)).height
+    assert steering.height == 2 * (fired + 1)  # n_prompts per firing card, plus PT's own
+    layer_lens = pl.read_parquet(run / "features/layer_lens.parquet")
+    assert set(layer_lens["vector"]) == {"delta_mean", "b_dec"}
+    assert (run / "features.html").read_text().count('class="card"') == cards.height
 
 
 def test_second_run_does_nothing(tiny_run: Path) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -27,7 +28,7 @@ from postdiff.forward import EditFactory
 from postdiff.generation import generate
 from postdiff.hook import LayerEdit
 from postdiff.io import read_json, write_parquet
-from postdiff.models import load_model, load_tokenizer
+from postdiff.models import load_model, load_tokenizer, pick_device
 from postdiff.runtime import Job
 from postdiff.scoring import SCORE_SCHEMA
 from postdiff.selection import mask_of, read_mask_file
@@ -340,6 +341,43 @@ def _paths(value: str | Sequence[str]) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
+def _activity_and_contexts(job: Job, cards: pl.DataFrame, modules: Mapping[int, TopKSurrogate], tokenizer) -> tuple[pl.DataFrame, pl.DataFrame]:
+    layers = [int(layer) for layer in job.params["layers"]]
+    activity, contexts = [], []
+    for split in ("selector", "test"):
+        texts = _texts(job.input[f"{split}_suite"], job.input[f"{split}_teacher"], tokenizer)
+        for layer in layers:
+            features = cards.filter(pl.col("layer") == layer)["feature"].to_list()
+            index = ShardIndex([], [])
+            chunks = shard_chunks(_paths(job.input[split]), layer, layers, index)
+            run = stream(modules[layer], chunks, features, int(job.params["n_contexts"]))
+            activity += activity_rows(layer, features, split, run)
+            contexts += context_rows(layer, features, split, run, index, texts)
+            log.info("layer %d %s: %d positions, %d card features", layer, split, run.n_rows, len(features))
+    return pl.DataFrame(activity, schema=ACTIVITY_SCHEMA), pl.DataFrame(contexts, schema=CONTEXT_SCHEMA)
+
+
+def _lenses(job: Job, cards: pl.DataFrame, modules: Mapping[int, TopKSurrogate], tokenizer) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Each card's ``D_j``, and each layer's mean delta and ``b_dec``, through IT's lens."""
+    p = job.params
+    n = int(p["n_lens_tokens"])
+    it, _ = load_model(p["it"], p.get("dtype", "auto"), p.get("device", "auto"))
+    lens = Lens.of(it, len(tokenizer))
+    keys = list(cards.select("layer", "feature").iter_rows(named=True))
+    directions = [modules[k["layer"]].W_dec[k["feature"]].detach().cpu() for k in keys]
+    card_lens = pl.DataFrame(lens_rows(lens.top(torch.stack(directions), n), keys, tokenizer) if keys else [],
+                             schema={"layer": pl.Int64, "feature": pl.Int64, **LENS_SCHEMA})
+    layer_keys, vectors = [], []
+    for layer in modules:
+        delta_mean = load_standardiser(job.input["standardiser"], layer).delta_mean
+        for name, vector in (("delta_mean", delta_mean), ("b_dec", modules[layer].b_dec.detach())):
+            layer_keys.append({"layer": layer, "vector": name, "norm": float(vector.norm())})
+            vectors.append(vector.float().cpu())
+    layer_lens = pl.DataFrame(lens_rows(lens.top(torch.stack(vectors), n), layer_keys, tokenizer),
+                              schema={"layer": pl.Int64, "vector": pl.String, "norm": pl.Float64, **LENS_SCHEMA})
+    return card_lens, layer_lens
+
+
 def feature_data(job: Job) -> None:
     """Stage. input: scores, gates, standardiser, surrogates (one per layer, in params.layers order),
     masks (params.mask_labels order), ``{split}`` shards, ``{split}_suite``, ``{split}_teacher`` for
@@ -349,52 +387,31 @@ def feature_data(job: Job) -> None:
     p = job.params
     layers = [int(layer) for layer in p["layers"]]
     masks = {label: mask_of(read_mask_file(path)) for label, path in zip(p["mask_labels"], _paths(job.input["masks"]), strict=True)}
+    device = pick_device(p.get("device", "auto"))
+    modules = {layer: surrogate.load(path, device)[0].eval() for layer, path in zip(layers, _paths(job.input["surrogates"]), strict=True)}
     scores = pl.read_parquet(job.input["scores"])
-    cards = card_features(masks, scores, int(p["top_n"]))
-    cards = cards.join(scores, on=["layer", "feature"], how="left", maintain_order="left")
-    modules = {layer: surrogate.load(path, "cpu")[0] for layer, path in zip(layers, _paths(job.input["surrogates"]), strict=True)}
-    cards = cards.with_columns(pl.Series("decoder_norm", [float(modules[l].W_dec[j].norm()) for l, j in cards.select("layer", "feature").iter_rows()], dtype=pl.Float64))
-    gates = {int(k): float(v) for k, v in read_json(job.input["gates"]).items()}
+    cards = card_features(masks, scores, int(p["top_n"])).join(scores, on=["layer", "feature"], how="left", maintain_order="left")
+    norms = [float(modules[layer].W_dec[j].norm()) for layer, j in cards.select("layer", "feature").iter_rows()]
+    cards = cards.with_columns(pl.Series("decoder_norm", norms, dtype=pl.Float64))
     tokenizer = load_tokenizer(p["it"])
 
-    activity, contexts = [], []
-    for split in ("selector", "test"):
-        texts = _texts(job.input[f"{split}_suite"], job.input[f"{split}_teacher"], tokenizer)
-        for layer in layers:
-            features = cards.filter(pl.col("layer") == layer)["feature"].to_list()
-            index = ShardIndex([], [])
-            run = stream(modules[layer], shard_chunks(_paths(job.input[split]), layer, layers, index), features, int(p["n_contexts"]))
-            activity += activity_rows(layer, features, split, run)
-            contexts += context_rows(layer, features, split, run, index, texts)
-            log.info("layer %d %s: %d positions, %d card features", layer, split, run.n_rows, len(features))
-    activity_df = pl.DataFrame(activity, schema=ACTIVITY_SCHEMA)
-
-    it, _ = load_model(p["it"], p.get("dtype", "auto"), p.get("device", "auto"))
-    lens = Lens.of(it, len(tokenizer))
-    keys = list(cards.select("layer", "feature").iter_rows(named=True))
-    directions = torch.stack([modules[k["layer"]].W_dec[k["feature"]] for k in keys]) if keys else torch.zeros(0, lens.scale.shape[0])
-    lens_df = pl.DataFrame(lens_rows(lens.top(directions, int(p["n_lens_tokens"])), keys, tokenizer),
-                           schema={"layer": pl.Int64, "feature": pl.Int64, **LENS_SCHEMA})
-    layer_keys, layer_vectors = [], []
-    for layer in layers:
-        for name, vector in (("delta_mean", load_standardiser(job.input["standardiser"], layer).delta_mean), ("b_dec", modules[layer].b_dec)):
-            layer_keys.append({"layer": layer, "vector": name, "norm": float(vector.norm())})
-            layer_vectors.append(vector.detach().float())
-    layer_lens = pl.DataFrame(lens_rows(lens.top(torch.stack(layer_vectors), int(p["n_lens_tokens"])), layer_keys, tokenizer),
-                              schema={"layer": pl.Int64, "vector": pl.String, "norm": pl.Float64, **LENS_SCHEMA})
-    del it, lens
-
+    start = time.perf_counter()
+    activity, contexts = _activity_and_contexts(job, cards, modules, tokenizer)
+    log.info("streaming pass: %.2f s", time.perf_counter() - start)
+    start = time.perf_counter()
+    card_lens, layer_lens = _lenses(job, cards, modules, tokenizer)
+    log.info("lens (IT loaded): %.2f s", time.perf_counter() - start)
     steering = pl.DataFrame(schema=STEERING_SCHEMA)
     if p["steer"]:
-        steering = _steering(job, cards, activity_df, modules, gates)
+        start = time.perf_counter()
+        gates = {int(k): float(v) for k, v in read_json(job.input["gates"]).items()}
+        steering = _steering(job, cards, activity, modules, gates)
+        log.info("steering (PT loaded, %d generations): %.2f s", steering.height, time.perf_counter() - start)
 
-    write_parquet(cards, job.output["cards"])
-    write_parquet(masks_frame(masks), job.output["masks"])
-    write_parquet(activity_df, job.output["activity"])
-    write_parquet(pl.DataFrame(contexts, schema=CONTEXT_SCHEMA), job.output["contexts"])
-    write_parquet(lens_df, job.output["lens"])
-    write_parquet(layer_lens, job.output["layer_lens"])
-    write_parquet(steering, job.output["steering"])
+    outputs = dict(cards=cards, masks=masks_frame(masks), activity=activity, contexts=contexts, lens=card_lens,
+                   layer_lens=layer_lens, steering=steering)
+    for name, frame in outputs.items():
+        write_parquet(frame, job.output[name])
 
 
 def _steering(job: Job, cards: pl.DataFrame, activity: pl.DataFrame, modules: Mapping[int, TopKSurrogate],

@@ -10,13 +10,11 @@ FEATURE_FILES = {name: f"{FEATURE_DIR}/{name}.parquet" for name in FEATURE_NAMES
 FEATURE_SEEDS = {f"surrogate seed {config['surrogate']['seed']}": FEATURE_FILES}
 
 
-def feature_masks():
-    """Label -> mask file: the locked CapMask, VMask and every sweep cutoff's CapMask."""
-    masks = {"CapMask (locked)": MASK_FILES["cap"], "VMask": MASK_FILES["vmask"]}
-    for path in sweep_targets():
-        found = dict(re.findall(r"(verb_exclusion|cap_cutoff)=([^/]+)", path))
-        masks[f"CapMask sweep: cap_cutoff {found['cap_cutoff']}, verb_exclusion {found['verb_exclusion']}"] = path
-    return masks
+# Label -> mask file: the locked CapMask, VMask and every sweep cutoff's CapMask.
+FEATURE_MASKS = {"CapMask (locked)": MASK_FILES["cap"], "VMask": MASK_FILES["vmask"]}
+for _path in sweep_targets():
+    _found = dict(re.findall(r"(verb_exclusion|cap_cutoff)=([^/]+)", _path))
+    FEATURE_MASKS[f"CapMask sweep: cap_cutoff {_found['cap_cutoff']}, verb_exclusion {_found['verb_exclusion']}"] = _path
 
 
 rule feature_data:
@@ -25,7 +23,7 @@ rule feature_data:
         gates=f"{RUN}/gates/full.json",
         standardiser=rules.standardiser.output.standardiser,
         surrogates=expand(f"{RUN}/surrogate/L{{layer}}.safetensors", layer=config["layers"]),
-        masks=list(feature_masks().values()),
+        masks=list(FEATURE_MASKS.values()),
         **{split: cache_shards(split) for split in ("selector", "test")},
         **{f"{split}_suite": f"{RUN}/suite/{split}.parquet" for split in ("selector", "test")},
         **{f"{split}_teacher": f"{RUN}/teacher/{split}.parquet" for split in ("selector", "test")},
@@ -45,7 +43,7 @@ rule feature_data:
             "postdiff.features:feature_data",
             **model_params(),
             layers=config["layers"],
-            mask_labels=list(feature_masks()),
+            mask_labels=list(FEATURE_MASKS),
             **FEATURES,
             max_new_tokens=EVAL["max_new_tokens"],
             batch_size=EVAL["batch_size"],
