@@ -129,13 +129,12 @@ def test_steering_rows_match_plain_generation_and_a_constant_edit() -> None:
 
 def test_cards_are_every_masked_feature_and_the_top_scores() -> None:
     scores = pl.DataFrame({"layer": [0, 0, 1, 1], "feature": [0, 1, 0, 1], "cap_score": [3.0, 1.0, 2.0, float("nan")],
-                           "verb_score": [0.0, 5.0, 1.0, 2.0]})
+                           "verb_score": [0.0, 5.0, 1.0, 5.0], "activation_mass": [1.0, 0.5, 1.0, 2.0]})
     masks = {"CapMask": {1: [1]}, "VMask": {}, "sweep": {1: [1], 0: [0]}}
     cards = F.card_features(masks, scores, top_n=1)
     assert cards.to_dicts() == [
         {"layer": 0, "feature": 0, "reasons": ["sweep", "top cap_score"]},
-        {"layer": 0, "feature": 1, "reasons": ["top verb_score"]},
-        {"layer": 1, "feature": 1, "reasons": ["CapMask", "sweep"]},
+        {"layer": 1, "feature": 1, "reasons": ["CapMask", "sweep", "top verb_score"]},  # the tie's larger mass
     ]
     frame = F.masks_frame(masks)
     assert frame.filter(pl.col("mask") == "VMask")["layer"].to_list() == [[]]

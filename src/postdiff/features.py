@@ -204,15 +204,17 @@ def masks_frame(masks: Mapping[str, Mapping[int, Sequence[int]]]) -> pl.DataFram
 
 def card_features(masks: Mapping[str, Mapping[int, Sequence[int]]], scores: pl.DataFrame, top_n: int) -> pl.DataFrame:
     """``layer, feature, reasons`` of every card: each mask holding it, and ``top cap_score`` /
-    ``top verb_score`` for the ``top_n`` highest of each score over all layers."""
+    ``top verb_score`` for the ``top_n`` highest of each score over all layers. Ties (all scores
+    are 0 when an endpoint never varies) go to the larger activation mass: a feature that
+    carries more of the delta says more than the lowest index."""
     reasons: dict[tuple[int, int], list[str]] = {}
     for name, mask in masks.items():
         for layer, features in mask.items():
             for j in features:
                 reasons.setdefault((int(layer), int(j)), []).append(name)
     for score in ("cap_score", "verb_score"):
-        top = scores.drop_nans(score).sort([score, "layer", "feature"], descending=[True, False, False]).head(top_n)
-        for layer, j in top.select("layer", "feature").iter_rows():
+        top = scores.drop_nans(score).sort([score, "activation_mass", "layer", "feature"], descending=[True, True, False, False])
+        for layer, j in top.head(top_n).select("layer", "feature").iter_rows():
             reasons.setdefault((layer, j), []).append(f"top {score}")
     keys = sorted(reasons)
     return pl.DataFrame(
@@ -388,7 +390,7 @@ def feature_data(job: Job) -> None:
     layers = [int(layer) for layer in p["layers"]]
     masks = {label: mask_of(read_mask_file(path)) for label, path in zip(p["mask_labels"], _paths(job.input["masks"]), strict=True)}
     device = pick_device(p.get("device", "auto"))
-    modules = {layer: surrogate.load(path, device)[0].eval() for layer, path in zip(layers, _paths(job.input["surrogates"]), strict=True)}
+    modules = {layer: surrogate.load(path, device)[0].eval().requires_grad_(False) for layer, path in zip(layers, _paths(job.input["surrogates"]), strict=True)}
     scores = pl.read_parquet(job.input["scores"])
     cards = card_features(masks, scores, int(p["top_n"])).join(scores, on=["layer", "feature"], how="left", maintain_order="left")
     norms = [float(modules[layer].W_dec[j].norm()) for layer, j in cards.select("layer", "feature").iter_rows()]
