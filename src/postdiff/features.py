@@ -30,7 +30,6 @@ from postdiff.hook import LayerEdit
 from postdiff.io import read_json, write_parquet
 from postdiff.models import load_model, load_tokenizer, pick_device
 from postdiff.runtime import Job
-from postdiff.scoring import SCORE_SCHEMA
 from postdiff.selection import mask_of, read_mask_file
 from postdiff.standardise import load_standardiser
 from postdiff.surrogate import TopKSurrogate
@@ -38,7 +37,6 @@ from postdiff.surrogate import TopKSurrogate
 log = logging.getLogger(__name__)
 
 ENCODE_BATCH = 4096
-SCORE_COLUMNS = [c for c in SCORE_SCHEMA if c not in ("layer", "feature")]
 
 
 # ---------------------------------------------------------------- the streaming pass
