@@ -181,7 +181,7 @@ def test_editing_surrogate_reruns_its_importers_and_their_downstream(tiny_run: P
     jobs = planned_jobs(workdir)
     # Entry modules that import postdiff.surrogate, directly or through another module.
     importers = {"train_surrogate", "surrogate_metrics", "gates_full", "gates_single", "gates_mean",
-                 "evaluate", "score_features", "select_cap", "select_vmask"}
+                 "evaluate", "score_features", "select_cap", "select_vmask", "feature_data"}
     upstream = PAIR_RULES | {"pair_info", "suite", "split", "teacher", "cache_shard", "standardiser"}
     assert {rule: jobs.get(rule) for rule in importers} == {rule: everything[rule] for rule in importers}
     # The PT and IT specs read no surrogate; every other spec does.
