@@ -24,6 +24,7 @@ include: "workflow/rules/gates.smk"
 include: "workflow/rules/variants.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/selection.smk"
+include: "workflow/rules/features.smk"
 include: "workflow/rules/report.smk"
 
 
@@ -59,6 +60,7 @@ localrules:
     seed_table,
     seed_figure,
     mask_stability,
+    feature_page,
     provenance,
 
 

@@ -59,7 +59,7 @@ def test_full_run_produces_every_artifact(tiny_run: Path) -> None:
     for path in ["tables/table1.csv", "tables/table2.tex", "tables/r2.md", "figures/figure1.pdf",
                  "figures/figure2.png", "qualitative.html", "sweep/summary.csv"]:
         assert (run / "seed0" / path).stat().st_size > 0, path
-    for path in ["pair_gap.json", "tables/seeds.csv", "figures/seeds.png", "tables/mask_stability.csv",
+    for path in ["pair_gap.json", "tables/seeds.csv", "figures/seeds.png", "tables/mask_stability.csv", "features.html",
                  "provenance/manifest.parquet", "provenance/runtimes.csv", "provenance/run_id.json"]:
         assert (run / path).stat().st_size > 0, path
     table1 = pl.read_csv(run / "seed0/tables/table1.csv")
@@ -80,6 +80,25 @@ def test_full_run_produces_every_artifact(tiny_run: Path) -> None:
         assert f"{RUN}/{part}" in kinds, part
     log = (run / "logs/pair_gap.log").read_text()
     assert "PT-to-IT gap" in log
+
+
+def test_feature_cards_cover_every_selected_feature(tiny_run: Path) -> None:
+    run = tiny_run / SEED0
+    cards = pl.read_parquet(run / "features/cards.parquet")
+    masked = set()
+    for path in [run / "selection/vmask.json", *run.glob("sweep/*/*/cap_mask.json")]:
+        masked |= {(int(layer), j) for layer, features in json.loads(path.read_text())["mask"].items() for j in features}
+    keys = set(cards.select("layer", "feature").iter_rows())
+    assert masked <= keys and cards.height > 0
+    assert cards.filter(pl.col("reasons").list.contains("top cap_score")).height == 3  # tiny.yaml's features.top_n
+    activity = pl.read_parquet(run / "features/activity.parquet")
+    assert activity.height == 2 * cards.height and activity["frequency"].is_between(0, 1).all()
+    steering = pl.read_parquet(run / "features/steering.parquet")
+    fired = activity.filter((pl.col("split") == "selector") & (pl.col("n_active") > 0)).height
+    assert steering.height == 2 * (fired + 1)  # n_prompts per firing card, plus PT's own
+    layer_lens = pl.read_parquet(run / "features/layer_lens.parquet")
+    assert set(layer_lens["vector"]) == {"delta_mean", "b_dec"}
+    assert (tiny_run / RUN / "features.html").read_text().count('class="card"') == cards.height
 
 
 def test_second_run_does_nothing(tiny_run: Path) -> None:
@@ -202,7 +221,7 @@ def test_editing_surrogate_reruns_its_importers_and_their_downstream(tiny_run: P
     jobs = planned_jobs(workdir)
     # Entry modules that import postdiff.surrogate, directly or through another module.
     importers = {"train_surrogate", "surrogate_metrics", "gates_full", "gates_single", "gates_mean",
-                 "evaluate", "score_features", "select_cap", "select_vmask"}
+                 "evaluate", "score_features", "select_cap", "select_vmask", "feature_data"}
     upstream = PAIR_RULES | {"pair_info", "suite", "split", "teacher", "cache_shard", "standardiser"}
     assert {rule: jobs.get(rule) for rule in importers} == {rule: everything[rule] for rule in importers}
     # The PT and IT specs read no surrogate; every other spec does.

@@ -216,6 +216,7 @@ PER_SEED_REPORTED = [
 REPORTED = [
     *expand(PER_SEED_REPORTED, seed=SEEDS), *rules.pair_gap.output,
     *rules.seed_table.output, *rules.seed_figure.output, *rules.mask_stability.output,
+    *rules.feature_page.output,
 ]
 # Each seed's leaves: with the reported files, every job of the seed is upstream of provenance.
 SEED_LEAVES = [
