@@ -119,7 +119,7 @@ def test_adding_a_seed_runs_that_seed_and_the_aggregates(tiny_run: Path, tmp_pat
     shutil.copytree(tiny_run, workdir, symlinks=True)
     config = _write_config(workdir, "seeds.yaml", surrogate={"seeds": [0, 1]})
     planned = planned_outputs(workdir, configfile=config)
-    aggregates = {"seed_table", "seed_figure", "mask_stability", "provenance"}
+    aggregates = {"seed_table", "seed_figure", "mask_stability", "feature_page", "provenance"}
     assert aggregates <= {rule for rule, _ in planned}
     seed_jobs = [(rule, outs) for rule, outs in planned if rule not in aggregates]
     stray = [(rule, out) for rule, outs in seed_jobs for out in outs if not out.startswith(f"{RUN}/seed1/")]
