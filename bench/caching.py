@@ -12,12 +12,8 @@ GPU, where the models and the stored caches are bf16 as on a real pair). Goal: r
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import statistics
-import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -30,6 +26,8 @@ from postdiff.cache import collect
 from postdiff.forward import length_sorted_batches
 from postdiff.models import gemma3_text_config, pick_device, pick_dtype
 from postdiff.template import teacher_forced_batch
+
+from ratio import compare, write  # bench/ratio.py
 
 VOCAB = 1024
 GOAL = 1.15
@@ -64,14 +62,6 @@ def plain_forwards(pt, it, rows: pl.DataFrame, batch_size: int, device: torch.de
         it(input_ids=ids, attention_mask=attn, use_cache=False)
 
 
-def timed(fn, device: torch.device) -> float:
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=1000)
@@ -97,39 +87,22 @@ def main() -> None:
     def base() -> None:
         plain_forwards(pt, it, rows, args.batch_size, device)
 
-    timed(ours, device), timed(base, device)  # warm-up: allocator, kernels
-    t_ours, t_base = [], []
-    for _ in range(args.rounds):
-        t_base.append(timed(base, device))
-        t_ours.append(timed(ours, device))
-        print(f"base {t_base[-1]:.3f}s  ours {t_ours[-1]:.3f}s", file=sys.stderr)
-    ratio = min(t_ours) / min(t_base)
-    result = {
-        "name": "caching",
-        "ratio": ratio,
-        "ratio_median": statistics.median(t_ours) / statistics.median(t_base),
-        "goal": f"ratio <= {GOAL}",
-        "met": ratio <= GOAL,
-        "seconds_ours": t_ours,
-        "seconds_baseline": t_base,
-        "rows": args.rows,
-        "answer_tokens": n_tokens,
-        "layers": args.layers,
-        "batch_size": args.batch_size,
-        "threads": args.threads,
-        "model": "Gemma3ForCausalLM random init, hidden 192, intermediate 768, 4 layers, vocab 1024",
-        "dtype": str(dtype).removeprefix("torch."),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+    timings = compare(ours, base, args.rounds, sync=torch.cuda.synchronize if device.type == "cuda" else lambda: None)
+    write(
+        "caching", timings, GOAL, out,
+        rows=args.rows,
+        answer_tokens=n_tokens,
+        layers=args.layers,
+        batch_size=args.batch_size,
+        threads=args.threads,
+        model="Gemma3ForCausalLM random init, hidden 192, intermediate 768, 4 layers, vocab 1024",
+        dtype=str(dtype).removeprefix("torch."),
+        device=torch.cuda.get_device_name(device) if device.type == "cuda"
         else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-        "torch": torch.__version__,
-        "command": " ".join([".venv/bin/python", *sys.argv]),
-        "note": "ratio of the fastest of `rounds` alternating rounds; the baseline also computes the "
+        torch=torch.__version__,
+        note="ratio of the fastest of `rounds` alternating rounds; the baseline also computes the "
         "LM head and final norm, which block_outputs skips after the last wanted block",
-    }
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("ratio", "ratio_median", "met")}))
-
+    )
 
 if __name__ == "__main__":
     main()

@@ -13,13 +13,9 @@ is of the fastest rounds. Writes bench/results/features.json. Goal: ratio <= 1.5
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import statistics
-import sys
 import tempfile
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -29,6 +25,8 @@ import torch
 from postdiff import features as F
 from postdiff.cache import read_tensor, write_shard
 from postdiff.surrogate import TopKSurrogate
+
+from ratio import compare, write  # bench/ratio.py
 
 GOAL = 1.5
 LAYERS = [0, 1]
@@ -82,12 +80,6 @@ def data_stage(modules: dict, paths: list[str], texts: F.Texts, cards: list[int]
         F.context_rows(layer, cards, "selector", run, index, texts)
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=100_000)
@@ -112,40 +104,23 @@ def main() -> None:
         def base() -> None:
             encode_once(modules, paths)
 
-        timed(ours), timed(base)  # warm-up: page cache, allocator
-        t_ours, t_base = [], []
-        for _ in range(args.rounds):
-            t_base.append(timed(base))
-            t_ours.append(timed(ours))
-            print(f"base {t_base[-1]:.3f}s  ours {t_ours[-1]:.3f}s", file=sys.stderr)
-    ratio = min(t_ours) / min(t_base)
-    result = {
-        "name": "features",
-        "ratio": ratio,
-        "ratio_median": statistics.median(t_ours) / statistics.median(t_base),
-        "goal": f"ratio <= {GOAL}",
-        "met": ratio <= GOAL,
-        "seconds_ours": t_ours,
-        "seconds_baseline": t_base,
-        "answer_positions": n_rows,
-        "shards": args.shards,
-        "layers": LAYERS,
-        "d": args.d,
-        "n_features": 8 * args.d,
-        "k": 16,
-        "cards_per_layer": args.cards,
-        "contexts": args.contexts,
-        "threads": args.threads,
-        "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-        "torch": torch.__version__,
-        "command": " ".join([".venv/bin/python", *sys.argv]),
-        "note": "one split; the stage runs this once per split (selector, test). Excludes the lens "
+        timings = compare(ours, base, args.rounds)
+    write(
+        "features", timings, GOAL, args.out,
+        answer_positions=n_rows,
+        shards=args.shards,
+        layers=LAYERS,
+        d=args.d,
+        n_features=8 * args.d,
+        k=16,
+        cards_per_layer=args.cards,
+        contexts=args.contexts,
+        threads=args.threads,
+        device=f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        torch=torch.__version__,
+        note="one split; the stage runs this once per split (selector, test). Excludes the lens "
         "(loading IT) and steering (PT generation), which the workflow's benchmark file times",
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("ratio", "ratio_median", "met")}))
-
+    )
 
 if __name__ == "__main__":
     main()

@@ -28,7 +28,7 @@ from postdiff.forward import EditFactory
 from postdiff.generation import generate
 from postdiff.hook import LayerEdit
 from postdiff.io import read_json, write_parquet
-from postdiff.models import load_model, load_tokenizer, pick_device
+from postdiff.models import final_norm, load_model, load_tokenizer, pick_device
 from postdiff.runtime import Job
 from postdiff.selection import mask_of, read_mask_file
 from postdiff.standardise import load_standardiser
@@ -137,14 +137,6 @@ def norm_scale(norm: nn.Module, d: int) -> Tensor:
     if not torch.allclose(scale, check, rtol=1e-2, atol=1e-4):
         raise ValueError(f"{type(norm).__name__} is not an elementwise RMS norm; the logit lens needs one")
     return scale
-
-
-def final_norm(model: nn.Module) -> nn.Module:
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
-    norm = getattr(decoder, "norm", None)
-    if not isinstance(norm, nn.Module):
-        raise ValueError(f"cannot find the final norm of {type(model).__name__}")
-    return norm
 
 
 @dataclass(frozen=True)

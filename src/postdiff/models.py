@@ -202,13 +202,23 @@ def load_pair(pt: str, it: str, dtype: str = "auto", device: str = "auto") -> Pa
     return Pair(pt_model, it_model, it_tok)
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks of a causal LM, also inside multimodal wrappers (Gemma 3 4B)."""
+def _decoder_part(model: nn.Module, name: str, kind: type[nn.Module]) -> nn.Module:
+    """Attribute `name` of a causal LM's decoder, also inside multimodal wrappers (Gemma 3 4B)."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
-    layers = getattr(decoder, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ValueError(f"cannot find decoder layers in {type(model).__name__}")
-    return layers
+    part = getattr(decoder, name, None)
+    if not isinstance(part, kind):
+        raise ValueError(f"cannot find the decoder's {name} in {type(model).__name__}")
+    return part
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks."""
+    return _decoder_part(model, "layers", nn.ModuleList)
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm before the unembedding."""
+    return _decoder_part(model, "norm", nn.Module)
 
 
 def check_layers(model: nn.Module, layers: Iterable[int]) -> list[int]:
