@@ -235,6 +235,11 @@ def test_plot_only_params_rerun_only_the_plot(tiny_run: Path) -> None:
     assert planned_jobs(tiny_run, configfile=config) == {"scores_plot": 1, "provenance": 1, "all": 1}
 
 
+def test_feature_cards_feed_nothing_upstream(tiny_run: Path) -> None:
+    config = _write_config(tiny_run, "cards.yaml", features={"top_n": 1})
+    assert planned_jobs(tiny_run, configfile=config) == {"feature_data": 1, "feature_page": 1, "provenance": 1, "all": 1}
+
+
 def test_thresholds_have_one_form_in_paths(tiny_run: Path) -> None:
     """`1` and `1.0` name one selection, and the README's sweep target works as printed."""
     config = _write_config(tiny_run, "ints.yaml", selection={"cap_cutoff": 1.0, "verb_exclusion": 1},

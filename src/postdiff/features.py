@@ -329,10 +329,6 @@ def _texts(split_path: str, teacher_path: str, tokenizer) -> Texts:
                  dict(zip(teacher["id"], teacher["token_ids"].to_list())), tokenizer)
 
 
-def _paths(value: str | Sequence[str]) -> list[str]:
-    return [value] if isinstance(value, str) else list(value)
-
-
 def _activity_and_contexts(job: Job, cards: pl.DataFrame, modules: Mapping[int, TopKSurrogate], tokenizer) -> tuple[pl.DataFrame, pl.DataFrame]:
     layers = [int(layer) for layer in job.params["layers"]]
     activity, contexts = [], []
@@ -341,7 +337,7 @@ def _activity_and_contexts(job: Job, cards: pl.DataFrame, modules: Mapping[int, 
         for layer in layers:
             features = cards.filter(pl.col("layer") == layer)["feature"].to_list()
             index = ShardIndex([], [])
-            chunks = shard_chunks(_paths(job.input[split]), layer, layers, index)
+            chunks = shard_chunks(job.inputs(split), layer, layers, index)
             run = stream(modules[layer], chunks, features, int(job.params["n_contexts"]))
             activity += activity_rows(layer, features, split, run)
             contexts += context_rows(layer, features, split, run, index, texts)
@@ -378,9 +374,9 @@ def feature_data(job: Job) -> None:
     layer_lens, steering (Parquet)."""
     p = job.params
     layers = [int(layer) for layer in p["layers"]]
-    masks = {label: mask_of(read_mask_file(path)) for label, path in zip(p["mask_labels"], _paths(job.input["masks"]), strict=True)}
+    masks = {label: mask_of(read_mask_file(path)) for label, path in zip(p["mask_labels"], job.inputs("masks"), strict=True)}
     device = pick_device(p.get("device", "auto"))
-    modules = {layer: surrogate.load(path, device)[0].eval().requires_grad_(False) for layer, path in zip(layers, _paths(job.input["surrogates"]), strict=True)}
+    modules = {layer: surrogate.load(path, device)[0].eval().requires_grad_(False) for layer, path in zip(layers, job.inputs("surrogates"), strict=True)}
     scores = pl.read_parquet(job.input["scores"])
     cards = card_features(masks, scores, int(p["top_n"])).join(scores, on=["layer", "feature"], how="left", maintain_order="left")
     norms = [float(modules[layer].W_dec[j].norm()) for layer, j in cards.select("layer", "feature").iter_rows()]

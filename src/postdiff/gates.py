@@ -163,10 +163,6 @@ def calibration_variant(mode: str, layers: int | Sequence[int], surrogates: Sequ
     )
 
 
-def _as_list(value: str | Sequence[str] | None) -> list[str]:
-    return [] if value is None else [value] if isinstance(value, str) else list(value)
-
-
 def calibrate(job: Job) -> None:
     """Stage: gates for one set of layers.
 
@@ -176,7 +172,7 @@ def calibrate(job: Job) -> None:
     """
     p = job.params
     variant = calibration_variant(
-        p["mode"], p["layers"], _as_list(job.input.get("surrogates")), job.input.get("standardiser")
+        p["mode"], p["layers"], job.inputs("surrogates"), job.input.get("standardiser")
     )
     grid = check_grid(p.get("grid", DEFAULT_GRID))
     rows = read_rows(job.input["split"], job.input["teacher"])

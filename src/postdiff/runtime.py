@@ -32,6 +32,11 @@ class Job:
     threads: int = 1
     attempt: int = 1  # Snakemake's attempt: > 1 when a failed job is retried
 
+    def inputs(self, key: str) -> list[str]:
+        """``input[key]`` as a list: Snakemake passes a one-file input as a plain string."""
+        value = self.input.get(key)
+        return [] if value is None else [value] if isinstance(value, str) else list(value)
+
     def batch_size(self, key: str = "batch_size") -> int:
         """``params[key]`` halved on every retry, so a job killed for memory reruns smaller
         (results do not depend on the batch size beyond float rounding)."""

@@ -201,7 +201,7 @@ rule mask_stability:
     benchmark:
         f"{RUN}/benchmarks/tables/mask_stability.tsv"
     params:
-        **stage("postdiff.seeds:stability", seeds=SEEDS, layers=config["layers"], mask_names=list(STABLE_MASKS)),
+        **stage("postdiff.stability:stability", seeds=SEEDS, layers=config["layers"], mask_names=list(STABLE_MASKS)),
     conda:
         ENV
     script:
