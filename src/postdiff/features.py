@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from postdiff import surrogate
 from postdiff.cache import check_shard, read_tensor
+from postdiff.evaluate import read_rows
 from postdiff.forward import EditFactory
 from postdiff.generation import generate
 from postdiff.hook import LayerEdit
@@ -37,6 +38,8 @@ from postdiff.surrogate import TopKSurrogate
 log = logging.getLogger(__name__)
 
 ENCODE_BATCH = 4096
+# Splits whose caches the cards read (the selector also gives the steering prompts).
+SPLITS = ("selector", "test")
 
 
 # ---------------------------------------------------------------- the streaming pass
@@ -323,17 +326,17 @@ def steer(
 # ---------------------------------------------------------------- the stage
 
 
-def _texts(split_path: str, teacher_path: str, tokenizer) -> Texts:
-    split, teacher = pl.read_parquet(split_path), pl.read_parquet(teacher_path)
-    return Texts(dict(zip(split["id"], split["prompt"])), dict(zip(teacher["id"], teacher["prefix_ids"].to_list())),
-                 dict(zip(teacher["id"], teacher["token_ids"].to_list())), tokenizer)
+def _texts(rows: pl.DataFrame, tokenizer) -> Texts:
+    return Texts(dict(zip(rows["id"], rows["prompt"])), dict(zip(rows["id"], rows["prefix_ids"].to_list())),
+                 dict(zip(rows["id"], rows["token_ids"].to_list())), tokenizer)
 
 
-def _activity_and_contexts(job: Job, cards: pl.DataFrame, modules: Mapping[int, TopKSurrogate], tokenizer) -> tuple[pl.DataFrame, pl.DataFrame]:
+def _activity_and_contexts(job: Job, cards: pl.DataFrame, modules: Mapping[int, TopKSurrogate],
+                           rows: Mapping[str, pl.DataFrame], tokenizer) -> tuple[pl.DataFrame, pl.DataFrame]:
     layers = [int(layer) for layer in job.params["layers"]]
     activity, contexts = [], []
-    for split in ("selector", "test"):
-        texts = _texts(job.input[f"{split}_suite"], job.input[f"{split}_teacher"], tokenizer)
+    for split, split_rows in rows.items():
+        texts = _texts(split_rows, tokenizer)
         for layer in layers:
             features = cards.filter(pl.col("layer") == layer)["feature"].to_list()
             index = ShardIndex([], [])
@@ -382,9 +385,10 @@ def feature_data(job: Job) -> None:
     norms = [float(modules[layer].W_dec[j].norm()) for layer, j in cards.select("layer", "feature").iter_rows()]
     cards = cards.with_columns(pl.Series("decoder_norm", norms, dtype=pl.Float64))
     tokenizer = load_tokenizer(p["it"])
+    rows = {split: read_rows(job.input[f"{split}_suite"], job.input[f"{split}_teacher"]) for split in SPLITS}
 
     start = time.perf_counter()
-    activity, contexts = _activity_and_contexts(job, cards, modules, tokenizer)
+    activity, contexts = _activity_and_contexts(job, cards, modules, rows, tokenizer)
     log.info("streaming pass: %.2f s", time.perf_counter() - start)
     start = time.perf_counter()
     card_lens, layer_lens = _lenses(job, cards, modules, tokenizer)
@@ -393,7 +397,7 @@ def feature_data(job: Job) -> None:
     if p["steer"]:
         start = time.perf_counter()
         gates = {int(k): float(v) for k, v in read_json(job.input["gates"]).items()}
-        steering = _steering(job, cards, activity, modules, gates)
+        steering = _steering(job, cards, activity, modules, gates, rows["selector"])
         log.info("steering (PT loaded, %d generations): %.2f s", steering.height, time.perf_counter() - start)
 
     outputs = dict(cards=cards, masks=masks_frame(masks), activity=activity, contexts=contexts, lens=card_lens,
@@ -403,15 +407,13 @@ def feature_data(job: Job) -> None:
 
 
 def _steering(job: Job, cards: pl.DataFrame, activity: pl.DataFrame, modules: Mapping[int, TopKSurrogate],
-              gates: Mapping[int, float]) -> pl.DataFrame:
+              gates: Mapping[int, float], selector: pl.DataFrame) -> pl.DataFrame:
     """Steer every card feature that fires on the selector split (a silent one has no mean activation)."""
     p = job.params
     z = activity.filter(pl.col("split") == "selector").select("layer", "feature", "mean_active")
     plan = [(layer, j, gates[layer], zbar, modules[layer].W_dec[j].detach())
             for layer, j, zbar in cards.join(z, on=["layer", "feature"], how="left").select("layer", "feature", "mean_active").iter_rows()
             if zbar is not None]
-    split = pl.read_parquet(job.input["selector_suite"])
-    teacher = pl.read_parquet(job.input["selector_teacher"]).select("id", "prefix_ids")
-    prompts = steering_prompts(split, int(p["n_prompts"])).join(teacher, on="id", how="left", maintain_order="left")
+    prompts = steering_prompts(selector, int(p["n_prompts"]))
     pt, pt_tokenizer = load_model(p["pt"], p.get("dtype", "auto"), p.get("device", "auto"), partner=p["it"])
     return steer(pt, pt_tokenizer, prompts, plan, int(p["max_new_tokens"]), job.batch_size())
