@@ -352,14 +352,19 @@ def last_step(work):
     )
 
 
-def sweep_targets(output="mask", seed="{seed}"):
-    """Every cutoff of the grid under the locked exclusion, and the locked cutoff under the strict
-    one: their CapMask files (or another `output` of the cap selection, e.g. "records"), for
-    `seed` (by default a `{seed}` pattern)."""
+def sweep_pairs():
+    """The sweep's (verb_exclusion, cap_cutoff) pairs in their path form: every cutoff of the grid
+    under the locked exclusion, and the locked cutoff under the strict one. One pair per
+    selection: `[1, 2, 2.0]` is two selections, not three."""
     locked, strict = threshold(SEL["verb_exclusion"]), threshold(config["sweep"]["strict_verb_exclusion"])
     pairs = [(locked, threshold(c)) for c in config["sweep"]["cap_cutoffs"]] + [(strict, threshold(SEL["cap_cutoff"]))]
-    # One path per threshold pair: `[1, 2, 2.0]` is two selections, not three.
-    return [SELECTIONS["cap"][output].format(exclusion=e, cutoff=c, seed=seed) for e, c in dict.fromkeys(pairs)]
+    return list(dict.fromkeys(pairs))
+
+
+def sweep_targets(output="mask", seed="{seed}"):
+    """The CapMask files of every sweep pair (or another `output` of the cap selection, e.g.
+    "records"), for `seed` (by default a `{seed}` pattern)."""
+    return [SELECTIONS["cap"][output].format(exclusion=e, cutoff=c, seed=seed) for e, c in sweep_pairs()]
 
 
 BOOT = config["bootstrap"]

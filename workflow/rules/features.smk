@@ -12,9 +12,8 @@ FEATURE_SEEDS = {f"surrogate seed {s}": {name: path.format(seed=s) for name, pat
 
 # Label -> mask file: the locked CapMask, VMask and every sweep cutoff's CapMask.
 FEATURE_MASKS = {"CapMask (locked)": MASK_FILES["cap"], "VMask": MASK_FILES["vmask"]}
-for _path in sweep_targets():
-    _found = dict(re.findall(r"(verb_exclusion|cap_cutoff)=([^/]+)", _path))
-    FEATURE_MASKS[f"CapMask sweep: cap_cutoff {_found['cap_cutoff']}, verb_exclusion {_found['verb_exclusion']}"] = _path
+for (_exclusion, _cutoff), _path in zip(sweep_pairs(), sweep_targets()):
+    FEATURE_MASKS[f"CapMask sweep: cap_cutoff {_cutoff}, verb_exclusion {_exclusion}"] = _path
 
 
 rule feature_data:
