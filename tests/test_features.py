@@ -27,6 +27,7 @@ from postdiff import featurepage as P
 from postdiff.generation import generate
 from postdiff.hook import LayerEdit
 from postdiff.models import gemma3_text_config
+from postdiff.runtime import Job
 from postdiff.surrogate import TopKSurrogate
 
 
@@ -195,8 +196,8 @@ def test_page_stage_reads_one_file_set_per_seed(tmp_path: Path) -> None:
     for name, df in data.items():
         df.write_parquet(tmp_path / f"{name}.parquet")
         inputs[name] = [str(tmp_path / f"{name}.parquet")] * 2
-    job = SimpleNamespace(input=inputs, output={"html": str(tmp_path / "features.html")},
-                          params={"labels": ["seed 0", "seed 1"], "steer": True})
+    job = Job(input=inputs, output={"html": str(tmp_path / "features.html")},
+              params={"labels": ["seed 0", "seed 1"], "steer": True})
     P.feature_page(job)
     assert (tmp_path / "features.html").read_text().count('class="card"') == 4
     job.params["labels"] = ["seed 0"]

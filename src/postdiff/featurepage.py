@@ -114,7 +114,7 @@ def feature_page(job: Job) -> None:
     """Stage. input: one list per name in FILES, one Parquet per seed; params: labels (one per seed),
     steer. output.html: the page."""
     labels = list(job.params["labels"])
-    lists = {name: [job.input[name]] if isinstance(job.input[name], str) else list(job.input[name]) for name in FILES}
+    lists = {name: job.inputs(name) for name in FILES}
     if any(len(v) != len(labels) for v in lists.values()):
         raise ValueError(f"feature_page: {len(labels)} labels but {[len(v) for v in lists.values()]} files per name")
     seeds = [read_seed(label, {name: lists[name][i] for name in FILES}) for i, label in enumerate(labels)]
