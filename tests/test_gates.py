@@ -11,7 +11,20 @@ from test_evaluate import World
 from postdiff import standardise
 from postdiff import variants as V
 from postdiff.forward import answer_logprobs
-from postdiff.gates import CURVE_SCHEMA, DEFAULT_GRID, calibrate, calibrate_gates, check_grid, coordinate_search
+import numpy as np
+
+from postdiff.gates import (
+    CURVE_SCHEMA,
+    DEFAULT_GRID,
+    calibrate,
+    calibrate_gates,
+    check_grid,
+    choice_report,
+    coordinate_search,
+    gate_table,
+    runner_up,
+    tie_test,
+)
 from postdiff.models import load_model
 from postdiff.runtime import Job
 from postdiff.spec import Variant
@@ -77,9 +90,11 @@ def calib_job(world, tmp_path, **params) -> Job:
         inputs["surrogates"] = [world.surrogates[layer] for layer in params.get("layers", [0, 1])]
     return Job(
         input={**inputs, **params.pop("inputs", {})},
-        output={"gates": str(tmp_path / "gates.json"), "curve": str(tmp_path / "curve.parquet")},
+        output={"gates": str(tmp_path / "gates.json"), "curve": str(tmp_path / "curve.parquet"),
+                "choice": str(tmp_path / "choice.json")},
         params={**world.model_params, "mode": "full", "layers": [0, 1], "grid": [0.0, 0.5, 1.0],
-                "batch_size": 4, "max_rounds": 2, **params},
+                "batch_size": 4, "max_rounds": 2, "refine": False, "bootstrap": {"B": 200, "seed": 0, "level": 0.95},
+                **params},
     )
 
 
@@ -107,7 +122,7 @@ def test_gate_recovers_the_alpha_that_made_the_reference(world):
     reference = [torch.empty(0)] * len(pairs)
     for i, lp in answer_logprobs(model, pairs, 4, edits=target):
         reference[i] = lp
-    gates, curve = calibrate_gates(model, pairs, variant, modules, None, DEFAULT_GRID, 4, reference)
+    gates, curve, _ = calibrate_gates(model, pairs, variant, modules, None, DEFAULT_GRID, 4, reference, tol=None)
     assert gates == {1: 0.5}
     assert curve.filter(pl.col("alpha") == 0.5)["kl"].item() < 1e-6
     assert curve.height == len(DEFAULT_GRID)  # one layer: the shared sweep is the whole search
@@ -130,3 +145,67 @@ def test_mean_mode_reads_the_standardiser_and_single_layer_ablation(world, tmp_p
         calibrate(calib_job(world, tmp_path, inputs={"surrogates": [world.surrogates[0]]}))
     with pytest.raises(ValueError, match="mode must be"):
         calibrate(calib_job(world, tmp_path, mode="add_mask"))
+
+
+def test_refinement_finds_an_off_grid_minimum_within_tolerance():
+    """A coupled bowl whose minimum lies between grid points: the grid picks a neighbour, the
+    bounded search lands within tol of the true minimum, and no point is measured twice."""
+    def bowl(p):
+        a, b = p[0] - 0.37, p[1] - 1.13
+        return a * a + b * b + 0.5 * a * b
+
+    kl, calls = counting(bowl)
+    grid_best, _, _ = coordinate_search(kl, 2, DEFAULT_GRID, max_rounds=3)
+    assert grid_best == (0.5, 1.0)
+    kl, calls = counting(bowl)
+    best, value, trace = coordinate_search(kl, 2, DEFAULT_GRID, max_rounds=3, tol=0.01)
+    assert abs(best[0] - 0.37) <= 0.02 and abs(best[1] - 1.13) <= 0.02
+    assert value < bowl(grid_best) and len(calls) == len(set(calls))
+    refined = [row for row in trace if row["refined"]]
+    # The first refined layer searches within one grid step of the grid's winner.
+    first = [row["alpha"] for row in refined if row["round"] == refined[0]["round"] and row["layer"] == 0]
+    assert first and all(0.25 - 1e-9 <= a <= 0.75 + 1e-9 for a in first)
+    # A flat function stays at the grid's smallest edit: refinement never trades KL for size.
+    best, _, _ = coordinate_search(lambda ps: [1.0] * len(ps), 2, DEFAULT_GRID, tol=0.01)
+    assert best == (0.0, 0.0)
+
+
+def test_runner_up_is_a_grid_step_away_and_the_tie_test_is_paired():
+    trace = [{"gates": (0.5, 1.0), "kl": 1.0}, {"gates": (0.52, 1.0), "kl": 0.9}, {"gates": (0.25, 1.0), "kl": 1.1},
+             {"gates": (0.5, 0.75), "kl": 1.05}]
+    assert runner_up(trace, (0.52, 1.0), 0.25) == (0.5, 0.75)  # (0.5, 1.0) is within a step
+    assert runner_up(trace[:2], (0.52, 1.0), 0.25) is None
+    codes = np.repeat(np.arange(3), 20)
+    rng = np.random.default_rng(0)
+    chosen = rng.uniform(0, 1, 60)
+    same = tie_test(chosen, chosen.copy(), codes, B=500, seed=0, level=0.95)
+    assert same == {"diff": 0.0, "lo": 0.0, "hi": 0.0, "tie": True}
+    # Every prompt worse by 0.1 plus noise far smaller than that: a clear choice.
+    clear = tie_test(chosen, chosen + 0.1 + rng.normal(0, 0.01, 60), codes, B=500, seed=0, level=0.95)
+    assert clear["lo"] > 0.09 and not clear["tie"] and clear["lo"] < clear["diff"] < clear["hi"]
+    # Half the prompts better, half worse: the paired interval straddles 0.
+    swing = np.where(np.arange(60) % 2 == 0, 0.2, -0.2)
+    assert tie_test(chosen, chosen + swing, codes, B=500, seed=0, level=0.95)["tie"]
+
+
+def test_calibrate_writes_the_choice_and_the_seed_table(world, tmp_path):
+    """Identical PT and IT: alpha 0 is exact (KL 0) and every other gate is worse on every prompt,
+    so the choice is clear, not a tie; the table carries it."""
+    job = calib_job(world, tmp_path, it=world.pt, refine=True, tol=0.05)
+    calibrate(job)
+    choice = json.loads((tmp_path / "choice.json").read_text())
+    assert choice["gates"] == {"0": 0.0, "1": 0.0} and choice["kl"] < 1e-6
+    assert max(abs(a) for a in choice["runner_up"].values()) >= 0.5 and choice["runner_up_kl"] > choice["kl"]
+    assert choice["lo"] > 0 and choice["tie"] is False
+    assert pl.read_parquet(tmp_path / "curve.parquet")["refined"].any()
+    gate_table(Job(input={"choices": [str(tmp_path / "choice.json")] * 2}, output={"csv": str(tmp_path / "g.csv")},
+                   params={"names": ["full", "mean"]}))
+    table = pl.read_csv(tmp_path / "g.csv")
+    assert table["gates"].to_list() == ["full", "mean"] and not table["tie"].any()
+    assert table["calib_kl"][0] == pytest.approx(choice["kl"])
+
+
+def test_choice_report_without_a_runner_up():
+    curve = pl.DataFrame({"gates": [json.dumps({"1": 0.0})], "kl": [0.3]})
+    report = choice_report({1: 0.0}, {(0.0,): np.array([0.2, 0.4])}, curve, [0.0, 0.5], np.array([0, 1]), 10, 0, 0.95)
+    assert report["runner_up"] is None and report["tie"] is False and report["kl"] == pytest.approx(0.3)

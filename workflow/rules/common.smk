@@ -207,7 +207,15 @@ GATE_INPUTS = dict(
 
 
 def gate_params(mode, layers):
-    return stage("postdiff.gates:calibrate", mode=mode, layers=layers, **model_params(), **config["gates"])
+    boot = {k: config["bootstrap"][k] for k in ("B", "seed", "level")}
+    return stage("postdiff.gates:calibrate", mode=mode, layers=layers, **model_params(), **config["gates"],
+                 bootstrap=boot)
+
+
+def gate_names():
+    """A seed's gates files: the joint surrogate's and, with the one-layer ablation, each layer's."""
+    singles = [f"single_L{v.removeprefix('OneLayer-L')}" for v in VARIANTS if v.startswith("OneLayer-L")]
+    return ["full", *singles]
 
 
 def variant_table():

@@ -1,5 +1,6 @@
-# Per-layer gates alpha_l, calibrated on calib over a KL grid: each seed's joint surrogate and each
-# of its layers on its own (the one-layer ablation), and the MeanDiff baseline (no seed).
+# Per-layer gates alpha_l, calibrated on calib over a KL grid and refined off it: each seed's joint
+# surrogate and each of its layers on its own (the one-layer ablation), and the MeanDiff baseline
+# (no seed). Each writes its choice against the runner-up, tie test included.
 
 rule gates_full:
     input:
@@ -8,6 +9,7 @@ rule gates_full:
     output:
         gates=f"{SEED}/gates/full.json",
         curve=f"{SEED}/gates/full_curve.parquet",
+        choice=f"{SEED}/gates/full_choice.json",
     log:
         f"{RUN}/logs/seed{{seed}}/gates/full.log",
     benchmark:
@@ -31,6 +33,7 @@ rule gates_single:
     output:
         gates=f"{SEED}/gates/single_L{{layer}}.json",
         curve=f"{SEED}/gates/single_L{{layer}}_curve.parquet",
+        choice=f"{SEED}/gates/single_L{{layer}}_choice.json",
     log:
         f"{RUN}/logs/seed{{seed}}/gates/single_L{{layer}}.log",
     benchmark:
@@ -54,6 +57,7 @@ rule gates_mean:
     output:
         gates=f"{RUN}/gates/mean.json",
         curve=f"{RUN}/gates/mean_curve.parquet",
+        choice=f"{RUN}/gates/mean_choice.json",
     log:
         f"{RUN}/logs/gates/mean.log",
     benchmark:
@@ -64,6 +68,26 @@ rule gates_mean:
         **gpu_resources(),
     params:
         **gate_params("mean", config["layers"]),
+    conda:
+        ENV
+    script:
+        STAGE
+
+
+# The seed's gate choices in one table for the report: a statistical tie is flagged there.
+rule gate_table:
+    input:
+        choices=lambda wc: [f"{SEED}/gates/{name}_choice.json".format(seed=wc.seed) for name in gate_names()],
+        mean=rules.gates_mean.output.choice,
+    output:
+        csv=report(f"{SEED}/tables/gates.csv", caption="../report/gates.rst", category="Tables",
+                   subcategory="seed {seed}"),
+    log:
+        f"{RUN}/logs/seed{{seed}}/gates/table.log",
+    benchmark:
+        f"{RUN}/benchmarks/seed{{seed}}/gates/table.tsv"
+    params:
+        **stage("postdiff.gates:gate_table", names=[*gate_names(), "mean"]),
     conda:
         ENV
     script:

@@ -211,7 +211,7 @@ rule mask_stability:
 PER_SEED_REPORTED = [
     *rules.table1.output, *rules.table2.output, *rules.r2_table.output,
     *rules.figure1.output, *rules.figure2.output, *rules.qualitative.output,
-    *rules.sweep_summary.output, *rules.scores_plot.output,
+    *rules.sweep_summary.output, *rules.scores_plot.output, *rules.gate_table.output,
 ]
 REPORTED = [
     *expand(PER_SEED_REPORTED, seed=SEEDS), *rules.pair_gap.output,
