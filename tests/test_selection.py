@@ -14,15 +14,19 @@ from postdiff.models import load_model
 from postdiff.runtime import Job
 from postdiff import metrics
 from postdiff.selection import (
+    STEP_RECORD_SCHEMA,
+    step_gains,
     RULES,
     STEP_SCHEMA,
     baseline_masks,
     candidates,
     forward_select,
+    gain_interval,
+    gain_rule,
+    jaccard,
     layer_mask,
     mass_mask,
     State,
-    step_gains,
     advance,
     random_mask,
     select,
@@ -33,6 +37,7 @@ from postdiff.selection import (
     shard_candidates,
     start,
     sweep_summary,
+    sweep_table,
 )
 from postdiff.spec import Variant
 
@@ -64,49 +69,79 @@ def test_forward_selection_known_answer_order_and_stop():
     assert dict(steps.schema) == STEP_SCHEMA
     assert steps["step"].to_list() == [1] * 4 + [2] * 3 + [3] * 2
     assert steps.filter("chosen").select("layer", "feature").rows() == [B, C]
-    assert [len(batch) for batch in calls] == [4, 3, 2]  # one batched call per step
-    assert calls[1] == [(B, A), (B, C), (B, D)]
-    step3 = dict(zip(steps.filter(pl.col("step") == 3)["feature"], steps.filter(pl.col("step") == 3)["objective"]))
-    assert step3 == {1: 1.0, 6: 4.0}  # both below 5: stop
+    assert steps.filter("chosen")["passed"].all() and steps.filter("passed")["chosen"].all()
+    # One batched call per step, the incumbent first.
+    assert [len(batch) for batch in calls] == [5, 4, 3]
+    assert calls[1] == [(B,), (B, A), (B, C), (B, D)]
+    step3 = steps.filter(pl.col("step") == 3)
+    assert dict(zip(step3["feature"], step3["objective"])) == {1: 1.0, 6: 4.0}  # both below 5: stop
+    assert dict(zip(step3["feature"], step3["gain"])) == {1: -4.0, 6: -1.0}
 
 
 def test_min_gain_requires_a_margin_per_step():
     objective, _ = additive({A: 1.0, B: 3.0, C: 2.0, D: -1.0}, {(B, A): -5.0})
     # B adds 3 (> 2.5); C would add 2 (not > 2.5): stop after one step.
-    mask, value, steps = forward_select([A, B, C, D], objective, base=0.0, size_cap=5, min_gain=2.5)
+    mask, value, steps = forward_select([A, B, C, D], objective, base=0.0, size_cap=5, accept=gain_rule(2.5))
     assert mask == (B,) and value == 3.0 and steps["step"].max() == 2
     # A gain equal to the margin is not enough; with no margin the same step is taken.
-    assert forward_select([B], objective, base=0.0, size_cap=5, min_gain=3.0)[0] == ()
-    assert forward_select([B], objective, base=0.0, size_cap=5, min_gain=0.0)[0] == (B,)
+    assert forward_select([B], objective, base=0.0, size_cap=5, accept=gain_rule(3.0))[0] == ()
+    assert forward_select([B], objective, base=0.0, size_cap=5, accept=gain_rule(0.0))[0] == (B,)
 
 
-def test_step_gains_known_answers():
+def test_fill_to_cap_takes_the_best_candidate_without_a_gain_and_records_it():
+    objective, _ = additive({A: -1.0, B: -3.0, C: -2.0, D: 0.5})
+    mask, value, steps = forward_select([A, B, C, D], objective, base=0.0, size_cap=3, fill_to_cap=True)
+    # D gains (passes); then every candidate loses: the least bad fills the cap, not passing.
+    assert mask == (D, A, C) and value == pytest.approx(-2.5)
+    chosen = steps.filter("chosen")
+    assert chosen["passed"].to_list() == [True, False, False]
+    assert chosen["gain"].to_list() == pytest.approx([0.5, -1.0, -2.0])
+    # Without it, the same pool stops after the one step that gains.
+    assert forward_select([A, B, C, D], objective, base=0.0, size_cap=3)[0] == (D,)
+    # An accept rule sees the step, the candidate and its gain.
+    seen = []
+    forward_select([A, D], objective, base=0.0, size_cap=2, accept=lambda *a: seen.append(a) or True)
+    assert seen == [(1, D, 0.5), (2, A, -1.0)]
+
+
+def test_gain_interval_known_answers():
     """A step that changes nothing gains exactly 0 in every resample; a step to IT-like records
-    gains what the objectives say, with an interval around it."""
+    gains what the objectives say, with an interval around it; step_gains reads the roles."""
     frames = metrics.synthetic_records({"PT": 0.0, "IT": 1.0, "half": 0.5}, n_per_slice=30)
     refs = {"pt": frames["PT"], "it": frames["IT"]}
     point = metrics.summary(metrics.align({k: v.with_columns(pl.col("kl").fill_null(0.0)) for k, v in frames.items()}))
-    same = step_gains(RULES["cap"], 0.5, refs, frames["PT"], [frames["PT"]], B=200, seed=0, level=0.95)
-    assert same == [{"step": 1, "objective": pytest.approx(point["PT"]["Cap"]), "gain": 0.0, "lo": 0.0, "hi": 0.0}]
-    two = step_gains(RULES["cap"], 0.5, refs, frames["PT"], [frames["half"], frames["IT"]], B=200, seed=0, level=0.95)
-    half = point["half"]["Cap"] - 0.5 * point["half"]["VerbCarry"] - point["PT"]["Cap"]
-    assert [g["step"] for g in two] == [1, 2]
-    assert two[0]["gain"] == pytest.approx(half) and two[1]["objective"] == pytest.approx(point["IT"]["Cap"] - 0.5)
-    assert all(g["lo"] < g["gain"] < g["hi"] for g in two)
-    assert step_gains(RULES["cap"], 0.5, refs, frames["PT"], [], B=10, seed=0, level=0.95) == []
+    same = gain_interval(RULES["cap"], 0.5, refs, frames["PT"], frames["PT"], B=200, seed=0, level=0.95)
+    assert same == {"objective": pytest.approx(point["PT"]["Cap"]), "gain": 0.0, "lo": 0.0, "hi": 0.0}
+    half = gain_interval(RULES["cap"], 0.5, refs, frames["PT"], frames["half"], B=200, seed=0, level=0.95)
+    assert half["gain"] == pytest.approx(point["half"]["Cap"] - 0.5 * point["half"]["VerbCarry"] - point["PT"]["Cap"])
+    assert half["lo"] < half["gain"] < half["hi"]
+    records = pl.concat([f.with_columns(pl.lit(t, dtype=pl.Int64).alias("step"), pl.lit(role).alias("role"))
+                         .select(list(STEP_RECORD_SCHEMA))
+                         for t, pair in ((1, ("PT", "half")), (2, ("half", "IT")))
+                         for role, f in zip(("incumbent", "chosen"), (frames[v] for v in pair))])
+    two = step_gains(RULES["cap"], 0.5, refs, records, B=200, seed=0, level=0.95)
+    assert [g["step"] for g in two] == [1, 2] and two[0] == {"step": 1, **half}
+    assert two[1]["objective"] == pytest.approx(point["IT"]["Cap"] - 0.5)
+    assert step_gains(RULES["cap"], 0.5, refs, records.clear(), B=10, seed=0, level=0.95) == []
 
 
 def test_size_cap_base_ties_and_nan():
     objective, _ = additive({A: 1.0, B: 1.0, C: 1.0, D: 1.0})
     mask, value, _ = forward_select([C, A, B, D], objective, base=0.0, size_cap=2)
     assert mask == (C, A) and value == 2.0  # ties keep the pool order
+    # The base is the reference objective, reported while nothing is taken; gains are measured
+    # against the incumbent of each call (here the empty mask scores 0, so A and B gain 1).
     mask, value, steps = forward_select([A, B], objective, base=5.0, size_cap=3)
+    assert mask == (A, B) and value == 2.0
+    worse, _ = additive({A: -1.0, B: -2.0})
+    mask, value, steps = forward_select([A, B], worse, base=5.0, size_cap=3)
     assert mask == () and value == 5.0 and not steps["chosen"].any()
-    nan_first = lambda masks: [math.nan if A in m else 0.5 for m in masks]  # noqa: E731
+    nan_first = lambda masks: [math.nan if A in m else 0.5 if m else 0.0 for m in masks]  # noqa: E731
     mask, _, _ = forward_select([A, B], nan_first, base=0.0, size_cap=1)
     assert mask == (B,)
-    # A NaN base (undefined reference gap) is improved on by any finite objective.
-    mask, _, _ = forward_select([A], additive({A: -1.0})[0], base=math.nan, size_cap=1)
+    # An undefined incumbent (NaN: no reference gap) is improved on by any finite objective.
+    undefined = lambda masks: [math.nan if not m else -1.0 for m in masks]  # noqa: E731
+    mask, _, _ = forward_select([A], undefined, base=math.nan, size_cap=1)
     assert mask == (A,)
     assert forward_select([], objective, 0.0, 5)[0] == ()
 
@@ -155,37 +190,78 @@ def test_sharded_steps_equal_one_loop(n_shards):
             tried = [c for s in reversed(range(n_shards)) for c in shard_candidates(state, s, n_shards)]
             assert sorted(tried) == (sorted(state.remaining) if not state.stopped else [])
             state = State.from_json(json.loads(json.dumps(state.to_json())))
-            state, rows = advance(state, tried, objective([state.chosen + (c,) for c in tried]), size_cap)
+            incumbent = objective([state.chosen])[0] if tried else math.nan
+            state, rows = advance(state, tried, objective([state.chosen + (c,) for c in tried]),
+                                  [incumbent] * len(tried), size_cap)
             steps.append(rows)
         assert state.stopped
         assert (state.chosen, state.objective) == expected[:2]
         assert pl.concat([pl.DataFrame(schema=STEP_SCHEMA), *steps]).equals(expected[2])
     assert expected[0] == (B, C)  # B and C tie at 3: the earlier in the pool wins
     with pytest.raises(ValueError, match="not the remaining pool"):
-        advance(start(pool, 0.0, 2), [A, B], [1.0, 2.0], 2)
+        advance(start(pool, 0.0, 2), [A, B], [1.0, 2.0], [0.0, 0.0], 2)
 
 
 def test_baseline_and_sweep_stages(tmp_path):
     scores_frame().write_parquet(tmp_path / "scores.parquet")
-    locked = {"rule": "cap", "mask": {"1": [0], "0": [0]}, "objective": 0.3, "cutoff": 1.5, "exclusion": 1.0}
+    locked = {"rule": "cap", "mask": {"1": [0], "0": [0]}, "objective": 0.3, "cutoff": 1.5, "exclusion": 1.0,
+              "pool": [[1, 0], [0, 0], [1, 1]], "n_admitted": 3, "cap_bound": False}
     (tmp_path / "cap.json").write_text(json.dumps(locked))
     baseline_masks(Job(input={"cap_mask": str(tmp_path / "cap.json"), "scores": str(tmp_path / "scores.parquet")},
                        output={"random": str(tmp_path / "r.json"), "mass": str(tmp_path / "m.json")},
                        params={"seed": 1}))
     assert json.loads((tmp_path / "m.json").read_text())["mask"] == {"0": [1], "1": [0]}
     assert {k: len(v) for k, v in json.loads((tmp_path / "r.json").read_text())["mask"].items()} == {"0": 1, "1": 1}
+    points = [(1.0, 1.0, {"0": [0], "1": [0]}, 0.3, [[1, 0], [0, 0], [1, 1]], 5),
+              (2.0, 1.0, {"1": [0], "0": [0]}, 0.3, [[1, 0], [0, 0]], 2),
+              (2.5, 1.0, {"1": [0]}, 0.2, [[1, 0]], 1),
+              (1.5, 1.0, {"0": [0], "1": [0], "2": []}, 0.3, [[1, 0], [0, 0], [1, 1]], 3),
+              (1.5, 0.0, {"1": [0]}, 0.1, [[1, 0], [0, 0], [1, 1]], 4)]
     paths = []
-    for i, (cutoff, mask, obj) in enumerate([(1.0, {"0": [0], "1": [0]}, 0.3), (2.0, {"1": [0], "0": [0]}, 0.3),
-                                             (2.5, {"1": [0]}, 0.2), (1.5, {"0": [0], "1": [0], "2": []}, 0.3)]):
+    for i, (cutoff, exclusion, mask, obj, pool, n_admitted) in enumerate(points):
         paths.append(str(tmp_path / f"sweep{i}.json"))
-        (tmp_path / f"sweep{i}.json").write_text(json.dumps({**locked, "cutoff": cutoff, "mask": mask, "objective": obj}))
+        (tmp_path / f"sweep{i}.json").write_text(json.dumps(
+            {**locked, "cutoff": cutoff, "exclusion": exclusion, "mask": mask, "objective": obj, "pool": pool,
+             "n_admitted": n_admitted, "cap_bound": n_admitted > len(pool)}))
     sweep_summary(Job(input={"masks": paths, "locked": str(tmp_path / "cap.json")},
                       output={"summary": str(tmp_path / "sweep.parquet"), "csv": str(tmp_path / "sweep.csv")}))
     table = pl.read_parquet(tmp_path / "sweep.parquet")
-    assert table["cutoff"].to_list() == [1.0, 1.5, 2.0, 2.5]
-    assert table["same_as_locked"].to_list() == [True, True, True, False]
-    assert table["n_features"].to_list() == [2, 2, 2, 1]
-    assert pl.read_csv(tmp_path / "sweep.csv").height == 4
+    # The locked exclusion's cutoffs first, then the strict exclusion's point.
+    assert table["cutoff"].to_list() == [1.0, 1.5, 2.0, 2.5, 1.5]
+    assert table["strict"].to_list() == [False] * 4 + [True]
+    assert table["same_as_locked"].to_list() == [True, True, True, False, False]
+    assert table["n_features"].to_list() == [2, 2, 2, 1, 1]
+    assert table["n_admitted"].to_list() == [5, 3, 2, 1, 4] and table["n_pool"].to_list() == [3, 3, 2, 1, 3]
+    assert table["cap_bound"].to_list() == [True, False, False, False, True]
+    assert table["pool_jaccard"].to_list() == pytest.approx([1.0, 1.0, 2 / 3, 1 / 3, 1.0])
+    assert table["mask_jaccard"].to_list() == pytest.approx([1.0, 1.0, 1.0, 0.5, 0.5])
+    assert table["pools_differ"].all()
+    assert pl.read_csv(tmp_path / "sweep.csv").height == 5
+
+
+def test_a_sweep_whose_cap_always_binds_says_it_cannot_tell_the_cutoffs_apart(tmp_path, caplog):
+    """Every cutoff admits more than the cap: every pool is the same top of the ranking, every
+    mask is the locked one, and the summary says the sweep had no power."""
+    scores = pl.DataFrame({"layer": [0] * 40, "feature": list(range(40)), "cap_score": np.linspace(4, 0, 40),
+                           "verb_score": np.zeros(40), "activation_mass": np.ones(40)})
+    objs = []
+    for cutoff in (1.0, 1.5, 2.0):
+        everything = [list(p) for p in candidates(scores, RULES["cap"], cutoff, 1.0, None)]
+        pool = [list(p) for p in candidates(scores, RULES["cap"], cutoff, 1.0, 4)]
+        objs.append({"rule": "cap", "cutoff": cutoff, "exclusion": 1.0, "mask": {"0": [0, 1]}, "objective": 0.1,
+                     "pool": pool, "n_admitted": len(everything), "cap_bound": len(everything) > len(pool)})
+    table = sweep_table(objs, objs[1])
+    assert table["cap_bound"].all() and (table["n_admitted"] > table["n_pool"]).all()
+    assert table["pool_jaccard"].to_list() == [1.0] * 3 and table["same_as_locked"].all()
+    assert not table["pools_differ"].any()
+    paths = []
+    for i, obj in enumerate(objs):
+        paths.append(str(tmp_path / f"m{i}.json"))
+        (tmp_path / f"m{i}.json").write_text(json.dumps(obj))
+    with caplog.at_level("WARNING"):
+        sweep_summary(Job(input={"masks": paths, "locked": paths[1]}, output={"summary": str(tmp_path / "s.parquet")}))
+    assert "cannot tell its cutoffs apart" in caplog.text
+    assert jaccard([], []) == 1.0 and jaccard([A], []) == 0.0
 
 
 @pytest.fixture(scope="module")
@@ -277,15 +353,21 @@ def test_selection_stages_pick_the_feature_that_makes_the_gold_answers(world, tm
         assert result["base_objective"] == pytest.approx(
             RULES[rule].objective(refs[RULES[rule].unmasked], refs, 0.5))
         assert result["objective"] > result["base_objective"]
-        # Each accepted step: its records are its mask's alone, its gain the objective's rise.
+        # Each taken step: its records are its mask's alone, its incumbent's the mask before it
+        # (the unmasked variant before step 1), and its gain the objective's rise over the incumbent.
         records, gains = pl.read_parquet(out["records"]), result["step_gains"]
         assert [(g["step"], g["layer"], g["feature"]) for g in gains] == [(t + 1, *c) for t, c in enumerate(chosen)]
-        previous = result["base_objective"]
+        assert result["fill_to_cap"] is False and result["accept"] == "gain" and all(g["passed"] for g in gains)
+        unmasked_rec = {"cap": pt_rec, "vmask": full_rec}[rule]
+        assert records.filter((pl.col("step") == 1) & (pl.col("role") == "incumbent"))["text"].to_list() \
+            == unmasked_rec["text"].to_list()
+        previous = RULES[rule].objective(selector_metrics(unmasked_rec), refs, 0.5)
         for g in gains:
             mask = layer_mask(chosen[: g["step"]])
             alone = Variant(name="x", mode=template.mode, gates=full.gates, surrogates=full.surrogates, mask=mask)
             rec = evaluate(model, tok, rows, alone, V.edits(alone, modules), NEW, 5, None)
-            assert records.filter(pl.col("step") == g["step"])["text"].to_list() == rec["text"].to_list()
+            chosen_rec = records.filter((pl.col("step") == g["step"]) & (pl.col("role") == "chosen"))
+            assert chosen_rec["text"].to_list() == rec["text"].to_list()
             assert g["gain"] == pytest.approx(g["objective"] - previous, abs=1e-12) and g["lo"] <= g["hi"]
             previous = g["objective"]
         assert previous == pytest.approx(result["objective"], abs=1e-12)

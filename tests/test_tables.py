@@ -1,6 +1,8 @@
 import math
 from pathlib import Path
 
+import numpy as np
+from matplotlib.collections import PathCollection
 import polars as pl
 import pytest
 
@@ -92,10 +94,13 @@ def test_table2_defaults_and_custom_comparisons(evals, tmp_path):
 
 def test_figures_are_written(evals, tmp_path):
     sweep = tmp_path / "sweep.parquet"
-    write_parquet(pl.DataFrame({"cutoff": [0.5, 1.0, 1.5, 2.0],
-                                "objective": [0.1, 0.12, 0.12, 0.08],
-                                "mask": ["a", "b", "b", "c"],
-                                "same_as_locked": [False, True, True, False]}), sweep)
+    write_parquet(pl.DataFrame({"cutoff": [0.5, 1.0, 1.5, 2.0, 1.5],
+                                "exclusion": [1.0, 1.0, 1.0, 1.0, 0.0],
+                                "strict": [False, False, False, False, True],
+                                "objective": [0.1, 0.12, 0.12, 0.08, 0.05],
+                                "mask": ["a", "b", "b", "c", "d"],
+                                "same_as_locked": [False, True, True, False, False],
+                                "pools_differ": [True] * 5}), sweep)
     out1, out2 = (_outputs(tmp_path, s, ("png", "pdf")) for s in ("fig1", "fig2"))
     params = {"B": 200, "seed": 0}
     figures.figure1(Job(input={"evals": evals}, output=out1,
@@ -107,9 +112,29 @@ def test_figures_are_written(evals, tmp_path):
         assert Path(out["pdf"]).read_bytes()[:4] == b"%PDF"
 
 
+def test_figure2_draws_the_strict_exclusion_apart_and_says_when_pools_never_differ(evals):
+    """The strict exclusion is a series of its own (not on the locked exclusion's line, not
+    averaged with the locked cutoff), and a sweep whose pools never differ says so."""
+    sweep = pl.DataFrame({"cutoff": [1.0, 1.5, 1.5], "exclusion": [1.0, 1.0, 0.0], "strict": [False, False, True],
+                          "objective": [0.2, 0.3, 0.1], "mask": ["a", "a", "b"],
+                          "same_as_locked": [True, True, False], "pools_differ": [False] * 3})
+    estimates = figures._estimates(Job(input={"evals": [evals[2], evals[6]]}, output={}, params={"B": 50}), figures.FIGURE2_METRICS)
+    ax = figures.draw_figure2(estimates, sweep).axes[2]
+    line = ax.lines[0].get_xydata()
+    assert line.tolist() == [[1.0, 0.2], [1.5, 0.3]]  # the locked exclusion alone
+    points = np.concatenate([c.get_offsets() for c in ax.collections if isinstance(c, PathCollection)])
+    assert sorted(map(tuple, points.tolist())) == [(1.0, 0.2), (1.5, 0.1), (1.5, 0.3)]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "verb. exclusion 0 (strict)" in labels and "verb. exclusion 1" in labels
+    assert "cannot tell them apart" in ax.get_title()
+    differ = figures.draw_figure2(estimates, sweep.with_columns(pl.lit(True).alias("pools_differ"))).axes[2]
+    assert "cannot tell" not in differ.get_title()
+
+
 def test_sweep_summary_is_checked(tmp_path):
     path = tmp_path / "sweep.parquet"
-    write_parquet(pl.DataFrame({"cutoff": [1.0], "objective": [0.1]}), path)
+    write_parquet(pl.DataFrame({"cutoff": [1.0], "objective": [0.1], "exclusion": [1.0], "strict": [False],
+                                "pools_differ": [True]}), path)
     missing = r"sweep.parquet: missing columns \['mask', 'same_as_locked'\]"
     with pytest.raises(ValueError, match=missing):
         figures.read_sweep(path)

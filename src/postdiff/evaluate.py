@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from postdiff import variants as V
 from postdiff.checkers import parse_checker, score
-from postdiff.forward import EditFactory, Edits, variant_kl
+from postdiff.forward import EditFactory, Edits, grouped_batches, variant_kl
 from postdiff.generation import generate
 from postdiff.io import write_parquet
 from postdiff.models import load_model, load_pair
@@ -155,13 +155,15 @@ def generate_records(
     edits: Edits | None = None,
     edit_factory: EditFactory | None = None,
     keep: Sequence[str] = (),
+    batches: Sequence[list[int]] | None = None,
 ) -> pl.DataFrame:
     """Greedy generation from the teacher's prefixes under the edits, scored (``kl`` null).
 
     Rows may repeat a prompt (one row per candidate mask): ``edit_factory`` gets row indices.
     """
     outputs = generate(
-        model, tokenizer, rows["prefix_ids"].to_list(), max_new_tokens, batch_size, edits=edits, edit_factory=edit_factory
+        model, tokenizer, rows["prefix_ids"].to_list(), max_new_tokens, batch_size, edits=edits, edit_factory=edit_factory,
+        batches=batches,
     )
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids, _ in outputs]
     return records_frame(rows, variant, outputs, texts, None, keep)
@@ -216,7 +218,9 @@ def evaluate_masks(
     """Records of a masked variant under each of ``masks`` at once (``kl`` null).
 
     Rows are candidates x prompts in one batched generation, each row carrying its own mask;
-    the ``candidate`` column indexes ``masks``.
+    the ``candidate`` column indexes ``masks``. Every prompt's rows share a batch
+    (:func:`postdiff.forward.grouped_batches`), so two masks whose edits are equal give equal
+    records, in bf16 too.
     """
     if variant.mode not in MASKED:
         raise ValueError(f"variant {variant.name!r}: mode {variant.mode!r} takes no mask (one of {MASKED})")
@@ -230,8 +234,10 @@ def evaluate_masks(
         cand = torch.as_tensor([i // n for i in idx], dtype=torch.long)
         return V.edits(variant, modules, masks={layer: m[cand.to(m.device)] for layer, m in stack.items()})
 
+    batches = grouped_batches([len(p) for p in rows["prefix_ids"].to_list()], len(masks), batch_size)
     return generate_records(
-        model, tokenizer, tiled, variant.name, max_new_tokens, batch_size, edit_factory=factory, keep=("candidate",)
+        model, tokenizer, tiled, variant.name, max_new_tokens, batch_size, edit_factory=factory, keep=("candidate",),
+        batches=batches,
     )
 
 

@@ -25,8 +25,8 @@ log = logging.getLogger(__name__)
 
 FIGURE1_METRICS = ("Cap", "KL", "Len")
 FIGURE2_METRICS = ("KL", "Cap")
-SWEEP_COLUMNS = {"cutoff": pl.Float64, "objective": pl.Float64, "mask": pl.String,
-                 "same_as_locked": pl.Boolean}
+SWEEP_COLUMNS = {"cutoff": pl.Float64, "exclusion": pl.Float64, "strict": pl.Boolean, "objective": pl.Float64,
+                 "mask": pl.String, "same_as_locked": pl.Boolean, "pools_differ": pl.Boolean}
 _LABELS = {"Cap": "Cap (higher is better)", "KL": "KL to IT (lower is better)",
            "Len": "Len, tokens (lower is better)"}
 
@@ -61,22 +61,31 @@ def draw_figure1(estimates: pl.DataFrame) -> Figure:
 
 def draw_figure2(estimates: pl.DataFrame, sweep: pl.DataFrame) -> Figure:
     """Left: KL and Cap of the full surrogate and its one-layer ablations. Right: selector
-    objective per cutoff, marked by whether the cutoff reproduces the locked mask."""
+    objective per cutoff under the locked exclusion (a line), the strict exclusion as a series of
+    its own, each point marked by whether it reproduces the locked mask; the panel says so when
+    every point had the same candidate pool."""
     fig = new_figure(13, 4)
     axes = fig.subplots(1, 3, width_ratios=[1, 1, 1.4])
     for ax, metric in zip(axes, FIGURE2_METRICS):
         _bars(ax, estimates, metric)
     ax = axes[2]
-    sweep = sweep.sort("cutoff")
-    sns.lineplot(x=sweep["cutoff"].to_numpy(), y=sweep["objective"].to_numpy(), ax=ax,
+    sweep = sweep.sort("strict", "cutoff")
+    locked_exclusion = sweep.filter(~pl.col("strict"))
+    sns.lineplot(x=locked_exclusion["cutoff"].to_numpy(), y=locked_exclusion["objective"].to_numpy(), ax=ax,
                  color="grey", linewidth=1)
-    order = ["reproduces locked mask", "other mask"]
-    locked = np.where(sweep["same_as_locked"].to_numpy(), *order)
-    sns.scatterplot(x=sweep["cutoff"].to_numpy(), y=sweep["objective"].to_numpy(), hue=locked,
-                    style=locked, hue_order=order, style_order=order, s=60, ax=ax)
-    ax.set_xlabel("cutoff")
+    hue_order = ["reproduces locked mask", "other mask"]
+    hue = np.where(sweep["same_as_locked"].to_numpy(), *hue_order)
+    series = [f"verb. exclusion {e:g}{' (strict)' if strict else ''}"
+              for e, strict in sweep.select("exclusion", "strict").iter_rows()]
+    style_order = list(dict.fromkeys(series))
+    sns.scatterplot(x=sweep["cutoff"].to_numpy(), y=sweep["objective"].to_numpy(), hue=hue, hue_order=hue_order,
+                    style=series, style_order=style_order, markers=["o", "X", "s", "D"][: len(style_order)], s=70, ax=ax)
+    ax.set_xlabel("capability cutoff")
     ax.set_ylabel("selector objective")
-    ax.set_title("Threshold sweep")
+    title = "Threshold sweep"
+    if not sweep["pools_differ"].any():
+        title += "\n(every point had the same candidate pool: the sweep cannot tell them apart)"
+    ax.set_title(title, fontsize=9 if "\n" in title else None)
     return fig
 
 

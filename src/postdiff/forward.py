@@ -31,6 +31,16 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def grouped_batches(lengths: Sequence[int], n_groups: int, batch_size: int) -> list[list[int]]:
+    """Batches over ``n_groups`` copies of the rows (copy ``g`` of row ``i`` is ``g * n + i``) that
+    keep every copy of a row in one batch: ``batch_size // n_groups`` rows a batch (at least one),
+    longest first. Copies then share padding and batch shape, so identical edits give identical
+    outputs whatever ``batch_size`` is, even where batch layout moves the floats (bf16)."""
+    n = len(lengths)
+    return [[g * n + i for g in range(n_groups) for i in chunk]
+            for chunk in length_sorted_batches(lengths, max(1, batch_size // n_groups))]
+
+
 def edits_for(idx: list[int], variant: Variant) -> Edits:
     if variant is None:
         return {}

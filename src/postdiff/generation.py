@@ -39,11 +39,12 @@ def generate(
     *,
     min_new_tokens: int = 0,
     use_cache: bool = True,
+    batches: Sequence[list[int]] | None = None,
 ) -> list[tuple[list[int], bool]]:
     """Greedy ``(token_ids, eos)`` per prefix, in input order.
 
-    Rows run left-padded in length-sorted batches; ``edit_factory(batch_row_indices)`` gives
-    per-row edits (e.g. one candidate feature mask per row).
+    Rows run left-padded in length-sorted batches (or in ``batches``, lists of row indices);
+    ``edit_factory(batch_row_indices)`` gives per-row edits (e.g. one candidate feature mask per row).
     """
     from transformers import GenerationConfig
 
@@ -66,7 +67,11 @@ def generate(
     device = next(model.parameters()).device
     results: list[tuple[list[int], bool]] = [([], False)] * len(prefixes)
     with tqdm(total=len(prefixes), desc="generate") as bar:
-        for idx in length_sorted_batches([len(p) for p in prefixes], batch_size):
+        if batches is None:
+            batches = length_sorted_batches([len(p) for p in prefixes], batch_size)
+        elif sorted(i for idx in batches for i in idx) != list(range(len(prefixes))):
+            raise ValueError("batches must cover every prefix exactly once")
+        for idx in batches:
             ids, attn = left_padded_prompts([prefixes[i] for i in idx], tokenizer.pad_token_id)
             with torch.inference_mode(), intervene(model, edits_for(idx, variant)):
                 out = model.generate(

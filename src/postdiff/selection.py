@@ -2,9 +2,17 @@
 
 CapMask (``PT + M``) maximises ``Cap - lambda * VerbCarry``; VMask (``FullDelta - M``)
 maximises ``(VerbCarry(FullDelta) - VerbCarry(FullDelta - M)) - lambda * (Cap(FullDelta) -
-Cap(FullDelta - M))``. Both use one forward-selection loop; each step evaluates all remaining
-candidates in one batched generation (rows = candidates x prompts, a mask per row).
-Baseline masks (random, activation mass) and the threshold-sweep summary are here too.
+Cap(FullDelta - M))``. Both use one forward-selection loop; each step evaluates the incumbent
+mask and all remaining candidates in one batched generation (rows = masks x prompts, a mask per
+row, every prompt's rows in one batch), and a candidate's gain is its objective minus the
+incumbent's from that same call: batch layout moves greedy tokens in bf16, and a gain measured
+against another job's incumbent could be that noise.
+
+A step takes the best candidate when it clears the acceptance rule (``gain``: more than
+``min_gain``; ``interval``: the lower end of the paired bootstrap interval of the gain over
+selector prompts is above 0); with ``fill_to_cap`` it takes the best candidate regardless,
+up to ``size_cap``, which gives the paper's locked-size masks. Baseline masks (random,
+activation mass) and the threshold-sweep summary are here too.
 """
 
 from __future__ import annotations
@@ -42,16 +50,25 @@ DEFAULTS = {
     "size_cap": 5,
     "max_candidates": 32,
     "min_gain": 0.0,
+    "accept": "gain",
+    "fill_to_cap": False,
 }
-# Per-prompt selector records of each accepted step's mask (step 1 is the one-feature mask).
-STEP_RECORD_SCHEMA = {"step": pl.Int64, **RECORD_SCHEMA}
+ACCEPT_RULES = ("gain", "interval")
+# Per-prompt selector records of each taken step: its incumbent's and its chosen mask's, both
+# from that step's one batched call (step 1's incumbent is the empty mask).
+ROLES = ("incumbent", "chosen")
+STEP_RECORD_SCHEMA = {"step": pl.Int64, "role": pl.String, **RECORD_SCHEMA}
 STEP_SCHEMA = {
     "step": pl.Int64,
     "layer": pl.Int64,
     "feature": pl.Int64,
     "objective": pl.Float64,
+    "gain": pl.Float64,
     "chosen": pl.Boolean,
+    "passed": pl.Boolean,
 }
+# A step's rule: (step, candidate, gain) -> whether the gain clears it.
+Accept = Callable[[int, "Pair", float], bool]
 
 
 @dataclass(frozen=True)
@@ -93,15 +110,18 @@ RULES = {
 }
 
 
-def candidates(scores: pl.DataFrame, rule: Rule, cutoff: float, exclusion: float | None, max_candidates: int | None) -> list[Pair]:
-    """Admitted features, best score first (ties by layer, feature), at most ``max_candidates``."""
-    admitted = scores.filter(pl.col(rule.score) >= cutoff)
+def admitted(scores: pl.DataFrame, rule: Rule, cutoff: float, exclusion: float | None) -> list[Pair]:
+    """Every feature the thresholds admit, best score first (ties by layer, feature)."""
+    kept = scores.filter(pl.col(rule.score) >= cutoff)
     if rule.exclude_by is not None and exclusion is not None:
-        admitted = admitted.filter(pl.col(rule.exclude_by) <= exclusion)
-    admitted = admitted.sort([rule.score, "layer", "feature"], descending=[True, False, False])
-    if max_candidates is not None:
-        admitted = admitted.head(max_candidates)
-    return [(int(layer), int(feature)) for layer, feature in admitted.select("layer", "feature").iter_rows()]
+        kept = kept.filter(pl.col(rule.exclude_by) <= exclusion)
+    kept = kept.sort([rule.score, "layer", "feature"], descending=[True, False, False])
+    return [(int(layer), int(feature)) for layer, feature in kept.select("layer", "feature").iter_rows()]
+
+
+def candidates(scores: pl.DataFrame, rule: Rule, cutoff: float, exclusion: float | None, max_candidates: int | None) -> list[Pair]:
+    """The candidate pool: the admitted features, at most ``max_candidates`` of them."""
+    return admitted(scores, rule, cutoff, exclusion)[:max_candidates]
 
 
 @dataclass(frozen=True)
@@ -137,19 +157,35 @@ def start(pool: Sequence[Pair], base: float, size_cap: int) -> State:
     return State(pool=pool, objective=base, stopped=not pool or size_cap == 0)
 
 
+def gain_rule(min_gain: float = 0.0) -> Accept:
+    """Today's rule: a step counts when it gains more than ``min_gain`` (0: any gain, the paper's)."""
+    return lambda step, candidate, gain: gain > min_gain
+
+
 def shard_candidates(state: State, shard: int, n_shards: int) -> list[Pair]:
     """This shard's share of the next step's candidates (round robin over the pool's order)."""
     return [] if state.stopped else state.remaining[shard::n_shards]
 
 
-def advance(
-    state: State, tried: Sequence[Pair], values: Sequence[float], size_cap: int, min_gain: float = 0.0
-) -> tuple[State, pl.DataFrame]:
-    """Take the best of the next step's ``tried`` candidates if it beats the mask so far by more
-    than ``min_gain`` (0: any gain, the paper's rule).
+def gains_of(values: Sequence[float], incumbents: Sequence[float]) -> list[float]:
+    """Each candidate's objective minus its incumbent's from the same call. Against an undefined
+    incumbent (NaN: a zero reference gap) any defined objective gains; an undefined one never does."""
+    out = []
+    for v, inc in zip(values, incumbents, strict=True):
+        out.append(math.nan if math.isnan(v) else math.inf if math.isnan(inc) else float(v) - float(inc))
+    return out
 
-    A NaN objective never counts as better; ties go to the candidate earlier in the pool.
-    Returns the new state and the step's rows (every tried candidate, the chosen one flagged).
+
+def advance(
+    state: State, tried: Sequence[Pair], values: Sequence[float], incumbents: Sequence[float], size_cap: int,
+    accept: Accept = gain_rule(), fill_to_cap: bool = False,
+) -> tuple[State, pl.DataFrame]:
+    """Take the candidate of the next step with the largest gain over the incumbent (each gain
+    from the batched call that measured both) if the gain clears ``accept``, or regardless with
+    ``fill_to_cap``.
+
+    NaN gains never win; ties go to the candidate earlier in the pool. Returns the new state and
+    the step's rows (every tried candidate; the chosen one flagged, and whether it passed).
     """
     if state.stopped:
         return state, pl.DataFrame(schema=STEP_SCHEMA)
@@ -158,16 +194,20 @@ def advance(
     values = [float(v) for v in values]
     if sorted(tried, key=order.__getitem__) != state.remaining:
         raise ValueError(f"step {step}: evaluated candidates {list(tried)} are not the remaining pool {state.remaining}")
-    best = max(range(len(tried)), key=lambda i: (-math.inf if math.isnan(values[i]) else values[i], -order[tried[i]]))
-    better = not math.isnan(values[best]) and (math.isnan(state.objective) or values[best] > state.objective + min_gain)
+    gains = gains_of(values, incumbents)
+    best = max(range(len(tried)), key=lambda i: (-math.inf if math.isnan(gains[i]) else gains[i], -order[tried[i]]))
+    defined = not math.isnan(gains[best])
+    passed = defined and accept(step, tried[best], gains[best])
+    take = passed or (fill_to_cap and defined)
     rows = pl.DataFrame(
-        [dict(step=step, layer=c[0], feature=c[1], objective=v, chosen=better and i == best)
-         for i, (c, v) in sorted(enumerate(zip(tried, values)), key=lambda t: order[t[1][0]])],
+        [dict(step=step, layer=c[0], feature=c[1], objective=v, gain=g, chosen=take and i == best,
+              passed=passed and i == best)
+         for i, (c, v, g) in sorted(enumerate(zip(tried, values, gains)), key=lambda t: order[t[1][0]])],
         schema=STEP_SCHEMA,
     )
-    log.info("step %d: best %s objective %.5f (current %.5f)%s", step, tried[best], values[best], state.objective,
-             "" if better else ": stop")
-    if not better:
+    log.info("step %d: best %s objective %.5f, gain %.5f over the incumbent%s", step, tried[best], values[best],
+             gains[best], "" if passed else (": fills the cap" if take else ": stop"))
+    if not take:
         return State(state.pool, state.chosen, state.objective, step, stopped=True), rows
     chosen = state.chosen + (tried[best],)
     done = len(chosen) >= size_cap or len(chosen) == len(state.pool)
@@ -179,48 +219,58 @@ def forward_select(
     objective: Callable[[list[Mask]], list[float]],
     base: float,
     size_cap: int,
-    min_gain: float = 0.0,
+    accept: Accept = gain_rule(),
+    fill_to_cap: bool = False,
 ) -> tuple[Mask, float, pl.DataFrame]:
-    """Add, one at a time, the candidate whose mask scores highest, while that beats the mask
-    so far (``base`` for the empty one) by more than ``min_gain`` and the mask is below ``size_cap``.
+    """Add, one at a time, the candidate with the largest gain over the mask so far, while that
+    gain clears ``accept`` (or, with ``fill_to_cap``, regardless) and the mask is below ``size_cap``.
 
-    ``objective`` scores a list of masks at once (one call per step). Returns the mask, its
-    objective and every evaluated candidate per step.
+    ``objective`` scores a list of masks in one call; every step's call has the incumbent first,
+    then the candidates. ``base`` is the empty mask's reference objective, kept while nothing is
+    taken. Returns the mask, its objective and every evaluated candidate per step.
     """
     state, steps = start(pool, base, size_cap), []
     while not state.stopped:
         tried = state.remaining
-        state, rows = advance(state, tried, objective([state.chosen + (c,) for c in tried]), size_cap, min_gain)
+        incumbent, *values = objective([state.chosen, *(state.chosen + (c,) for c in tried)])
+        state, rows = advance(state, tried, values, [incumbent] * len(tried), size_cap, accept, fill_to_cap)
         steps.append(rows)
     return state.chosen, state.objective, pl.concat(steps) if steps else pl.DataFrame(schema=STEP_SCHEMA)
 
 
-def step_gains(
-    rule: Rule, lam: float, references: Mapping[str, pl.DataFrame], unmasked: pl.DataFrame,
-    steps: Sequence[pl.DataFrame], B: int, seed: int, level: float,
-) -> list[dict[str, float]]:
-    """Each accepted step's gain in the selection objective over the mask before it (the
-    ``unmasked`` variant's records before step 1), with a paired, slice-stratified bootstrap
-    interval over the selector prompts: every resample redraws the prompts of all masks and
-    references alike, and recomputes both objectives."""
-    if not steps:
-        return []
+def gain_interval(
+    rule: Rule, lam: float, references: Mapping[str, pl.DataFrame], incumbent: pl.DataFrame, chosen: pl.DataFrame,
+    B: int, seed: int, level: float,
+) -> dict[str, float]:
+    """The objective of ``chosen`` and its gain over ``incumbent`` (records of one step's call),
+    with a paired, slice-stratified bootstrap interval over the selector prompts: every resample
+    redraws the prompts of both masks and of the references alike, and recomputes both objectives."""
     # KL is not measured during selection; the objective never reads it.
-    frames = {f"ref:{k}": v for k, v in references.items()} | {f"step{t}": f for t, f in enumerate([unmasked, *steps])}
+    frames = {f"ref:{k}": v for k, v in references.items()} | {"incumbent": incumbent, "chosen": chosen}
     arrays = metrics.align({k: f.with_columns(pl.col("kl").fill_null(0.0)) for k, f in frames.items()})
     counts = bootstrap.resample_counts(bootstrap.stratified_indices(arrays.codes, B, np.random.default_rng(seed)))
     point = metrics.summary(arrays, "ref:pt", "ref:it")
     samples = bootstrap.resampled_metrics(arrays, list(frames), counts, "ref:pt", "ref:it")
 
-    def objective(by_variant: Mapping[str, Mapping], t: int):
+    def objective(by_variant: Mapping[str, Mapping], name: str):
         refs = {k.removeprefix("ref:"): v for k, v in by_variant.items() if k.startswith("ref:")}
-        return rule.objective(by_variant[f"step{t}"], refs, lam)
+        return rule.objective(by_variant[name], refs, lam)
 
+    lo, hi = bootstrap.percentile_interval(objective(samples, "chosen") - objective(samples, "incumbent"), level)
+    return {"objective": float(objective(point, "chosen")),
+            "gain": float(objective(point, "chosen") - objective(point, "incumbent")), "lo": lo, "hi": hi}
+
+
+def step_gains(
+    rule: Rule, lam: float, references: Mapping[str, pl.DataFrame], records: pl.DataFrame, B: int, seed: int,
+    level: float,
+) -> list[dict[str, float]]:
+    """:func:`gain_interval` of every step in ``records`` (``STEP_RECORD_SCHEMA``)."""
     out = []
-    for t in range(1, len(steps) + 1):
-        lo, hi = bootstrap.percentile_interval(objective(samples, t) - objective(samples, t - 1), level)
-        out.append({"step": t, "objective": float(objective(point, t)),
-                    "gain": float(objective(point, t) - objective(point, t - 1)), "lo": lo, "hi": hi})
+    for step in sorted(set(records["step"].to_list())):
+        at = records.filter(pl.col("step") == step)
+        incumbent, chosen = (at.filter(pl.col("role") == role).drop("step", "role") for role in ROLES)
+        out.append({"step": step, **gain_interval(rule, lam, references, incumbent, chosen, B, seed, level)})
     return out
 
 
@@ -249,7 +299,7 @@ def _param(params: Mapping, key: str | None) -> float | None:
 @dataclass
 class Selection:
     """One selection job's inputs, read and checked: the candidate pool, the base objective,
-    and (on demand) the PT model and surrogates that evaluate candidate masks."""
+    the acceptance rule, and (on demand) the PT model and surrogates that evaluate masks."""
 
     job: Job
     rule: Rule
@@ -258,15 +308,19 @@ class Selection:
     lam: float
     size_cap: int
     min_gain: float
+    accept_rule: str
+    fill_to_cap: bool
     max_candidates: int | None
+    n_admitted: int
     pool: list[Pair]
     base: float
     score_of: Callable[[Metrics], float]
     rows: pl.DataFrame
     variant: Variant
     references: dict[str, pl.DataFrame]  # the references' selector records, in ``rows`` order
-    # Records of every mask evaluated in this job, so accepted steps' records can be saved.
-    evaluated: dict[Mask, pl.DataFrame] = field(default_factory=dict)
+    # Records of every mask of each batched call in this job, call by call: a step's incumbent
+    # and chosen records come from the same call.
+    calls: list[dict[Mask, pl.DataFrame]] = field(default_factory=list)
 
     @classmethod
     def read(cls, job: Job, rule: Rule) -> Selection:
@@ -275,12 +329,16 @@ class Selection:
         lam = float(p.get("lambda", DEFAULTS["lambda"]))
         size_cap = int(p.get("size_cap", DEFAULTS["size_cap"]))
         min_gain = float(p.get("min_gain", DEFAULTS["min_gain"]))
+        accept_rule = str(p.get("accept", DEFAULTS["accept"]))
+        fill_to_cap = bool(p.get("fill_to_cap", DEFAULTS["fill_to_cap"]))
         max_candidates = p.get("max_candidates", DEFAULTS["max_candidates"])
         max_candidates = None if max_candidates is None else int(max_candidates)
         max_new_tokens = int(p["max_new_tokens"])
         if size_cap < 0 or (max_candidates is not None and max_candidates < 1) or not min_gain >= 0:
             raise ValueError(f"selection: need size_cap >= 0, max_candidates >= 1 and min_gain >= 0, "
                              f"got {size_cap}, {max_candidates}, {min_gain}")
+        if accept_rule not in ACCEPT_RULES:
+            raise ValueError(f"selection.accept must be one of {ACCEPT_RULES}, got {accept_rule!r}")
         scores = pl.read_parquet(job.input["scores"])
         needed = ["layer", "feature", rule.score, *([rule.exclude_by] if rule.exclude_by else [])]
         if missing := [c for c in needed if c not in scores.columns]:
@@ -298,10 +356,12 @@ class Selection:
         def score_of(m: Metrics) -> float:
             return float(rule.objective(m, refs, lam))
 
-        pool = candidates(scores, rule, cutoff, exclusion, max_candidates)
-        log.info("%s: %d candidates, base objective %.5f", rule.name, len(pool), score_of(refs[rule.unmasked]))
-        return cls(job, rule, cutoff, exclusion, lam, size_cap, min_gain, max_candidates, pool, score_of(refs[rule.unmasked]),
-                   score_of, rows,
+        everything = admitted(scores, rule, cutoff, exclusion)
+        pool = everything[:max_candidates]
+        log.info("%s: %d features admitted, pool of %d%s, base objective %.5f", rule.name, len(everything), len(pool),
+                 " (the cap binds)" if len(pool) < len(everything) else "", score_of(refs[rule.unmasked]))
+        return cls(job, rule, cutoff, exclusion, lam, size_cap, min_gain, accept_rule, fill_to_cap, max_candidates,
+                   len(everything), pool, score_of(refs[rule.unmasked]), score_of, rows,
                    Variant(name=f"select_{rule.name}", mode=rule.mode, gates=full.gates, surrogates=full.surrogates),
                    references)
 
@@ -313,8 +373,30 @@ class Selection:
         """The PT model and tokenizer, loaded on first use (a stopped selection never loads them)."""
         return load_pt(self.job.params)
 
+    @property
+    def _bootstrap(self) -> tuple[int, int, float]:
+        p = self.job.params.get("gain_bootstrap", {})
+        return int(p.get("B", 10_000)), int(p.get("seed", 0)), float(p.get("level", 0.95))
+
+    def interval(self, incumbent: pl.DataFrame, chosen: pl.DataFrame) -> dict[str, float]:
+        return gain_interval(self.rule, self.lam, self.references, incumbent, chosen, *self._bootstrap)
+
+    def accept(self, records: Callable[[Pair], tuple[pl.DataFrame, pl.DataFrame]]) -> Accept:
+        """The configured rule. ``interval`` reads the step's incumbent and candidate records
+        (``records(candidate)``, both from the call that measured the candidate)."""
+        if self.accept_rule == "gain":
+            return gain_rule(self.min_gain)
+
+        def clears(step: int, candidate: Pair, gain: float) -> bool:
+            test = self.interval(*records(candidate))
+            log.info("step %d: %s gain %.5f [%.5f, %.5f]", step, candidate, test["gain"], test["lo"], test["hi"])
+            return test["lo"] > 0
+
+        return clears
+
     def objective(self) -> Callable[[list[Mask]], list[float]]:
-        """Scores masks in one batched generation over the selector prompts."""
+        """Scores masks in one batched generation over the selector prompts; every prompt's rows
+        share a batch, so identical edits give identical tokens whatever the batch size."""
         p = self.job.params
         model, tokenizer = self.pt
         modules = V.materialise(self.variant, next(model.parameters()).device)[0]
@@ -324,31 +406,39 @@ class Selection:
                 return []
             records = evaluate_masks(model, tokenizer, self.rows, self.variant, modules, [layer_mask(m) for m in masks],
                                      int(p["max_new_tokens"]), self.job.batch_size())
-            for c, mask in enumerate(masks):
-                self.evaluated[mask] = records.filter(pl.col("candidate") == c).drop("candidate")
-            return [self.score_of(selector_metrics(self.evaluated[mask])) for mask in masks]
+            call = {mask: records.filter(pl.col("candidate") == c).drop("candidate") for c, mask in enumerate(masks)}
+            self.calls.append(call)
+            return [self.score_of(selector_metrics(call[mask])) for mask in masks]
 
         return objective
 
+    def latest(self, candidate: Pair) -> tuple[pl.DataFrame, pl.DataFrame]:
+        """The incumbent's and ``candidate``'s records from the last call (its first mask is the incumbent)."""
+        call = self.calls[-1]
+        incumbent = next(iter(call))
+        return call[incumbent], call[incumbent + (candidate,)]
+
     def step_records(self, mask: Mask) -> pl.DataFrame:
-        """Selector records of the masks ``mask[:1], mask[:2], ...``, evaluated in this job."""
-        frames = [self.evaluated[mask[:t]].with_columns(pl.lit(t, dtype=pl.Int64).alias("step")) for t in range(1, len(mask) + 1)]
+        """Per taken step, the incumbent's and the chosen mask's records from that step's call."""
+        frames = [self.calls[t - 1][m].with_columns(pl.lit(t, dtype=pl.Int64).alias("step"), pl.lit(role).alias("role"))
+                  for t in range(1, len(mask) + 1) for role, m in zip(ROLES, (mask[: t - 1], mask[:t]))]
         return pl.concat([f.select(list(STEP_RECORD_SCHEMA)) for f in frames]) if frames else pl.DataFrame(schema=STEP_RECORD_SCHEMA)
 
     def write(self, mask: Mask, objective: float, steps: pl.DataFrame, records: pl.DataFrame) -> None:
-        """The mask JSON (with each accepted step's gain and its interval), the steps' rows and
-        the accepted steps' per-prompt records."""
-        out, p = self.job.output, self.job.params.get("gain_bootstrap", {})
-        by_step = [records.filter(pl.col("step") == t).drop("step") for t in range(1, len(mask) + 1)]
-        gains = step_gains(self.rule, self.lam, self.references, self.references[self.rule.unmasked], by_step,
-                           int(p.get("B", 10_000)), int(p.get("seed", 0)), float(p.get("level", 0.95)))
+        """The mask JSON (with each taken step's gain, its interval and whether it passed the
+        rule), the steps' rows and the taken steps' per-prompt records."""
+        out = self.job.output
+        gains = step_gains(self.rule, self.lam, self.references, records, *self._bootstrap)
+        passed = dict(steps.filter("chosen").select("step", "passed").iter_rows())
         for gain, pair in zip(gains, mask):
-            log.info("step %d: %s gain %.5f [%.5f, %.5f]", gain["step"], pair, gain["gain"], gain["lo"], gain["hi"])
+            log.info("step %d: %s gain %.5f [%.5f, %.5f]%s", gain["step"], pair, gain["gain"], gain["lo"], gain["hi"],
+                     "" if passed[gain["step"]] else " (fills the cap)")
         write_parquet(steps, out["steps"])
         write_parquet(records, out["records"])
         write_json(
             {
-                "step_gains": [{**g, "layer": pair[0], "feature": pair[1]} for g, pair in zip(gains, mask)],
+                "step_gains": [{**g, "layer": pair[0], "feature": pair[1], "passed": passed[g["step"]]}
+                               for g, pair in zip(gains, mask)],
                 "rule": self.rule.name,
                 "mask": layer_mask(mask),
                 "order": [list(pair) for pair in mask],
@@ -358,9 +448,14 @@ class Selection:
                 "exclusion": self.exclusion,
                 "lambda": self.lam,
                 "size_cap": self.size_cap,
+                "accept": self.accept_rule,
                 "min_gain": self.min_gain,
+                "fill_to_cap": self.fill_to_cap,
                 "max_candidates": self.max_candidates,
+                "n_admitted": self.n_admitted,
                 "n_candidates": len(self.pool),
+                "cap_bound": len(self.pool) < self.n_admitted,
+                "pool": [list(pair) for pair in self.pool],
             },
             out["mask"],
         )
@@ -375,14 +470,15 @@ def _rule(job: Job) -> Rule:
 
 def select(job: Job) -> None:
     """Stage: a whole forward selection in one job. params: ``selection`` (``cap`` or ``vmask``),
-    ``lambda``, ``size_cap``, ``max_candidates``, ``max_new_tokens``, ``batch_size``, ``pt``,
-    ``dtype``, ``device`` and the rule's thresholds (``cap_cutoff`` and ``verb_exclusion``, or
-    ``verb_cutoff``); input: ``variant`` (FullDelta spec), ``split``, ``teacher`` (selector),
-    ``scores`` and the references' records (``pt_records``, ``it_records``, and for VMask
-    ``full_records``); output: ``mask`` (JSON), ``steps`` (Parquet)."""
+    ``lambda``, ``size_cap``, ``accept``, ``min_gain``, ``fill_to_cap``, ``max_candidates``,
+    ``max_new_tokens``, ``batch_size``, ``pt``, ``dtype``, ``device``, ``gain_bootstrap`` and the
+    rule's thresholds (``cap_cutoff`` and ``verb_exclusion``, or ``verb_cutoff``); input:
+    ``variant`` (FullDelta spec), ``split``, ``teacher`` (selector), ``scores`` and the references'
+    records (``pt_records``, ``it_records``, and for VMask ``full_records``); output: ``mask``
+    (JSON), ``steps`` and ``records`` (Parquet)."""
     sel = Selection.read(job, _rule(job))
     objective = sel.objective() if sel.pool else None
-    mask, value, steps = forward_select(sel.pool, objective, sel.base, sel.size_cap, sel.min_gain)
+    mask, value, steps = forward_select(sel.pool, objective, sel.base, sel.size_cap, sel.accept(sel.latest), sel.fill_to_cap)
     sel.write(mask, value, steps, sel.step_records(mask))
 
 
@@ -397,45 +493,60 @@ def _previous(job: Job, sel: Selection) -> State:
     return state
 
 
+# A shard's records: its candidates' (layer, feature) and its incumbent's (-1, -1), one call.
+INCUMBENT = (-1, -1)
+SHARD_RECORD_SCHEMA = {**RECORD_SCHEMA, "layer": pl.Int64, "feature": pl.Int64}
+VALUES_SCHEMA = {"layer": pl.Int64, "feature": pl.Int64, "objective": pl.Float64, "incumbent": pl.Float64}
+
+
 def select_shard(job: Job) -> None:
-    """Stage: one shard of one selection step. As :func:`select`, plus params ``shard`` and
-    ``n_shards`` and input ``state`` (the previous step's, absent for step 1); output
-    ``values`` (Parquet: layer, feature, objective of this shard's candidates). A stopped
+    """Stage: one shard of one selection step: the incumbent and this shard's candidates in one
+    batched call. As :func:`select`, plus params ``shard`` and ``n_shards`` and input ``state``
+    (the previous step's, absent for step 1); output ``values`` (Parquet: layer, feature, the
+    candidate's objective and the incumbent's from the same call) and ``records``. A stopped
     selection evaluates nothing and loads no model."""
     sel = Selection.read(job, _rule(job))
     state = _previous(job, sel)
     tried = shard_candidates(state, int(job.params["shard"]), int(job.params["n_shards"]))
-    values = sel.objective()([state.chosen + (c,) for c in tried]) if tried else []
-    write_parquet(pl.DataFrame({"layer": [c[0] for c in tried], "feature": [c[1] for c in tried], "objective": values},
-                               schema={"layer": pl.Int64, "feature": pl.Int64, "objective": pl.Float64}),
-                  job.output["values"])
-    # Every tried mask's records: the step's merge keeps the accepted one's.
-    candidate = {"layer": pl.Int64, "feature": pl.Int64}
-    records = [sel.evaluated[state.chosen + (c,)].with_columns(pl.lit(c[0]).alias("layer"), pl.lit(c[1]).alias("feature"))
-               for c in tried]
-    write_parquet(pl.concat([r.select(*RECORD_SCHEMA, *candidate) for r in records]) if records
-                  else pl.DataFrame(schema={**RECORD_SCHEMA, **candidate}), job.output["records"])
+    incumbent, *values = sel.objective()([state.chosen, *(state.chosen + (c,) for c in tried)]) if tried else [math.nan]
+    write_parquet(pl.DataFrame({"layer": [c[0] for c in tried], "feature": [c[1] for c in tried], "objective": values,
+                                "incumbent": [incumbent] * len(tried)}, schema=VALUES_SCHEMA), job.output["values"])
+    call = sel.calls[-1] if tried else {}
+    records = [call[state.chosen + (c,) if c != INCUMBENT else state.chosen].with_columns(
+        pl.lit(c[0]).alias("layer"), pl.lit(c[1]).alias("feature")) for c in ([INCUMBENT, *tried] if tried else [])]
+    write_parquet(pl.concat([r.select(*SHARD_RECORD_SCHEMA) for r in records]) if records
+                  else pl.DataFrame(schema=SHARD_RECORD_SCHEMA), job.output["records"])
+
+
+def _read_all(paths: str | Sequence[str]) -> list[pl.DataFrame]:
+    return [pl.read_parquet(p) for p in ([paths] if isinstance(paths, str) else paths)]
 
 
 def select_step(job: Job) -> None:
     """Stage: merge one step's shards into the next state. Input as :func:`select_shard` plus
-    ``values`` (every shard's); output ``state`` (JSON) and ``steps`` (this step's rows)."""
+    ``values`` and ``records`` (every shard's); output ``state`` (JSON), ``steps`` (this step's
+    rows) and ``records`` (the taken step's incumbent and chosen records, from one shard's call)."""
     sel = Selection.read(job, _rule(job))
     state = _previous(job, sel)
-    paths = job.input["values"]
-    values = pl.concat([pl.read_parquet(p) for p in ([paths] if isinstance(paths, str) else paths)])
+    shards = list(zip(_read_all(job.input["values"]), _read_all(job.input["records"]), strict=True))
+    values = pl.concat([v for v, _ in shards])
     tried = [(int(a), int(b)) for a, b in values.select("layer", "feature").iter_rows()]
+    shard_of = {c: r for v, r in shards for c in v.select("layer", "feature").iter_rows()}
+
+    def records(candidate: Pair) -> tuple[pl.DataFrame, pl.DataFrame]:
+        frame = shard_of[candidate]
+        return tuple(frame.filter((pl.col("layer") == c[0]) & (pl.col("feature") == c[1])).drop("layer", "feature")
+                     for c in (INCUMBENT, candidate))
+
     before = len(state.chosen)
-    state, steps = advance(state, tried, values["objective"].to_list(), sel.size_cap, sel.min_gain)
-    records = pl.DataFrame(schema=STEP_RECORD_SCHEMA)
+    state, steps = advance(state, tried, values["objective"].to_list(), values["incumbent"].to_list(), sel.size_cap,
+                           sel.accept(records), sel.fill_to_cap)
+    taken = pl.DataFrame(schema=STEP_RECORD_SCHEMA)
     if len(state.chosen) > before:
-        layer, feature = state.chosen[-1]
-        paths = job.input["records"]
-        shards = pl.concat([pl.read_parquet(p) for p in ([paths] if isinstance(paths, str) else paths)])
-        accepted = shards.filter((pl.col("layer") == layer) & (pl.col("feature") == feature))
-        records = accepted.with_columns(pl.lit(len(state.chosen), dtype=pl.Int64).alias("step")).select(list(STEP_RECORD_SCHEMA))
+        taken = pl.concat([f.with_columns(pl.lit(state.step, dtype=pl.Int64).alias("step"), pl.lit(role).alias("role"))
+                           .select(list(STEP_RECORD_SCHEMA)) for role, f in zip(ROLES, records(state.chosen[-1]))])
     write_parquet(steps, job.output["steps"])
-    write_parquet(records, job.output["records"])
+    write_parquet(taken, job.output["records"])
     write_json(state.to_json(), job.output["state"])
 
 
@@ -443,13 +554,11 @@ def select_finish(job: Job) -> None:
     """Stage: the mask and steps of a sharded selection. Input as :func:`select_step`, with
     ``state`` the last step's and ``steps`` every step's rows; output as :func:`select`."""
     sel = Selection.read(job, _rule(job))
-    paths = job.input["steps"]
-    steps = pl.concat([pl.read_parquet(p) for p in ([paths] if isinstance(paths, str) else paths)])
+    steps = pl.concat(_read_all(job.input["steps"]))
     state = _previous(job, sel)
     if not state.stopped:
         raise ValueError(f"{job.input['state']}: selection has not finished after step {state.step}")
-    paths = job.input["step_records"]
-    records = pl.concat([pl.read_parquet(p) for p in ([paths] if isinstance(paths, str) else paths)])
+    records = pl.concat(_read_all(job.input["step_records"]))
     sel.write(state.chosen, state.objective, steps, records.sort("step", maintain_order=True))
 
 
@@ -500,23 +609,48 @@ def baseline_masks(job: Job) -> None:
     write_json({"rule": "activation_mass", "mask": mass_mask(sizes, scores)}, job.output["mass"])
 
 
-def sweep_table(masks: Sequence[Mapping], locked: Mapping[int, list[int]]) -> pl.DataFrame:
-    """One row per cutoff's selection: its thresholds, objective, mask and whether it is the locked one."""
+def jaccard(a: Sequence[Pair], b: Sequence[Pair]) -> float:
+    """|a & b| / |a | b|; two empty sets are the same set (1)."""
+    a, b = set(map(tuple, a)), set(map(tuple, b))
+    return 1.0 if not a | b else len(a & b) / len(a | b)
+
+
+SWEEP_SCHEMA = {"rule": pl.String, "cutoff": pl.Float64, "exclusion": pl.Float64, "strict": pl.Boolean,
+                "n_admitted": pl.Int64, "n_pool": pl.Int64, "cap_bound": pl.Boolean, "pool_jaccard": pl.Float64,
+                "n_features": pl.Int64, "mask": pl.String, "mask_jaccard": pl.Float64, "same_as_locked": pl.Boolean,
+                "objective": pl.Float64, "pools_differ": pl.Boolean}
+
+
+def sweep_table(masks: Sequence[Mapping], locked: Mapping) -> pl.DataFrame:
+    """One row per sweep point: its thresholds (``strict``: another exclusion than the locked
+    mask's), the features admitted before the candidate cap and the pool after it, whether the
+    cap bound, the Jaccard index of its pool and mask with the locked ones, its objective, and
+    ``pools_differ``: whether any two points had different pools. When no pools differ, every
+    point selects from the same candidates and agreeing with the locked mask says nothing."""
+    locked_pairs = [tuple(p) for p in locked.get("pool", [])]
+    locked_mask = [(layer, f) for layer, fs in mask_of(locked).items() for f in fs]
+    pools = [sorted(tuple(p) for p in obj.get("pool", [])) for obj in masks]
     rows = []
-    for obj in masks:
+    for obj, pool in zip(masks, pools):
         mask = mask_of(obj)
+        pairs = [(layer, f) for layer, fs in mask.items() for f in fs]
         rows.append({
             "rule": obj.get("rule"),
             "cutoff": obj.get("cutoff"),
             "exclusion": obj.get("exclusion"),
-            "objective": obj.get("objective"),
-            "n_features": sum(len(f) for f in mask.values()),
+            "strict": obj.get("exclusion") != locked.get("exclusion"),
+            "n_admitted": obj.get("n_admitted"),
+            "n_pool": len(pool),
+            "cap_bound": obj.get("cap_bound"),
+            "pool_jaccard": jaccard(pool, locked_pairs),
+            "n_features": len(pairs),
             "mask": json.dumps({str(k): v for k, v in mask.items()}),
-            "same_as_locked": mask == locked,
+            "mask_jaccard": jaccard(pairs, locked_mask),
+            "same_as_locked": mask == mask_of(locked),
+            "objective": obj.get("objective"),
+            "pools_differ": len({tuple(p) for p in pools}) > 1,
         })
-    schema = {"rule": pl.String, "cutoff": pl.Float64, "exclusion": pl.Float64, "objective": pl.Float64,
-              "n_features": pl.Int64, "mask": pl.String, "same_as_locked": pl.Boolean}
-    return pl.DataFrame(rows, schema=schema).sort(["rule", "cutoff", "exclusion"], nulls_last=True)
+    return pl.DataFrame(rows, schema=SWEEP_SCHEMA).sort(["rule", "strict", "cutoff"], nulls_last=True)
 
 
 def sweep_summary(job: Job) -> None:
@@ -524,7 +658,11 @@ def sweep_summary(job: Job) -> None:
     output ``summary`` (Parquet) and, when named, ``csv``."""
     paths = job.input["masks"]
     paths = [paths] if isinstance(paths, str) else list(paths)
-    table = sweep_table([read_mask_file(path) for path in paths], mask_of(read_mask_file(job.input["locked"])))
+    table = sweep_table([read_mask_file(path) for path in paths], read_mask_file(job.input["locked"]))
+    if not table["pools_differ"].any():
+        log.warning("every sweep point selected from the same candidate pool: the sweep cannot tell its "
+                    "cutoffs apart (pool of %d; cap bound at %d of %d points)", table["n_pool"][0],
+                    int(table["cap_bound"].sum()), table.height)
     write_parquet(table, job.output["summary"])
     if "csv" in job.output:
         write_text(table.write_csv(), job.output["csv"])
