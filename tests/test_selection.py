@@ -2,11 +2,17 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
-from test_evaluate import F, NEW, World
+import torch
+from test_evaluate import F, NEW, World, split_frame
+
+from postdiff import surrogate
+from postdiff.evaluate import teacher_records
+from postdiff.teacher import teacher
 
 from postdiff import variants as V
 from postdiff.evaluate import evaluate, evaluate_masks, read_rows
@@ -377,3 +383,62 @@ def test_selection_stages_pick_the_feature_that_makes_the_gold_answers(world, tm
             alone = Variant(name="x", mode=template.mode, gates=full.gates, surrogates=full.surrogates, mask=mask)
             rec = evaluate(model, tok, rows, alone, V.edits(alone, modules), NEW, 5, None)
             assert objective == pytest.approx(RULES[rule].objective(selector_metrics(rec), refs, 0.5), abs=1e-12)
+
+
+SHIPPED_TWIN = Path(__file__).resolve().parents[1] / "workflow/resources/hf_home/hub"
+
+
+@pytest.fixture(scope="module")
+def twin_selection(tmp_path_factory):
+    """The rehearsal twin in bf16 with a layer-1 surrogate whose feature 0 has a zero decoder
+    row, and every input of a CapMask selection over features [0, 1, 2] (0 ranked first)."""
+    root = tmp_path_factory.mktemp("twin_selection")
+    snap = {r: str(next((SHIPPED_TWIN / f"models--postdiff-rehearsal--gemma-3-tiny-{r}/snapshots").iterdir()))
+            for r in ("pt", "it")}
+    params = {"pt": snap["pt"], "it": snap["it"], "dtype": "bfloat16", "device": "cpu"}
+    split_frame(2).write_parquet(root / "split.parquet")
+    teacher(Job(input={"split": str(root / "split.parquet")}, output={"completions": str(root / "teacher.parquet")},
+                params={**params, "max_new_tokens": 8, "batch_size": 8}))
+    rows = read_rows(str(root / "split.parquet"), str(root / "teacher.parquet"))
+    model, tok = load_model(snap["pt"], "bfloat16", "cpu")
+    d = model.config.get_text_config().hidden_size
+    g = torch.Generator().manual_seed(0)
+    sae = surrogate.TopKSurrogate(d, 16, 4)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(16, d, generator=g))
+        sae.b_enc.copy_(torch.rand(16, generator=g))
+        sae.W_dec.copy_(torch.nn.functional.normalize(torch.randn(16, d, generator=g), dim=1) * 8.0)
+        sae.W_dec[0].zero_()
+    surrogate.save(sae, root / "L1.safetensors", {"layer": 1})
+    full = Variant(name="FullDelta", mode="full", gates={1: 1.0}, surrogates={1: str(root / "L1.safetensors")})
+    (root / "FullDelta.json").write_text(json.dumps(full.to_json()))
+    evaluate(model, tok, rows, Variant(name="PT", mode="pt"), {}, 8, 8, None).write_parquet(root / "pt.parquet")
+    teacher_records(rows, "IT").write_parquet(root / "it.parquet")
+    pl.DataFrame({"layer": [1, 1, 1], "feature": [0, 1, 2], "cap_score": [3.0, 2.0, 1.5], "verb_score": [0.0] * 3,
+                  "activation_mass": [1.0] * 3}).write_parquet(root / "scores.parquet")
+    inputs = {"variant": str(root / "FullDelta.json"), "split": str(root / "split.parquet"),
+              "teacher": str(root / "teacher.parquet"), "scores": str(root / "scores.parquet"),
+              "pt_records": str(root / "pt.parquet"), "it_records": str(root / "it.parquet")}
+    return root, inputs, {**params, "selection": "cap", "cap_cutoff": 1.0, "verb_exclusion": 1.0, "lambda": 0.5,
+                          "size_cap": 2, "max_candidates": 3, "max_new_tokens": 8,
+                          "gain_bootstrap": {"B": 500, "seed": 0, "level": 0.95}}
+
+
+@pytest.mark.parametrize("accept", ["gain", "interval"])
+def test_a_zero_decoder_candidate_is_never_accepted_in_bf16(twin_selection, accept):
+    """bf16 greedy tokens depend on batch layout. A candidate that adds a zero decoder row edits
+    nothing, so its gain over the incumbent must be exactly 0 whatever the batch size. Step 1
+    generates 12 prompts x 4 masks: batch sizes 3 and 5 give one prompt's 4 rows a batch, 64
+    all 48 rows one batch. (Rows merely sorted by length, as before, spread a prompt's masks
+    over batches of 3 or 5: on this twin that changed 1 to 3 prompts' tokens for this
+    do-nothing candidate, measured with AVX-512 kernels.)"""
+    root, inputs, params = twin_selection
+    for batch_size in (3, 5, 64):
+        out = {k: str(root / f"{accept}_{batch_size}_{k}") for k in ("mask", "steps", "records")}
+        select(Job(input=inputs, output=out, params={**params, "accept": accept, "batch_size": batch_size}))
+        steps = pl.read_parquet(out["steps"])
+        zero = steps.filter(pl.col("feature") == 0)
+        assert (zero["gain"] == 0.0).all() and not zero["chosen"].any(), (batch_size, zero)
+        # The other candidates do edit PT: the test has power to see a change.
+        assert (steps.filter(pl.col("step") == 1, pl.col("feature") != 0)["gain"] != 0.0).any()
+        assert [1, 0] not in json.loads(Path(out["mask"]).read_text())["order"]
