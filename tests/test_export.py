@@ -132,12 +132,12 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict:
                        (("cfg", "cfg.json"), ("weights", "sae_weights.safetensors"), ("sparsity", "sparsity.safetensors"))},
            "sparsify": {k: str(tmp / "sparsify/layers.1" / f) for k, f in (("cfg", "cfg.json"), ("weights", "sae.safetensors"))}}
     params = {"layer": LAYER, "layers": [LAYER, 2], "pt": PT, "it": PT}
-    E.export_saelens(Job(input={"module": path, "shards": [shard]}, output=out["saelens"], params=params))
-    E.export_sparsify(Job(input={"module": path}, output=out["sparsify"], params=params))
+    outputs = {f"{layout}_{k}": v for layout, files in out.items() for k, v in files.items()}
+    E.export_layer(Job(input={"module": path, "shards": [shard]}, output=outputs, params=params))
     return {"module": module, "h": h, "out": out, "path": path, "shard": shard, "params": params}
 
 
-def test_stages_write_both_layouts_and_the_train_density(exported: dict) -> None:
+def test_the_stage_writes_both_layouts_and_the_train_density(exported: dict) -> None:
     module, h, out = exported["module"], exported["h"], exported["out"]
     cfg = json.loads(Path(out["saelens"]["cfg"]).read_text())
     assert cfg["metadata"]["hf_hook_name"] == "model.layers.1" and cfg["metadata"]["postdiff"]["surrogate"]["n_train"] == len(h)
@@ -154,15 +154,26 @@ def test_stages_write_both_layouts_and_the_train_density(exported: dict) -> None
     assert torch.equal(weights["W_dec"], module.W_dec.detach())
 
 
-def test_stages_refuse_a_surrogate_that_does_not_fit_the_model(exported: dict, tmp_path: Path) -> None:
-    params, out = exported["params"], {"cfg": str(tmp_path / "c.json"), "weights": str(tmp_path / "w.safetensors")}
+def test_the_stage_writes_the_layouts_its_outputs_name(exported: dict, tmp_path: Path) -> None:
+    """sparsify alone needs no cache; SAELens's sparsity does."""
+    out = {"sparsify_cfg": str(tmp_path / "c.json"), "sparsify_weights": str(tmp_path / "w.safetensors")}
+    E.export_layer(Job(input={"module": exported["path"]}, output=out, params=exported["params"]))
+    assert Path(out["sparsify_weights"]).read_bytes() == Path(exported["out"]["sparsify"]["weights"]).read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json", "w.safetensors"]
+    with pytest.raises(ValueError, match="no output names a layout"):
+        E.export_layer(Job(input={"module": exported["path"]}, output={"cfg": out["sparsify_cfg"]}, params=exported["params"]))
+
+
+def test_the_stage_refuses_a_surrogate_that_does_not_fit_the_model(exported: dict, tmp_path: Path) -> None:
+    params = exported["params"]
+    out = {"sparsify_cfg": str(tmp_path / "c.json"), "sparsify_weights": str(tmp_path / "w.safetensors")}
     with pytest.raises(ValueError, match="layer 2: the surrogate file is layer 1's"):
-        E.export_sparsify(Job(input={"module": exported["path"]}, output=out, params={**params, "layer": 2}))
+        E.export_layer(Job(input={"module": exported["path"]}, output=out, params={**params, "layer": 2}))
     narrow = str(tmp_path / "narrow.safetensors")
     save(TopKSurrogate(8, 16, 2), narrow, {"layer": LAYER})
     with pytest.raises(ValueError, match=r"d=8\) does not fit .*\(4 blocks of width 128\)"):
-        E.export_sparsify(Job(input={"module": narrow}, output=out, params=params))
-    assert not Path(out["cfg"]).exists()
+        E.export_layer(Job(input={"module": narrow}, output=out, params=params))
+    assert not Path(out["sparsify_cfg"]).exists()
 
 
 # ---------------------------------------------------------------- round trips through the libraries

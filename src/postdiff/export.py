@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 SAELENS_LAYOUT = "6.0.0"
 # SAELens's floor under a firing rate before log10: a feature that never fires reads -10.
 DENSITY_FLOOR = 1e-10
+LAYOUTS = ("saelens", "sparsify")
 
 
 @dataclass(frozen=True)
@@ -192,22 +193,24 @@ def _prepare(job: Job) -> tuple[TopKSurrogate, Hooks, dict[str, Any]]:
     return module, hooks, about
 
 
-def export_saelens(job: Job) -> None:
-    """Stage. input: module, shards (the train cache), optional teacher (train) and pair; params:
-    layer, layers (the cache's), pt, it. output: cfg, weights, sparsity (SAELens's three files)."""
+def export_layer(job: Job) -> None:
+    """Stage. input: module, optional pair, and for SAELens shards (the train cache) and optional
+    teacher (train); params: layer, layers (the cache's), pt, it. output: ``saelens_cfg``,
+    ``saelens_weights``, ``saelens_sparsity`` and/or ``sparsify_cfg``, ``sparsify_weights``: the
+    layouts asked for by the outputs present."""
+    layouts = [layout for layout in LAYOUTS if f"{layout}_cfg" in job.output]
+    if not layouts:
+        raise ValueError(f"export: no output names a layout (want {', '.join(f'{x}_cfg' for x in LAYOUTS)})")
     module, hooks, about = _prepare(job)
-    h_pt, _, _ = load_split(list(job.input["shards"]), hooks.layer, cache_expect(job, "teacher"))
-    counts = firing_counts(module, h_pt)
-    about["sparsity"] = f"log10 of the firing rate (z > 0) on the {h_pt.shape[0]} train positions, plus {DENSITY_FLOOR}"
-    log.info("layer %d: %d of %d features never fire on train", hooks.layer, int((counts == 0).sum()), module.n_features)
-    cfg, tensors = saelens_layout(module, hooks, about)
-    with atomic_path(job.output["sparsity"]) as tmp:
-        save_file({"sparsity": log10_density(counts, h_pt.shape[0])}, str(tmp))
-    _write(cfg, tensors, job.output["cfg"], job.output["weights"])
-
-
-def export_sparsify(job: Job) -> None:
-    """Stage. input: module, optional pair; params: layer, pt, it. output: cfg, weights (sparsify's two files)."""
-    module, hooks, about = _prepare(job)
-    cfg, tensors = sparsify_layout(module, hooks, about)
-    _write(cfg, tensors, job.output["cfg"], job.output["weights"])
+    if "saelens" in layouts:
+        h_pt, _, _ = load_split(list(job.input["shards"]), hooks.layer, cache_expect(job, "teacher"))
+        counts = firing_counts(module, h_pt)
+        log.info("layer %d: %d of %d features never fire on train", hooks.layer, int((counts == 0).sum()), module.n_features)
+        sparsity = {**about, "sparsity": f"log10 of the firing rate (z > 0) on the {h_pt.shape[0]} train positions, plus {DENSITY_FLOOR}"}
+        cfg, tensors = saelens_layout(module, hooks, sparsity)
+        with atomic_path(job.output["saelens_sparsity"]) as tmp:
+            save_file({"sparsity": log10_density(counts, h_pt.shape[0])}, str(tmp))
+        _write(cfg, tensors, job.output["saelens_cfg"], job.output["saelens_weights"])
+    if "sparsify" in layouts:
+        cfg, tensors = sparsify_layout(module, hooks, about)
+        _write(cfg, tensors, job.output["sparsify_cfg"], job.output["sparsify_weights"])

@@ -1,5 +1,5 @@
-# Each seed's surrogates in the layouts of SAELens and EleutherAI sparsify, one job per seed, layer
-# and layout (config `export`). Standardisation folded in: both take raw PT hidden states.
+# Each seed's surrogates in the layouts of SAELens and EleutherAI sparsify (config `export`), one
+# job per seed and layer. Standardisation folded in: both take raw PT hidden states.
 
 EXPORT = config["export"]
 # Per layout: the directory of a seed's and layer's export (`{seed}` and `{layer}` patterns) and its
@@ -13,63 +13,37 @@ EXPORT_NAMES = {
     "sparsify": {"cfg": "cfg.json", "weights": "sae.safetensors"},
 }
 EXPORT_LAYOUTS = [layout for layout in EXPORT_DIRS if EXPORT[layout]]
-# Every export file of every seed and layer that the config asks for.
-EXPORT_FILES = [
-    f"{EXPORT_DIRS[layout]}/{name}".format(seed=s, layer=layer)
-    for s in SEEDS for layer in config["layers"] for layout in EXPORT_LAYOUTS for name in EXPORT_NAMES[layout].values()
-]
+# The job's outputs, `<layout>_<file>` for each layout the config asks for (the stage writes those).
+EXPORT_OUTPUTS = {f"{layout}_{key}": f"{EXPORT_DIRS[layout]}/{name}"
+                  for layout in EXPORT_LAYOUTS for key, name in EXPORT_NAMES[layout].items()}
+# Every export file of every seed and layer.
+EXPORT_FILES = expand(list(EXPORT_OUTPUTS.values()), seed=SEEDS, layer=config["layers"])
 
 
-def export_outputs(layout):
-    return {key: f"{EXPORT_DIRS[layout]}/{name}" for key, name in EXPORT_NAMES[layout].items()}
+if EXPORT_LAYOUTS:
 
-
-rule export_saelens:
-    wildcard_constraints:
-        layer=r"\d+",
-    input:
-        module=f"{SEED}/surrogate/L{{layer}}.safetensors",
-        shards=cache_shards("train"),
-        teacher=f"{RUN}/teacher/train.parquet",
-        **model_inputs(),
-    output:
-        **export_outputs("saelens"),
-    log:
-        f"{RUN}/logs/seed{{seed}}/export/saelens/L{{layer}}.log",
-    benchmark:
-        f"{RUN}/benchmarks/seed{{seed}}/export/saelens/L{{layer}}.tsv"
-    params:
-        **stage(
-            "postdiff.export:export_saelens",
-            **model_paths(),
-            layer=lambda wc: int(wc.layer),
-            layers=config["layers"],
-        ),
-    conda:
-        ENV
-    script:
-        STAGE
-
-
-rule export_sparsify:
-    wildcard_constraints:
-        layer=r"\d+",
-    input:
-        module=f"{SEED}/surrogate/L{{layer}}.safetensors",
-        **model_inputs(),
-    output:
-        **export_outputs("sparsify"),
-    log:
-        f"{RUN}/logs/seed{{seed}}/export/sparsify/L{{layer}}.log",
-    benchmark:
-        f"{RUN}/benchmarks/seed{{seed}}/export/sparsify/L{{layer}}.tsv"
-    params:
-        **stage(
-            "postdiff.export:export_sparsify",
-            **model_paths(),
-            layer=lambda wc: int(wc.layer),
-        ),
-    conda:
-        ENV
-    script:
-        STAGE
+    rule export:
+        wildcard_constraints:
+            layer=r"\d+",
+        input:
+            module=f"{SEED}/surrogate/L{{layer}}.safetensors",
+            # The SAELens layout's sparsity file: firing rates on the train cache.
+            **(dict(shards=cache_shards("train"), teacher=f"{RUN}/teacher/train.parquet") if EXPORT["saelens"] else {}),
+            **model_inputs(),
+        output:
+            **EXPORT_OUTPUTS,
+        log:
+            f"{RUN}/logs/seed{{seed}}/export/L{{layer}}.log",
+        benchmark:
+            f"{RUN}/benchmarks/seed{{seed}}/export/L{{layer}}.tsv"
+        params:
+            **stage(
+                "postdiff.export:export_layer",
+                **model_paths(),
+                layer=lambda wc: int(wc.layer),
+                layers=config["layers"],
+            ),
+        conda:
+            ENV
+        script:
+            STAGE
