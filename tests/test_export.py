@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from postdiff import export as E
 from postdiff.cache import write_shard
-from postdiff.models import fingerprint, gemma3_text_config
+from postdiff.models import fingerprint, gemma3_text_config, skeleton
 from postdiff.runtime import Job
 from postdiff.surrogate import SurrogateConfig, TopKSurrogate, firing_counts, fit, save
 
@@ -80,7 +80,7 @@ def test_hooks_of_a_causal_lm_and_of_a_multimodal_wrapper() -> None:
     with torch.device("meta"):
         plain = AutoModelForCausalLM.from_config(gemma3_text_config(vocab_size=32, hidden_size=16, num_layers=3))
     assert E.hooks_of(plain, 2) == E.Hooks(2, "blocks.2.hook_resid_post", "model.layers.2", "layers.2")
-    wrapped = E.skeleton(str(WRAPPED))  # Gemma3ForConditionalGeneration, as Gemma 3 4B loads
+    wrapped = skeleton(str(WRAPPED))  # Gemma3ForConditionalGeneration, as Gemma 3 4B loads
     assert E.hooks_of(wrapped, 1) == E.Hooks(1, "blocks.1.hook_resid_post", "model.language_model.layers.1",
                                              "language_model.layers.1")
 
