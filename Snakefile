@@ -24,6 +24,7 @@ include: "workflow/rules/gates.smk"
 include: "workflow/rules/variants.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/selection.smk"
+include: "workflow/rules/export.smk"
 include: "workflow/rules/features.smk"
 include: "workflow/rules/report.smk"
 

@@ -57,7 +57,8 @@ def test_bad_config_stops_before_any_job(tmp_path: Path, change: dict, named: st
 def test_full_run_produces_every_artifact(tiny_run: Path) -> None:
     run = tiny_run / RUN
     for path in ["tables/table1.csv", "tables/table2.tex", "tables/r2.md", "figures/figure1.pdf",
-                 "figures/figure2.png", "qualitative.html", "sweep/summary.csv"]:
+                 "figures/figure2.png", "qualitative.html", "sweep/summary.csv", "export/saelens/L1/sparsity.safetensors",
+                 "export/sparsify/layers.1/sae.safetensors"]:
         assert (run / "seed0" / path).stat().st_size > 0, path
     for path in ["pair_gap.json", "tables/seeds.csv", "figures/seeds.png", "tables/mask_stability.csv", "features.html",
                  "provenance/manifest.parquet", "provenance/runtimes.csv", "provenance/run_id.json"]:
@@ -221,7 +222,7 @@ def test_editing_surrogate_reruns_its_importers_and_their_downstream(tiny_run: P
     jobs = planned_jobs(workdir)
     # Entry modules that import postdiff.surrogate, directly or through another module.
     importers = {"train_surrogate", "surrogate_metrics", "gates_full", "gates_single", "gates_mean",
-                 "evaluate", "score_features", "select_cap", "select_vmask", "feature_data"}
+                 "evaluate", "score_features", "select_cap", "select_vmask", "feature_data", "export"}
     upstream = PAIR_RULES | {"pair_info", "suite", "split", "teacher", "cache_shard", "standardiser"}
     assert {rule: jobs.get(rule) for rule in importers} == {rule: everything[rule] for rule in importers}
     # The PT and IT specs read no surrogate; every other spec does.

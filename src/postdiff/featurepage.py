@@ -7,7 +7,7 @@ surrogate seed once runs have several), rendered from ``templates/features.html.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
@@ -32,14 +32,23 @@ def visible_token(piece: str | None) -> str:
     return shown or "∅"
 
 
+# How the page names each export layout (workflow/rules/export.smk).
+LAYOUTS = {"saelens": "SAELens", "sparsify": "sparsify"}
+
+
 @dataclass(frozen=True)
 class SeedData:
     label: str
     frames: Mapping[str, pl.DataFrame]
+    # layout -> layer -> the exported weights file, relative to the page
+    exports: Mapping[str, Mapping[int, str]] = field(default_factory=dict)
 
 
-def read_seed(label: str, paths: Mapping[str, str]) -> SeedData:
-    return SeedData(label, {name: pl.read_parquet(paths[name]) for name in FILES})
+def read_seed(label: str, paths: Mapping[str, str], exports: Mapping[str, Mapping[int, str]] | None = None) -> SeedData:
+    unknown = sorted(set(exports or {}) - set(LAYOUTS))
+    if unknown:
+        raise ValueError(f"feature_page: unknown export layouts {unknown} (known: {', '.join(LAYOUTS)})")
+    return SeedData(label, {name: pl.read_parquet(paths[name]) for name in FILES}, exports or {})
 
 
 def _by_card(df: pl.DataFrame) -> dict[tuple[int, int], pl.DataFrame]:
@@ -88,6 +97,8 @@ def card_views(data: SeedData) -> list[dict]:
                          if ctx.height else [] for s in SPLITS},
             "lens": _tokens(lens.get(key, empty)) if key in lens else {"promoted": [], "suppressed": []},
             "steering": _steering(steered[key], own) if key in steered else [],
+            "exports": [{"layout": LAYOUTS[layout], "href": files[card["layer"]]}
+                        for layout, files in data.exports.items() if card["layer"] in files],
         })
     return views
 
@@ -112,10 +123,16 @@ def render(seeds: Sequence[SeedData], steer: bool, title: str = "Feature cards")
 
 def feature_page(job: Job) -> None:
     """Stage. input: one list per name in FILES, one Parquet per seed; params: labels (one per seed),
-    steer. output.html: the page."""
+    steer, optional exports (one ``{layout: {layer: path}}`` per seed, the files each card links
+    to). output.html: the page."""
     labels = list(job.params["labels"])
     lists = {name: job.inputs(name) for name in FILES}
     if any(len(v) != len(labels) for v in lists.values()):
         raise ValueError(f"feature_page: {len(labels)} labels but {[len(v) for v in lists.values()]} files per name")
-    seeds = [read_seed(label, {name: lists[name][i] for name in FILES}) for i, label in enumerate(labels)]
+    exports = job.params.get("exports") or [{}] * len(labels)
+    if len(exports) != len(labels):
+        raise ValueError(f"feature_page: {len(labels)} labels but export links for {len(exports)} seeds")
+    seeds = [read_seed(label, {name: lists[name][i] for name in FILES}, {k: {int(layer): path for layer, path in v.items()}
+                                                                            for k, v in exports[i].items()})
+             for i, label in enumerate(labels)]
     write_text(render(seeds, bool(job.params["steer"])), job.output["html"])

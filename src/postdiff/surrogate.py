@@ -314,14 +314,20 @@ def r2(module: TopKSurrogate, h: Tensor, delta: Tensor, delta_mean_train: Tensor
 
 
 @torch.no_grad()
-def dead_fraction(module: TopKSurrogate, h: Tensor, batch_size: int = 4096) -> float:
-    """Fraction of features that fire (``z_j > 0``) on no row of ``h``."""
+def firing_counts(module: TopKSurrogate, h: Tensor, batch_size: int = 4096) -> Tensor:
+    """``[F]`` int64: on how many rows of ``h`` each feature fires (``z_j > 0``)."""
     device = module.b_dec.device
-    fired = torch.zeros(module.n_features, dtype=torch.bool, device=device)
+    counts = torch.zeros(module.n_features, dtype=torch.int64, device=device)
     for i in range(0, h.shape[0], batch_size):
         vals, idx = module.sparse_code(h[i : i + batch_size].to(device))
-        fired[idx[vals > 0]] = True
-    return 1 - float(fired.float().mean())
+        fired = idx[vals > 0]
+        counts.index_add_(0, fired, torch.ones_like(fired))
+    return counts.cpu()
+
+
+def dead_fraction(module: TopKSurrogate, h: Tensor, batch_size: int = 4096) -> float:
+    """Fraction of features that fire (``z_j > 0``) on no row of ``h``."""
+    return float((firing_counts(module, h, batch_size) == 0).double().mean())
 
 
 TENSORS = ("mu", "sigma", "W_enc", "b_enc", "D", "b_dec")
@@ -357,7 +363,7 @@ def draw_curve(curve: pl.DataFrame) -> Figure:
     return fig
 
 
-def _expect(job: Job, teacher_key: str) -> Expect:
+def cache_expect(job: Job, teacher_key: str) -> Expect:
     """The config's view of a cache: its layer list, the pair's fingerprints when the specs are
     given, and the split's teacher rows when that input is given."""
     p = job.params
@@ -373,7 +379,7 @@ def train_layer(job: Job) -> None:
     layer, seed = int(p["layer"]), int(p.get("seed", 0))
     cfg = SurrogateConfig.from_params(p)
     std = load_standardiser(job.input["standardiser"], layer)
-    h_pt, delta, _ = load_split(list(job.input["shards"]), layer, _expect(job, "teacher"))
+    h_pt, delta, _ = load_split(list(job.input["shards"]), layer, cache_expect(job, "teacher"))
     device = pick_device(p.get("device", "auto"))
     log.info("layer %d: %d train positions, d=%d, %s on %s", layer, h_pt.shape[0], h_pt.shape[1], cfg, device)
     module, curve = fit(h_pt.to(device), delta.to(device), std.mu.to(device), std.sigma.to(device), cfg, seed)
@@ -398,7 +404,7 @@ def layer_metrics(job: Job) -> None:
     delta_mean = load_standardiser(job.input["standardiser"], layer).delta_mean
     records = []
     for split in p.get("splits", ("train", "calib", "selector")):
-        h_pt, delta, _ = load_split(list(job.input[split]), layer, _expect(job, f"{split}_teacher"))
+        h_pt, delta, _ = load_split(list(job.input[split]), layer, cache_expect(job, f"{split}_teacher"))
         records.append(
             {"layer": layer, "split": split, "n": h_pt.shape[0],
              "r2": r2(module, h_pt, delta, delta_mean), "dead_fraction": dead_fraction(module, h_pt)}

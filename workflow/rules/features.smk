@@ -53,9 +53,19 @@ rule feature_data:
         STAGE
 
 
+# Per seed (in FEATURE_SEEDS' order), layout and layer: the exported weights file that each card
+# links to, relative to the page.
+EXPORT_LINKS = [
+    {layout: {layer: os.path.relpath(f"{EXPORT_DIRS[layout]}/{EXPORT_NAMES[layout]['weights']}".format(seed=s, layer=layer), RUN)
+              for layer in config["layers"]} for layout in EXPORT_LAYOUTS}
+    for s in SEEDS
+]
+
+
 rule feature_page:
     input:
         **{name: [files[name] for files in FEATURE_SEEDS.values()] for name in FEATURE_NAMES},
+        exports=EXPORT_FILES,  # not read: the cards link to them
     output:
         html=report(f"{RUN}/features.html", caption="../report/features.rst", category="Features"),
     log:
@@ -67,6 +77,7 @@ rule feature_page:
             "postdiff.featurepage:feature_page",
             labels=list(FEATURE_SEEDS),
             steer=FEATURES["steer"],
+            exports=EXPORT_LINKS,
         ),
     conda:
         ENV

@@ -1,0 +1,230 @@
+"""Exports to SAELens and sparsify: the folding math by hand, the stages on a written cache, and
+round trips through each library's own loader (installed by the `test` extra)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+from pathlib import Path
+from types import ModuleType
+
+import polars as pl
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from postdiff import export as E
+from postdiff.cache import write_shard
+from postdiff.models import fingerprint, gemma3_text_config, skeleton
+from postdiff.runtime import Job
+from postdiff.surrogate import SurrogateConfig, TopKSurrogate, firing_counts, fit, save
+
+ROOT = Path(__file__).resolve().parents[1]
+PT = str(ROOT / "workflow/resources/embedded_pair/pt")  # Gemma3ForCausalLM, 4 blocks of width 128
+WRAPPED = next((ROOT / "workflow/resources/hf_home/hub/models--postdiff-rehearsal--gemma-3-tiny-pt/snapshots").iterdir())
+PT_PRINT = fingerprint(PT)
+D, LAYER = 128, 1
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def hand_module() -> TopKSurrogate:
+    m = TopKSurrogate(2, 3, 2, mu=torch.tensor([1.0, 2.0]), sigma=torch.tensor([2.0, 4.0]))
+    with torch.no_grad():
+        m.W_enc.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]]))
+        m.b_enc.copy_(torch.tensor([0.5, -1.0, 0.0]))
+        m.W_dec.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0]]))
+        m.b_dec.copy_(torch.tensor([0.1, -0.1]))
+    return m
+
+
+def test_folded_encoder_known_answer() -> None:
+    """W' = W_enc / sigma, b' = b_enc - W' mu, worked by hand."""
+    weight, bias = E.folded_encoder(hand_module())
+    assert torch.equal(weight, torch.tensor([[0.5, 0.0], [0.0, 0.5], [0.5, 0.25]]))
+    assert torch.equal(bias, torch.tensor([0.0, -2.0, -1.0]))
+
+
+def test_folded_encoder_reproduces_pre_activations_with_a_large_mean() -> None:
+    """A mean far above the spread (the massive activations of some models) is where folding
+    loses digits: W' h and b' nearly cancel. Folding in float64 keeps the float32 result within
+    the rounding of a float32 dot product of d terms: about d * eps * sum of |terms| (Higham)."""
+    g = torch.Generator().manual_seed(0)
+    d, n = 64, 32
+    mu = 100 * torch.randn(d, generator=g)
+    m = TopKSurrogate(d, 4 * d, 8, mu=mu, sigma=torch.rand(d, generator=g) + 0.1)
+    with torch.no_grad():
+        m.W_enc.copy_(torch.randn(4 * d, d, generator=g))
+        m.b_enc.copy_(torch.randn(4 * d, generator=g))
+    h = mu + torch.randn(n, d, generator=g)
+    exact = torch.nn.functional.linear((h.double() - m.mu.double()) / m.sigma.double(), m.W_enc.double(), m.b_enc.double())
+    weight, bias = E.folded_encoder(m)
+    folded = torch.nn.functional.linear(h, weight, bias).double()
+    bound = d * EPS32 * (h.abs().double() @ weight.abs().double().T + bias.abs().double())
+    assert ((folded - exact).abs() <= bound).all()
+    assert (folded - exact).abs().max() > 0  # it does round: the bound is what is being tested
+
+
+def test_log10_density_known_answer() -> None:
+    got = E.log10_density(torch.tensor([0, 5, 10]), 10)
+    assert got.dtype == torch.float32
+    assert got.tolist() == pytest.approx([-10.0, math.log10(0.5), 0.0], abs=1e-6)
+    with pytest.raises(ValueError, match="row"):
+        E.log10_density(torch.tensor([0]), 0)
+
+
+def test_hooks_of_a_causal_lm_and_of_a_multimodal_wrapper() -> None:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(gemma3_text_config(vocab_size=32, hidden_size=16, num_layers=3))
+    assert E.hooks_of(plain, 2) == E.Hooks(2, "blocks.2.hook_resid_post", "model.layers.2", "layers.2")
+    wrapped = skeleton(str(WRAPPED))  # Gemma3ForConditionalGeneration, as Gemma 3 4B loads
+    assert E.hooks_of(wrapped, 1) == E.Hooks(1, "blocks.1.hook_resid_post", "model.language_model.layers.1",
+                                             "language_model.layers.1")
+
+
+def test_layouts_carry_the_weights_shapes_and_semantics() -> None:
+    m = hand_module()
+    hooks = E.Hooks(1, "blocks.1.hook_resid_post", "model.layers.1", "layers.1")
+    about = E.semantics(hooks, "pt-model", "it-model", {"seed": 3, "layer": 1, "train_r2": 0.5})
+    assert "PT-to-IT delta" in about["output"] and "not the output of model.layers.1" in about["output"]
+    assert about["surrogate"] == {"seed": 3, "train_r2": 0.5}
+    cfg, t = E.saelens_layout(m, hooks, about)
+    assert (cfg["architecture"], cfg["d_in"], cfg["d_sae"], cfg["k"], cfg["apply_b_dec_to_input"]) == ("topk", 2, 3, 2, False)
+    meta = cfg["metadata"]
+    assert (meta["hook_name"], meta["hook_name_out"], meta["hf_hook_name"], meta["d_out"]) == (
+        "blocks.1.hook_resid_post", "blocks.1.hook_resid_post", "model.layers.1", 2)
+    assert meta["model_name"] == "pt-model" and meta["postdiff"] == about
+    assert {k: tuple(v.shape) for k, v in t.items()} == {"W_enc": (2, 3), "b_enc": (3,), "W_dec": (3, 2), "b_dec": (2,)}
+    assert torch.equal(t["W_enc"], E.folded_encoder(m)[0].T) and torch.equal(t["W_dec"], m.W_dec)
+    cfg, t = E.sparsify_layout(m, hooks, about)
+    assert (cfg["transcode"], cfg["activation"], cfg["k"], cfg["num_latents"], cfg["d_in"]) == (True, "topk", 2, 3, 2)
+    assert cfg["hookpoint"] == "layers.1" and cfg["postdiff"] == about
+    assert {k: tuple(v.shape) for k, v in t.items()} == {"encoder.weight": (3, 2), "encoder.bias": (3,), "W_dec": (3, 2), "b_dec": (2,)}
+    assert torch.equal(t["b_dec"], m.b_dec)
+
+
+# ---------------------------------------------------------------- the stages on a written cache
+
+
+def cache_rows(n_prompts: int, n_tokens: int) -> pl.DataFrame:
+    return pl.DataFrame({"id": [f"p{i}" for i in range(n_prompts)], "prefix_ids": [[2, 5]] * n_prompts,
+                         "token_ids": [[7] * n_tokens] * n_prompts})
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A surrogate fitted briefly on a synthetic layer-1 cache of width 128, exported by both stages."""
+    tmp = tmp_path_factory.mktemp("export")
+    g = torch.Generator().manual_seed(0)
+    n = 64 * 8
+    h = 20 + 3 * torch.randn(n, D, generator=g)  # an offset mean, so the folded mu matters
+    delta = torch.relu(h[:, :16] - 20).repeat(1, D // 16) + 0.1 * torch.randn(n, D, generator=g)
+    shard = str(tmp / "train.safetensors")
+    # The stage checks the cache against the pair it is told of (here PT as both models).
+    write_shard(shard, {LAYER: (h, delta), 2: (h + 1, delta.clone())}, cache_rows(64, 8), {"pt": PT_PRINT, "it": PT_PRINT}, 0, 1)
+    module, _ = fit(h, delta, h.mean(0), h.std(0), SurrogateConfig(expansion=2, k=8, lr=1e-2, batch_size=128, steps=30), seed=0)
+    path = str(tmp / "L1.safetensors")
+    save(module, path, {"layer": LAYER, "seed": 0, "n_train": n})
+    out = {"saelens": {k: str(tmp / "saelens" / f) for k, f in
+                       (("cfg", "cfg.json"), ("weights", "sae_weights.safetensors"), ("sparsity", "sparsity.safetensors"))},
+           "sparsify": {k: str(tmp / "sparsify/layers.1" / f) for k, f in (("cfg", "cfg.json"), ("weights", "sae.safetensors"))}}
+    params = {"layer": LAYER, "layers": [LAYER, 2], "pt": PT, "it": PT}
+    outputs = {f"{layout}_{k}": v for layout, files in out.items() for k, v in files.items()}
+    E.export_layer(Job(input={"module": path, "shards": [shard]}, output=outputs, params=params))
+    return {"module": module, "h": h, "out": out, "path": path, "shard": shard, "params": params}
+
+
+def test_the_stage_writes_both_layouts_and_the_train_density(exported: dict) -> None:
+    module, h, out = exported["module"], exported["h"], exported["out"]
+    cfg = json.loads(Path(out["saelens"]["cfg"]).read_text())
+    assert cfg["metadata"]["hf_hook_name"] == "model.layers.1" and cfg["metadata"]["postdiff"]["surrogate"]["n_train"] == len(h)
+    sparsity = load_file(out["saelens"]["sparsity"])["sparsity"]
+    by_hand = torch.zeros(module.n_features)
+    for row in module.encode(h):
+        by_hand += (row > 0).float()
+    assert torch.equal(firing_counts(module, h).float(), by_hand)
+    assert torch.allclose(sparsity, torch.log10(by_hand / len(h) + 1e-10))
+    assert sparsity.max() <= 0 and (sparsity > -10).any()
+    cfg = json.loads(Path(out["sparsify"]["cfg"]).read_text())
+    assert cfg["hookpoint"] == "layers.1" and cfg["transcode"] is True
+    weights = load_file(out["sparsify"]["weights"])
+    assert torch.equal(weights["W_dec"], module.W_dec.detach())
+
+
+def test_the_stage_writes_the_layouts_its_outputs_name(exported: dict, tmp_path: Path) -> None:
+    """sparsify alone needs no cache; SAELens's sparsity does."""
+    out = {"sparsify_cfg": str(tmp_path / "c.json"), "sparsify_weights": str(tmp_path / "w.safetensors")}
+    E.export_layer(Job(input={"module": exported["path"]}, output=out, params=exported["params"]))
+    assert Path(out["sparsify_weights"]).read_bytes() == Path(exported["out"]["sparsify"]["weights"]).read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json", "w.safetensors"]
+    with pytest.raises(ValueError, match="no output names a layout"):
+        E.export_layer(Job(input={"module": exported["path"]}, output={"cfg": out["sparsify_cfg"]}, params=exported["params"]))
+
+
+def test_the_stage_refuses_a_surrogate_that_does_not_fit_the_model(exported: dict, tmp_path: Path) -> None:
+    params = exported["params"]
+    out = {"sparsify_cfg": str(tmp_path / "c.json"), "sparsify_weights": str(tmp_path / "w.safetensors")}
+    with pytest.raises(ValueError, match="layer 2: the surrogate file is layer 1's"):
+        E.export_layer(Job(input={"module": exported["path"]}, output=out, params={**params, "layer": 2}))
+    narrow = str(tmp_path / "narrow.safetensors")
+    save(TopKSurrogate(8, 16, 2), narrow, {"layer": LAYER})
+    with pytest.raises(ValueError, match=r"d=8\) does not fit .*\(4 blocks of width 128\)"):
+        E.export_layer(Job(input={"module": narrow}, output=out, params=params))
+    assert not Path(out["sparsify_cfg"]).exists()
+
+
+# ---------------------------------------------------------------- round trips through the libraries
+
+
+def library(name: str) -> ModuleType:
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{name} is not installed; the test extra installs it")
+        pytest.skip(f"{name} is not installed (pip install -e '.[test]')")
+
+
+def comparable_rows(module: TopKSurrogate, h: torch.Tensor) -> torch.Tensor:
+    """Rows whose TopK set no float32 rounding can change: the k-th and (k+1)-th pre-activation
+    differ by more than 1e-3, far above the folded encoder's rounding (~1e-5 here, the bound of
+    test_folded_encoder_reproduces_pre_activations_with_a_large_mean)."""
+    pre = torch.nn.functional.linear(module.standardise(h), module.W_enc, module.b_enc).detach()
+    top = pre.topk(module.k + 1, dim=-1).values
+    keep = top[:, -2] - top[:, -1] > 1e-3
+    assert keep.float().mean() > 0.9  # nearly every row: the check below covers the cache
+    return keep
+
+
+def test_saelens_loads_the_export_and_reproduces_z_and_delta_hat(exported: dict) -> None:
+    sae_lens = library("sae_lens")
+    module, h = exported["module"], exported["h"]
+    sae = sae_lens.SAE.load_from_disk(str(Path(exported["out"]["saelens"]["cfg"]).parent))
+    keep = comparable_rows(module, h)
+    with torch.no_grad():
+        z, ours = sae.encode(h), module.encode(h)
+        assert (z > 0).sum(-1).max() <= module.k
+        # float32 on both sides, summed in different orders (folded vs standardised input):
+        # 1e-4 relative covers the ~1e-6 rounding; a wrong fold moves values by O(1).
+        torch.testing.assert_close(z[keep], ours[keep], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(sae.decode(z)[keep], module(h)[keep], rtol=1e-4, atol=1e-4)
+    assert sae.cfg.metadata.hook_name == "blocks.1.hook_resid_post"
+    assert "PT-to-IT delta" in sae.cfg.metadata.postdiff["output"]
+
+
+def test_sparsify_loads_the_export_and_reproduces_z_and_delta_hat(exported: dict) -> None:
+    sparsify = library("sparsify")
+    module, h = exported["module"], exported["h"]
+    coder = sparsify.SparseCoder.load_from_disk(str(Path(exported["out"]["sparsify"]["cfg"]).parent))
+    assert coder.cfg.transcode and coder.cfg.k == module.k and coder.num_latents == module.n_features
+    keep = comparable_rows(module, h)
+    with torch.no_grad():
+        acts, idx, _ = coder.encode(h)
+        z = torch.zeros(len(h), module.n_features).scatter(-1, idx, acts)
+        # Same tolerance and reason as for SAELens; sparsify takes ReLU before TopK, which only
+        # changes the indices it reports for zero activations, not the dense code.
+        torch.testing.assert_close(z[keep], module.encode(h)[keep], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(coder.decode(acts, idx)[keep], module(h)[keep], rtol=1e-4, atol=1e-4)
