@@ -136,7 +136,9 @@ def test_pt_records_are_plain_generation_scored(world, pt, it):
     assert records["n_tokens"].to_list() == [len(ids) - eos for ids, eos in plain]
     pairs = list(zip(rows["prefix_ids"].to_list(), rows["token_ids"].to_list()))
     kl = variant_kl(model, pairs, 1, {"pt": {}}, it)["pt"]
-    assert records["kl"].to_numpy() == pytest.approx(kl.numpy(), rel=1e-5)
+    # Batch 1 against padded batches of 5 runs other fp32 kernels: log-probs agree to ~1e-6, and
+    # KL, a sum of their differences, to ~1e-5 relative (1.1e-5 measured with AVX2 kernels).
+    assert records["kl"].to_numpy() == pytest.approx(kl.numpy(), rel=1e-4)
     assert (records["kl"] > 0).all()
     # Endpoints are null exactly outside their slice.
     by_slice = dict(zip(records["id"], records["slice"]))
@@ -169,7 +171,8 @@ def test_full_variant_edits_and_zero_gates_give_pt(world, pt, it):
     assert edited["text"].to_list() != base["text"].to_list()
     assert edited["kl"].to_list() != pytest.approx(base["kl"].to_list())
     assert zero["text"].to_list() == base["text"].to_list()
-    assert zero["kl"].to_numpy() == pytest.approx(base["kl"].to_numpy(), abs=1e-7)
+    # Same batches, and a zero gate adds exactly 0: the same floats as PT.
+    assert zero["kl"].to_list() == base["kl"].to_list()
 
 
 def test_batched_masks_equal_each_mask_alone(world, pt):
