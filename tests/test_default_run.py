@@ -1,32 +1,97 @@
-"""End-to-end: the default config, as shipped, reproduces the committed Table 1 of each seed.
+"""End-to-end: the default config, as shipped, on one surrogate seed.
 
-The shipped pair makes the PT and IT rows the same on every machine up to greedy ties; the
-surrogate rows move with float rounding in training. The tolerances are the README's.
+What holds by construction or with a wide margin is asserted exactly; what depends on float
+rounding through surrogate training and greedy decoding is held to the band measured across
+CPU kernel sets (``ATEN_CPU_CAPABILITY`` default, avx2, avx512) and surrogate seeds 0 to 2
+(``bench/capabilities.py``, ``bench/results/capabilities.json``; README, "What may move").
+The second default seed adds nothing here that ``tests/test_workflow.py`` does not check on the
+tiny config (adding a seed, across-seed tables), so this run trains one.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import polars as pl
 import pytest
+import yaml
 from workflow_utils import copy_workflow, snakemake
 
 pytestmark = pytest.mark.slow
 DATA = Path(__file__).parent / "data"
-# README, "The default run": which numbers may move and by how much.
-PAIR_CAP, PAIR_LEN, CAP_REC = 0.01, 0.5, 0.05
+RUN = "results/default"
+# The PT and IT rows depend only on the shipped pair and greedy decoding: the teacher's bytes and
+# these rows were identical under all three capabilities. The margins allow an argmax tie.
+PAIR_CAP, PAIR_LEN = 0.01, 0.5
+# FullDelta across 3 capabilities x 3 seeds with refined gates (bench/results/capabilities.json),
+# widened by 0.05 CapRec and 0.01 KL for CPUs outside those nine runs.
+FULL_CAPREC = (0.40, 0.85)
+FULL_KL = (0.81, 0.85)
 
 
-def test_default_run_reproduces_table1(tmp_path_factory: pytest.TempPathFactory) -> None:
+def table(workdir: Path, seed: int = 0) -> dict[str, dict]:
+    rows = pl.read_csv(workdir / f"{RUN}/seed{seed}/tables/table1.csv").iter_rows(named=True)
+    return {row["Variant"]: row for row in rows}
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     workdir = copy_workflow(tmp_path_factory.mktemp("default_run"))
-    snakemake(workdir, configfile="config/config.yaml")
-    for seed in (0, 1):  # the default's surrogate.seeds
-        got = pl.read_csv(workdir / f"results/default/seed{seed}/tables/table1.csv")
-        want = pl.read_csv(DATA / f"default_table1_seed{seed}.csv")
-        assert got["Variant"].to_list() == want["Variant"].to_list()
-        for g, w in zip(got.iter_rows(named=True), want.iter_rows(named=True)):
-            if w["Variant"] in ("PT", "IT"):
-                assert abs(g["Cap"] - w["Cap"]) <= PAIR_CAP and abs(g["Len"] - w["Len"]) <= PAIR_LEN, (seed, g, w)
-            else:
-                assert abs(g["CapRec"] - w["CapRec"]) <= CAP_REC, (seed, g["Variant"], g["CapRec"], w["CapRec"])
+    (workdir / "config/one_seed.yaml").write_text(yaml.safe_dump({"surrogate": {"seeds": [0]}}))
+    snakemake(workdir, configfile=["config/config.yaml", "config/one_seed.yaml"])
+    return workdir
+
+
+def test_pt_and_it_rows_are_the_shipped_pairs(default_run: Path) -> None:
+    got, want = table(default_run), {r["Variant"]: r for r in pl.read_csv(DATA / "default_table1_seed0.csv").iter_rows(named=True)}
+    assert list(got) == list(want)
+    for name in ("PT", "IT"):
+        assert abs(got[name]["Cap"] - want[name]["Cap"]) <= PAIR_CAP, (name, got[name], want[name])
+        assert abs(got[name]["Len"] - want[name]["Len"]) <= PAIR_LEN, (name, got[name], want[name])
+    assert got["IT"]["KL"] == 0.0 and got["PT"]["CapRec"] == 0.0 and got["IT"]["CapRec"] == 1.0
+
+
+def test_fulldelta_within_the_band_measured_across_cpus_and_seeds(default_run: Path) -> None:
+    full = table(default_run)["FullDelta"]
+    assert FULL_CAPREC[0] <= full["CapRec"] <= FULL_CAPREC[1], full
+    assert FULL_KL[0] <= full["KL"] <= FULL_KL[1], full
+
+
+def test_orderings_that_hold_with_a_margin(default_run: Path) -> None:
+    """Across all nine measured runs each of these held by at least the margin given."""
+    t = table(default_run)
+    assert t["FullDelta"]["KL"] < t["MeanDiff"]["KL"] - 1.0 < t["PT"]["KL"] - 2.0  # 0.84 < 3.3 < 4.7
+    assert t["OneLayer-L2"]["KL"] < t["OneLayer-L1"]["KL"] - 0.5  # the late layer carries the delta
+    assert t["FullDelta"]["Cap"] > t["PT"]["Cap"] + 0.15 and t["FullDelta"]["Len"] < t["PT"]["Len"] - 10
+
+
+def test_masks_are_size_matched_non_empty_and_move_pt(default_run: Path) -> None:
+    """fill_to_cap makes CapMask the paper's locked-size mask, and its baselines match its size
+    layer by layer, so all three rows are real interventions, not PT by construction."""
+    seed = default_run / f"{RUN}/seed0"
+    cfg = yaml.safe_load((default_run / "config/config.yaml").read_text())["selection"]
+    cap = json.loads((seed / f"sweep/verb_exclusion={float(cfg['verb_exclusion'])}/cap_cutoff={float(cfg['cap_cutoff'])}/cap_mask.json").read_text())
+    sizes = {layer: len(f) for layer, f in cap["mask"].items() if f}
+    assert sum(sizes.values()) == min(cfg["size_cap"], cap["n_candidates"]) > 0
+    for name in ("random_mask", "mass_mask"):
+        other = json.loads((seed / f"selection/{name}.json").read_text())["mask"]
+        assert {layer: len(f) for layer, f in other.items() if f} == sizes, name
+    t = table(default_run)
+    for name in ("CapMask", "RandomMask", "ActivationMassMask"):
+        assert t[name]["KL"] != t["PT"]["KL"], name
+    vmask = json.loads((seed / "selection/vmask.json").read_text())
+    assert len(vmask["order"]) == min(cfg["size_cap"], vmask["n_candidates"])
+    assert [g["step"] for g in vmask["step_gains"]] == list(range(1, len(vmask["order"]) + 1))
+
+
+def test_the_sweep_selects_from_pools_that_differ(default_run: Path) -> None:
+    summary = pl.read_csv(default_run / f"{RUN}/seed0/sweep/summary.csv")
+    assert summary["pools_differ"].all() and summary["n_pool"].n_unique() > 1
+    assert (summary["n_pool"] <= summary["n_admitted"]).all()
+
+
+def test_gate_choices_are_reported(default_run: Path) -> None:
+    gates = pl.read_csv(default_run / f"{RUN}/seed0/tables/gates.csv")
+    assert gates["gates"].to_list() == ["full", "single_L1", "single_L2", "mean"]
+    assert (gates["calib_kl"] <= gates["runner_up_kl"]).all()

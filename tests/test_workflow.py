@@ -58,6 +58,7 @@ def test_full_run_produces_every_artifact(tiny_run: Path) -> None:
     run = tiny_run / RUN
     for path in ["tables/table1.csv", "tables/table2.tex", "tables/r2.md", "figures/figure1.pdf",
                  "figures/figure2.png", "qualitative.html", "sweep/summary.csv", "export/saelens/L1/sparsity.safetensors",
+                 "tables/gates.csv", "gates/full_choice.json", "gates/single_L0_choice.json",
                  "export/sparsify/layers.1/sae.safetensors"]:
         assert (run / "seed0" / path).stat().st_size > 0, path
     for path in ["pair_gap.json", "tables/seeds.csv", "figures/seeds.png", "tables/mask_stability.csv", "features.html",

@@ -24,9 +24,10 @@ def copy_workflow(dest: Path) -> Path:
     return dest
 
 
-def snakemake(workdir: Path, *args: str, configfile: str = TINY, check: bool = True) -> subprocess.CompletedProcess:
+def snakemake(workdir: Path, *args: str, configfile: str | list[str] = TINY, check: bool = True) -> subprocess.CompletedProcess:
     # Targets first: --configfile and --quiet take several values and would swallow them.
-    cmd = [sys.executable, "-m", "snakemake", *args, "--cores", "2", "--configfile", configfile]
+    configfiles = [configfile] if isinstance(configfile, str) else configfile
+    cmd = [sys.executable, "-m", "snakemake", *args, "--cores", "2", "--configfile", *configfiles]
     proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
