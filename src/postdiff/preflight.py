@@ -69,14 +69,14 @@ def pair_facts(pt: str, it: str) -> dict[str, Any]:
     """Fingerprints, the one stop set and the structure of the pair, without loading weights."""
     from transformers import AutoConfig
 
-    from postdiff.models import fingerprint, load_tokenizer, loads_locally, pair_stop_ids
+    from postdiff.models import fingerprint, loads_locally, pair_stop_ids
 
     text = AutoConfig.from_pretrained(pt, local_files_only=loads_locally(pt))
     return {
         "pt": pt,
         "it": it,
         "fingerprints": {role: fingerprint(spec) for role, spec in zip(ROLES, (pt, it))},
-        "stop_ids": pair_stop_ids(load_tokenizer(it), pt, it),
+        "stop_ids": pair_stop_ids(pt, it),
         "architecture": (text.architectures or [type(text).__name__])[0],
         "n_layers": text.get_text_config().num_hidden_layers,
         "vocab_size": text.get_text_config().vocab_size,
