@@ -10,22 +10,29 @@ are exact, and the lens reads the model's final norm and final-logit soft-cap.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from unittest import mock
 
 import polars as pl
 import pytest
 import torch
+import yaml
+from snakemake.api import SnakemakeApi
+from snakemake.settings.types import ConfigSettings, DAGSettings, OutputSettings, ResourceSettings
+from workflow_utils import REPO, copy_workflow
 
 from postdiff import features, twins
+from postdiff import variants as V
 from postdiff.cache import cache_shard, load_split
 from postdiff.evaluate import evaluate_variant, read_rows
-from postdiff.families import FAMILIES, Family, paper_layers
+from postdiff.families import FAMILIES, Family, family_of, paper_layers
 from postdiff.forward import answer_logprobs, block_outputs
 from postdiff.gates import calibrate
 from postdiff.generation import generate
 from postdiff.hook import LayerEdit, intervene
 from postdiff.io import read_json, write_parquet
-from postdiff.models import load_pair
+from postdiff.models import load_model, load_pair
 from postdiff.preflight import pair_info
 from postdiff.runtime import Job
 from postdiff.spec import Variant
@@ -33,6 +40,7 @@ from postdiff.splits import assign_splits
 from postdiff.standardise import standardiser
 from postdiff.suite import builtin_suite
 from postdiff.surrogate import train_layer
+from postdiff.teacher import teacher
 from postdiff.template import render
 
 LAYERS = paper_layers(twins.N_LAYERS)  # [2, 3]: the last block too, read before the final norm
@@ -54,65 +62,60 @@ def splits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 def run_slice(family: Family, root: Path, splits: dict[str, str]) -> dict:
-    """The workflow's stages on the family's twin, in dependency order; what the checks read."""
+    """The workflow's stages on the family's twin, in the workflow's order; the files they wrote."""
     dirs = twins.build(family, root)
-    pair = {"pt": str(dirs["pt"]), "it": str(dirs["it"])}
+    models = {"pt": str(dirs["pt"]), "it": str(dirs["it"]), **MODEL}
     out = root / "out"
-    info = out / "info.json"
-    pair_info(Job(input={}, output={"info": str(info)}, params={**pair, "layers": LAYERS}))
-    common = {"input": {"pair": str(info)}, "params": {**pair, **MODEL}}
-    teacher = {}
-    for split in splits:
-        teacher[split] = str(out / f"teacher_{split}.parquet")
-        from postdiff.teacher import teacher as teacher_stage
-
-        teacher_stage(Job(input={"split": splits[split]}, output={"completions": teacher[split]},
-                          params={**pair, **MODEL, "max_new_tokens": MAX_NEW, "batch_size": 8}))
-    shards = {}
+    files = {"info": str(out / "info.json"), "std": str(out / "standardiser.safetensors"), "gates": str(out / "gates.json"),
+             "gate_curve": str(out / "gate_curve.parquet"), "teacher": {}, "cache": {}, "records": {},
+             "surrogates": [str(out / f"surrogate_{layer}.safetensors") for layer in LAYERS]}
+    pair_info(Job(input={}, output={"info": files["info"]}, params={**models, "layers": LAYERS}))
+    pair = {"pair": files["info"]}
+    for split, path in splits.items():
+        files["teacher"][split] = str(out / f"teacher_{split}.parquet")
+        teacher(Job(input={"split": path}, output={"completions": files["teacher"][split]},
+                    params={**models, "max_new_tokens": MAX_NEW, "batch_size": 8}))
     for split in ("train", "calib"):
-        shards[split] = str(out / f"cache_{split}.safetensors")
-        cache_shard(Job(input={"teacher": teacher[split], **common["input"]},
-                        output={"tensors": shards[split], "index": str(out / f"index_{split}.parquet")},
-                        params={**common["params"], "layers": LAYERS, "shard": 0, "n_shards": 1, "batch_size": 8}))
-    std = str(out / "standardiser.safetensors")
-    standardiser(Job(input={"shards": [shards["train"]]}, output={"standardiser": std}, params={"layers": LAYERS}))
-    surrogates = [str(out / f"surrogate_{layer}.safetensors") for layer in LAYERS]
-    for layer, module in zip(LAYERS, surrogates):
-        train_layer(Job(input={"shards": [shards["train"]], "standardiser": std, "teacher": teacher["train"], **common["input"]},
-                        output={"module": module, "curve": str(out / f"curve_{layer}.parquet"), "curve_png": str(out / f"curve_{layer}.png")},
-                        params={**common["params"], "layer": layer, "layers": LAYERS, "seed": 0, "expansion": 2, "k": 4,
+        files["cache"][split] = str(out / f"cache_{split}.safetensors")
+        cache_shard(Job(input={"teacher": files["teacher"][split], **pair},
+                        output={"tensors": files["cache"][split], "index": str(out / f"index_{split}.parquet")},
+                        params={**models, "layers": LAYERS, "shard": 0, "n_shards": 1, "batch_size": 8}))
+    standardiser(Job(input={"shards": [files["cache"]["train"]]}, output={"standardiser": files["std"]}, params={"layers": LAYERS}))
+    for layer, module in zip(LAYERS, files["surrogates"], strict=True):
+        train_layer(Job(input={"shards": [files["cache"]["train"]], "standardiser": files["std"],
+                               "teacher": files["teacher"]["train"], **pair},
+                        output={"module": module, "curve": str(out / f"curve_{layer}.parquet"),
+                                "curve_png": str(out / f"curve_{layer}.png")},
+                        params={**models, "layer": layer, "layers": LAYERS, "seed": 0, "expansion": 2, "k": 4,
                                 "batch_size": 32, "steps": 20, "dead_steps": 10}))
-    gates = str(out / "gates.json")
-    calibrate(Job(input={"split": splits["calib"], "teacher": teacher["calib"], "surrogates": surrogates},
-                  output={"gates": gates, "curve": str(out / "gate_curve.parquet")},
-                  params={**common["params"], "mode": "full", "layers": LAYERS, "grid": [0.0, 0.5, 1.0], "max_rounds": 1,
-                          "batch_size": 8}))
-    full = Variant("FullDelta", "full", {int(k): v for k, v in read_json(gates).items()}, dict(zip(LAYERS, surrogates)))
-    records = {}
-    for variant in (full, Variant("PT", "pt")):
+    calibrate(Job(input={"split": splits["calib"], "teacher": files["teacher"]["calib"], "surrogates": files["surrogates"]},
+                  output={"gates": files["gates"], "curve": files["gate_curve"]},
+                  params={**models, "mode": "full", "layers": LAYERS, "grid": [0.0, 0.5, 1.0], "max_rounds": 1, "batch_size": 8}))
+    gates = {int(k): v for k, v in read_json(files["gates"]).items()}
+    for variant in (Variant("FullDelta", "full", gates, dict(zip(LAYERS, files["surrogates"]))), Variant("PT", "pt")):
         spec = out / f"{variant.name}.json"
         spec.write_text(json.dumps(variant.to_json()))
-        records[variant.name] = str(out / f"records_{variant.name}.parquet")
-        evaluate_variant(Job(input={"variant": str(spec), "split": splits["test"], "teacher": teacher["test"]},
-                             output={"records": records[variant.name]},
-                             params={**common["params"], "max_new_tokens": MAX_NEW, "batch_size": 8}))
-    return {"pair": pair, "info": read_json(info), "teacher": teacher, "shards": shards, "surrogates": surrogates,
-            "gates": gates, "records": records, "gate_curve": str(out / "gate_curve.parquet")}
+        files["records"][variant.name] = str(out / f"records_{variant.name}.parquet")
+        evaluate_variant(Job(input={"variant": str(spec), "split": splits["test"], "teacher": files["teacher"]["test"]},
+                             output={"records": files["records"][variant.name]},
+                             params={**models, "max_new_tokens": MAX_NEW, "batch_size": 8}))
+    return files
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_family_slice(name: str, tmp_path: Path, splits: dict[str, str]) -> None:
     family = FAMILIES[name]
     run = run_slice(family, tmp_path, splits)
-    pair = load_pair(run["pair"]["pt"], run["pair"]["it"], **MODEL)
+    info = read_json(run["info"])
+    pair = load_pair(str(tmp_path / family.name / "pt"), str(tmp_path / family.name / "it"), **MODEL)
     tok = pair.tokenizer
     ids = {t: tok.convert_tokens_to_ids(t) for t in family.specials}
 
     # pair_info: the real class and depth, and one stop set: both tokenizers' EOS and both
     # generation configs' stops, on PT and IT alike.
     stops = sorted({ids[t] for role in ("pt", "it") for t in (family.eos[role], *family.stops[role])})
-    assert (run["info"]["architecture"], run["info"]["n_layers"]) == (family.architecture, twins.N_LAYERS)
-    assert run["info"]["stop_ids"] == stops
+    assert (info["architecture"], info["n_layers"]) == (family.architecture, twins.N_LAYERS)
+    assert info["stop_ids"] == stops
     assert pair.pt.generation_config.eos_token_id == pair.it.generation_config.eos_token_id == stops
     assert (pair.pt.get_output_embeddings().weight is pair.pt.get_input_embeddings().weight) == family.tied
     softcap = getattr(pair.pt.config, "attn_logit_softcapping", None)
@@ -127,14 +130,14 @@ def test_family_slice(name: str, tmp_path: Path, splits: dict[str, str]) -> None
             assert prefix == bos + tok(render(prompt), add_special_tokens=False)["input_ids"]
         for answer, eos in rows.select("token_ids", "teacher_eos").iter_rows():
             assert eos == (answer[-1] in stops) and not set(answer[:-1]) & set(stops)
-    teacher = pl.concat([pl.read_parquet(p) for p in run["teacher"].values()])
+    completions = pl.concat([pl.read_parquet(p) for p in run["teacher"].values()])
     # IT's known edit makes it end answers with the family's turn-end token, which PT's own
     # generation config may not name (Llama 3's <|eot_id|>, Gemma 2's <end_of_turn>).
-    assert any(a[-1] == ids[family.turn_end] for a in teacher["token_ids"].to_list())
+    assert any(a[-1] == ids[family.turn_end] for a in completions["token_ids"].to_list())
 
     # Caches: one row per answer-phase position m-1 .. m+n-2 of every teacher row, in order.
     train = pl.read_parquet(run["teacher"]["train"])
-    h_pt, delta, index = load_split([run["shards"]["train"]], LAYERS[0])
+    h_pt, delta, index = load_split([run["cache"]["train"]], LAYERS[0])
     want = [(pid, pos) for pid, p, a in train.select("id", "prefix_ids", "token_ids").iter_rows()
             for pos in range(len(p) - 1, len(p) + len(a) - 1)]
     assert list(index.iter_rows()) == want and h_pt.shape[0] == len(want)
@@ -152,13 +155,13 @@ def test_family_slice(name: str, tmp_path: Path, splits: dict[str, str]) -> None
     chosen = curve.filter(pl.col("gates") == json.dumps({str(layer): gates[layer] for layer in LAYERS}))["kl"][0]
     assert chosen <= zero
 
-    # FullDelta and PT records on test: every prompt, a KL to IT, and a zero-gate FullDelta is PT.
+    # FullDelta and PT records on test: every prompt, a KL to IT (PT's above 0: the gap is real),
+    # and a zero-gate FullDelta is PT, teacher-forced and in generation.
     test = pl.read_parquet(run["teacher"]["test"])
     for path in run["records"].values():
         records = pl.read_parquet(path)
         assert records["id"].to_list() == test["id"].to_list() and records["kl"].is_finite().all()
-    from postdiff import variants as V
-
+    assert pl.read_parquet(run["records"]["PT"])["kl"].min() > 0
     zero_gate = Variant("zero", "full", {layer: 0.0 for layer in LAYERS}, dict(zip(LAYERS, run["surrogates"])))
     edits = V.edits(zero_gate, V.materialise(zero_gate)[0])
     rows = list(zip(test["prefix_ids"].to_list(), test["token_ids"].to_list()))
@@ -186,3 +189,57 @@ def test_family_slice(name: str, tmp_path: Path, splits: dict[str, str]) -> None
     torch.testing.assert_close(torch.tensor([x for _, x in top["promoted"]]), want.values, rtol=1e-4, atol=1e-4)
     if family.layout.get("final_logit_softcapping"):
         assert lens.cap == family.layout["final_logit_softcapping"] and want.values.abs().max() < lens.cap
+
+
+PAIRS = sorted((REPO / "config" / "pairs").glob("*.yaml"))
+
+
+def test_every_family_has_a_config_with_its_hub_ids_and_the_papers_layers() -> None:
+    families = {}
+    for path in PAIRS:
+        config = yaml.safe_load(path.read_text())
+        family = family_of(config["pair"]["pt"], config["pair"]["it"])
+        assert family is not None, f"{path.name}: {config['pair']} is no tested family's pair"
+        assert config["layers"] == paper_layers(family.n_layers), path.name
+        families[family.name] = path.name
+    assert sorted(families) == sorted(FAMILIES)
+    # Gemma 3 4B's layers are where paper_layers puts them on its 34 blocks.
+    assert yaml.safe_load((REPO / "config" / "gemma3-4b.yaml").read_text())["layers"] == paper_layers(34)
+
+
+def test_every_pair_config_dry_runs_over_the_gemma_config(tmp_path: Path) -> None:
+    """``snakemake -n --configfile config/gemma3-4b.yaml config/pairs/<pair>.yaml``, in process
+    (one Snakemake start for all of them); a dry run never loads a model."""
+    workdir = copy_workflow(tmp_path)
+    gemma = yaml.safe_load((workdir / "config" / "gemma3-4b.yaml").read_text())
+    for path in PAIRS:
+        overlay = yaml.safe_load(path.read_text())
+        with mock.patch.dict(os.environ), SnakemakeApi(OutputSettings(quiet={"all"})) as api:
+            workflow = api.workflow(
+                resource_settings=ResourceSettings(cores=1),
+                config_settings=ConfigSettings(configfiles=[workdir / "config" / "gemma3-4b.yaml", workdir / "config" / "pairs" / path.name]),
+                snakefile=workdir / "Snakefile",
+                workdir=workdir,
+            )
+            workflow.dag(DAGSettings()).execute_workflow(executor="dryrun")
+            config = workflow._workflow.config
+            jobs = list(workflow._workflow.dag.jobs)
+        assert (config["run"], config["pair"]["pt"], config["layers"]) == (overlay["run"], overlay["pair"]["pt"], overlay["layers"])
+        # The overlay keeps the Gemma config's sizes, dtype and resources.
+        assert config["surrogate"] == gemma["surrogate"] and config["pair"]["dtype"] == "bfloat16"
+        caches = [job for job in jobs if job.rule.name == "cache_shard"]
+        assert caches and all(job.params.layers == overlay["layers"] for job in caches), path.name
+        assert all(str(job.output[0]).startswith(f"results/{overlay['run']}/") for job in jobs if job.output), path.name
+
+
+def test_pt_and_it_stop_on_both_tokenizers_eos_without_generation_configs(tmp_path: Path) -> None:
+    """SmolLM2's PT tokenizer ends on <|endoftext|>, its IT tokenizer on <|im_end|>. Without the
+    generation configs that name both, each model would stop on its own tokenizer's EOS alone, and a
+    steered PT would run past the <|im_end|> that ends IT's answers."""
+    dirs = twins.build(FAMILIES["smollm2"], tmp_path)
+    for path in dirs.values():
+        (path / "generation_config.json").unlink()
+    pt, pt_tok = load_model(str(dirs["pt"]), device="cpu", partner=str(dirs["it"]))
+    it, it_tok = load_model(str(dirs["it"]), device="cpu", partner=str(dirs["pt"]))
+    assert (pt_tok.eos_token, it_tok.eos_token) == ("<|endoftext|>", "<|im_end|>")
+    assert pt.generation_config.eos_token_id == it.generation_config.eos_token_id == [0, 2]

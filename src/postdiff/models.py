@@ -224,6 +224,22 @@ def final_norm(model: nn.Module) -> nn.Module:
     return _decoder_part(model, "norm", nn.Module)
 
 
+def structure_problem(spec: str) -> str | None:
+    """Why the workflow could not hook ``spec``'s decoder blocks or read its final norm, from its
+    class built on the meta device (the config only, no weights; milliseconds for a 7B model)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(spec, local_files_only=loads_locally(spec))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    try:
+        decoder_layers(model)
+        final_norm(model)
+    except ValueError as err:
+        return f"{err}: the workflow hooks `model.get_decoder().layers` and reads `.norm`"
+    return None
+
+
 def check_layers(model: nn.Module, layers: Iterable[int]) -> list[int]:
     n = len(decoder_layers(model))
     checked = []
