@@ -46,7 +46,10 @@ from postdiff.template import render
 LAYERS = paper_layers(twins.N_LAYERS)  # [2, 3]: the last block too, read before the final norm
 SIZES = {"train": 2, "calib": 1, "selector": 0, "test": 1}  # prompts per slice
 MAX_NEW = 12
-MODEL = {"dtype": "auto", "device": "cpu"}  # fp32 on the CPU, from the twins' bf16 or fp32 weights
+# fp32 from the twins' bf16 or fp32 weights. The slices pass in bf16 too (as the pair configs run
+# on a GPU) on an AVX-512 CPU, but torch's CPU bf16 SDPA refuses to run under
+# ATEN_CPU_CAPABILITY=default ("pack_vnni2 is only supported when avx512 is supported").
+MODEL = {"dtype": "float32", "device": "cpu"}
 
 
 @pytest.fixture(scope="module")
@@ -172,16 +175,17 @@ def test_family_slice(name: str, tmp_path: Path, splits: dict[str, str]) -> None
 
     # The lens: for a unit-RMS vector at the last block's output, its logits are the model's own
     # (final norm, unembedding and final soft-cap as the model applies them).
-    lens = features.Lens.of(pair.it, len(tok))
-    d = pair.it.config.hidden_size
+    it = pair.it
+    lens = features.Lens.of(it, len(tok))
+    d = it.config.hidden_size
     v = torch.randn(1, d, generator=torch.Generator().manual_seed(0))
     v = v / v.pow(2).mean().sqrt()
     last = twins.N_LAYERS - 1
     batch = torch.tensor([prefixes[0]])
     mask = torch.zeros_like(batch, dtype=torch.bool)
     mask[0, -1] = True
-    with torch.no_grad(), intervene(pair.it, {last: LayerEdit(1.0, lambda h: v.to(h.dtype).expand_as(h) - h)}, mask):
-        model_logits = pair.it(input_ids=batch).logits[0, -1, : len(tok)]
+    with torch.no_grad(), intervene(it, {last: LayerEdit(1.0, lambda h: v.expand_as(h) - h)}, mask):
+        model_logits = it(input_ids=batch).logits[0, -1, : len(tok)]
     (top,) = lens.top(v, 5)
     want = model_logits.topk(5)
     assert [t for t, _ in top["promoted"]] == want.indices.tolist()
