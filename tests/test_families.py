@@ -47,8 +47,8 @@ LAYERS = paper_layers(twins.N_LAYERS)  # [2, 3]: the last block too, read before
 SIZES = {"train": 2, "calib": 1, "selector": 0, "test": 1}  # prompts per slice
 MAX_NEW = 12
 # fp32 from the twins' bf16 or fp32 weights. The slices pass in bf16 too (as the pair configs run
-# on a GPU) on an AVX-512 CPU, but torch's CPU bf16 SDPA refuses to run under
-# ATEN_CPU_CAPABILITY=default ("pack_vnni2 is only supported when avx512 is supported").
+# on a GPU) on an AVX-512 CPU, but under ATEN_CPU_CAPABILITY=default torch's CPU bf16 SDPA refuses
+# sequences of 64 tokens or more ("pack_vnni2 is only supported when avx512 is supported").
 MODEL = {"dtype": "float32", "device": "cpu"}
 
 
