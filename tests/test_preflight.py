@@ -136,3 +136,13 @@ def test_pair_info_warns_about_an_architecture_no_family_test_covers(tmp_path, c
 def test_pair_info_names_a_tested_family_by_its_hub_ids():
     assert family_of("meta-llama/Llama-3.2-1B", "meta-llama/Llama-3.2-1B-Instruct").name == "llama3"
     assert family_of("meta-llama/Llama-3.2-1B-Instruct", "meta-llama/Llama-3.2-1B") is None
+
+
+def test_a_config_no_causal_lm_takes_is_one_line(pair, tmp_path):
+    from transformers import T5Config
+
+    T5Config(num_layers=1, d_model=16, num_heads=2, d_ff=32).save_pretrained(tmp_path / "t5")
+    byte_tokenizer().save_pretrained(tmp_path / "t5")
+    problems = pair_problems(pair["pt"], str(tmp_path / "t5"), [0])
+    assert problems[0].startswith(f"pair.it: {str(tmp_path / 't5')!r}: transformers ")
+    assert problems[0].endswith("builds no causal LM from its T5Config") and "\n" not in problems[0]

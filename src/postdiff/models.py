@@ -227,11 +227,14 @@ def final_norm(model: nn.Module) -> nn.Module:
 def structure_problem(spec: str) -> str | None:
     """Why the workflow could not hook ``spec``'s decoder blocks or read its final norm, from its
     class built on the meta device (the config only, no weights; milliseconds for a 7B model)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, __version__
 
     config = AutoConfig.from_pretrained(spec, local_files_only=loads_locally(spec))
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except ValueError:  # a config class that no causal LM of this transformers takes
+        return f"transformers {__version__} builds no causal LM from its {type(config).__name__}"
     try:
         decoder_layers(model)
         final_norm(model)

@@ -40,8 +40,8 @@ def model_problem(key: str, spec: str) -> str | None:
 
 
 def pair_problems(pt: str, it: str, layers: Sequence[int], keys: Mapping[str, str] | None = None) -> list[str]:
-    """One line per problem of the pair: a model that is nowhere, different vocabularies, a layer
-    out of range. ``keys`` names each check's config key (``pt``, ``it``, ``layers``)."""
+    """One line per problem of the pair: a model that is nowhere, a model class whose decoder
+    blocks or final norm the hooks cannot find, different vocabularies, a layer out of range. ``keys`` names each check's config key (``pt``, ``it``, ``layers``)."""
     from postdiff.models import pair_mismatches, structure_problem, text_config
 
     keys = {"pt": "pair.pt", "it": "pair.it", "layers": "layers", **(keys or {})}
