@@ -43,7 +43,6 @@ class Family:
     row_multiple: int = 1
     # Config keys that give the twin the family's layout (soft-caps, sliding window, ...).
     layout: dict[str, Any] = field(default_factory=dict)
-    quirk: str = ""
 
 
 _QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -53,6 +52,7 @@ _QWEN_STOPS = {"pt": ("<|endoftext|>",), "it": ("<|im_end|>", "<|endoftext|>")}
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
+        # The twin's head is untied, as at 8B (Llama 3.2 1B/3B tie theirs; SmolLM2 is a tied Llama).
         Family(
             "llama3", "LlamaConfig", "LlamaForCausalLM", "meta-llama/Llama-3.2-1B", "meta-llama/Llama-3.2-1B-Instruct",
             n_layers=16, tied=False, dtype="bfloat16",
@@ -61,27 +61,28 @@ FAMILIES: dict[str, Family] = {
             bos="<|begin_of_text|>", eos={"pt": "<|end_of_text|>", "it": "<|eot_id|>"},
             stops={"pt": ("<|end_of_text|>",), "it": ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")},
             turn_end="<|eot_id|>",
-            quirk="untied head, as at 8B (Llama 3.2 1B/3B tie theirs; the SmolLM2 twin is a tied Llama)",
         ),
+        # No BOS token at all; q/k/v biases; embedding rows beyond the tokenizer.
         Family(
             "qwen2.5", "Qwen2Config", "Qwen2ForCausalLM", "Qwen/Qwen2.5-1.5B", "Qwen/Qwen2.5-1.5B-Instruct",
             n_layers=28, tied=True, dtype="bfloat16", specials=_QWEN_SPECIALS, bos=None, eos=_QWEN_EOS,
             stops=_QWEN_STOPS, turn_end="<|im_end|>", pad="<|endoftext|>", row_multiple=64,
-            quirk="no BOS token at all; q/k/v biases; embedding rows beyond the tokenizer",
         ),
+        # Qwen 2.5's tokens, plus q/k RMS norms in attention.
         Family(
             "qwen3", "Qwen3Config", "Qwen3ForCausalLM", "Qwen/Qwen3-1.7B-Base", "Qwen/Qwen3-1.7B",
             n_layers=28, tied=True, dtype="bfloat16", specials=(*_QWEN_SPECIALS, "<think>", "</think>"), bos=None,
             eos=_QWEN_EOS, stops=_QWEN_STOPS, turn_end="<|im_end|>", pad="<|endoftext|>", row_multiple=64,
-            quirk="q/k RMS norms in attention; no BOS",
         ),
+        # Post-norm blocks (norms after attention and after the MLP); q/k norms.
         Family(
             "olmo2", "Olmo2Config", "Olmo2ForCausalLM", "allenai/OLMo-2-0425-1B", "allenai/OLMo-2-0425-1B-Instruct",
             n_layers=16, tied=False, dtype="float32", specials=("<|endoftext|>", "<|pad|>"),
             bos=None, eos={"pt": "<|endoftext|>", "it": "<|endoftext|>"},
             stops={"pt": ("<|endoftext|>",), "it": ("<|endoftext|>",)}, turn_end="<|endoftext|>", pad="<|pad|>",
-            row_multiple=64, quirk="post-norm blocks (norms after attention and after the MLP); q/k norms",
+            row_multiple=64,
         ),
+        # Attention and final-logit soft-capping (eager attention); sandwich norms; (1 + w) RMS norms.
         Family(
             "gemma2", "Gemma2Config", "Gemma2ForCausalLM", "google/gemma-2-2b", "google/gemma-2-2b-it",
             n_layers=26, tied=True, dtype="float32",
@@ -91,23 +92,22 @@ FAMILIES: dict[str, Family] = {
             # The real caps are 50 and 30; the twin's logits are near 1, so its caps are too, or
             # tanh would leave them unchanged and a lens without the final cap would pass.
             layout={"attn_logit_softcapping": 1.0, "final_logit_softcapping": 1.0, "sliding_window": 8},
-            quirk="attention and final-logit soft-capping (eager attention); sandwich norms; (1 + w) RMS norms",
         ),
+        # Sliding-window attention (v0.1's; v0.3 has none): the twin's window is shorter than its prompts.
         Family(
             "mistral", "MistralConfig", "MistralForCausalLM", "mistralai/Mistral-7B-v0.3",
             "mistralai/Mistral-7B-Instruct-v0.3", n_layers=32, tied=False, dtype="bfloat16",
             specials=("<unk>", "<s>", "</s>", "[INST]", "[/INST]"), bos="<s>", eos={"pt": "</s>", "it": "</s>"},
             stops={"pt": ("</s>",), "it": ("</s>",)}, turn_end="</s>", unk="<unk>", specials_first=True,
             layout={"sliding_window": 8},
-            quirk="sliding-window attention (a window shorter than the prompts)",
         ),
+        # Llama architecture with ChatML tokens; PT and IT tokenizers name different EOS tokens.
         Family(
             "smollm2", "LlamaConfig", "LlamaForCausalLM", "HuggingFaceTB/SmolLM2-1.7B",
             "HuggingFaceTB/SmolLM2-1.7B-Instruct", n_layers=24, tied=True, dtype="bfloat16",
             specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>"), bos=None,
             eos={"pt": "<|endoftext|>", "it": "<|im_end|>"}, stops={"pt": ("<|endoftext|>",), "it": ("<|im_end|>",)},
             turn_end="<|im_end|>", specials_first=True,
-            quirk="Llama architecture with ChatML tokens; PT and IT tokenizers name different EOS tokens",
         ),
     )
 }
