@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
+import torch
 import yaml
-from test_models import save_tiny
+from test_models import byte_tokenizer, save_tiny
 from transformers import GenerationConfig
 from workflow_utils import TINY, copy_workflow, snakemake
 
+from postdiff.families import family_of
 from postdiff.io import read_json
 from postdiff.models import fingerprint
-from postdiff.preflight import config_problems, pair_info, pair_problems
+from postdiff.preflight import config_problems, pair_facts, pair_info, pair_problems
 from postdiff.runtime import Job
 
 
@@ -97,3 +100,49 @@ def test_preflight_off_leaves_the_check_to_the_pair_info_job(pair, tmp_path):
     said = [line for line in proc.stderr.splitlines() if line.startswith("postdiff: postdiff.preflight:pair_info failed")]
     assert len(said) == 1 and "pair.it: model 'postdiff-tests/no-such-model'" in said[0]
     assert said[0].endswith("(traceback in results/tiny/logs/pair/info.log)")
+
+
+def _save_tiny_of(path: Path, model) -> str:
+    model.save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def test_a_model_whose_blocks_the_hooks_cannot_find_is_refused_before_any_weights_load(pair, tmp_path):
+    """GPT-2 keeps its blocks in ``transformer.h`` and its final norm in ``ln_f``: built on the
+    meta device from its config, the check names the key, the model and what is missing."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = _save_tiny_of(tmp_path / "gpt2", GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=260)))
+    Path(gpt2, "model.safetensors").unlink()  # loading weights would fail with another error
+    problems = pair_problems(gpt2, pair["it"], [0])
+    assert problems[0] == (f"pair.pt: {gpt2!r}: cannot find the decoder's layers in GPT2LMHeadModel: "
+                           "the workflow hooks `model.get_decoder().layers` and reads `.norm`")
+
+
+def test_pair_info_warns_about_an_architecture_no_family_test_covers(tmp_path, caplog):
+    from transformers import Starcoder2Config, Starcoder2ForCausalLM
+
+    torch.manual_seed(0)
+    specs = [_save_tiny_of(tmp_path / role, Starcoder2ForCausalLM(Starcoder2Config(
+        vocab_size=260, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1))) for role in ("pt", "it")]
+    with caplog.at_level(logging.WARNING, logger="postdiff.preflight"):
+        facts = pair_facts(*specs)
+    assert facts["architecture"] == "Starcoder2ForCausalLM" and facts["family"] is None
+    assert "Starcoder2ForCausalLM is not among the architectures the workflow is tested on" in caplog.text
+
+
+def test_pair_info_names_a_tested_family_by_its_hub_ids():
+    assert family_of("meta-llama/Llama-3.2-1B", "meta-llama/Llama-3.2-1B-Instruct").name == "llama3"
+    assert family_of("meta-llama/Llama-3.2-1B-Instruct", "meta-llama/Llama-3.2-1B") is None
+
+
+def test_a_config_no_causal_lm_takes_is_one_line(pair, tmp_path):
+    from transformers import T5Config
+
+    T5Config(num_layers=1, d_model=16, num_heads=2, d_ff=32).save_pretrained(tmp_path / "t5")
+    byte_tokenizer().save_pretrained(tmp_path / "t5")
+    problems = pair_problems(pair["pt"], str(tmp_path / "t5"), [0])
+    assert problems[0].startswith(f"pair.it: {str(tmp_path / 't5')!r}: transformers ")
+    assert problems[0].endswith("builds no causal LM from its T5Config") and "\n" not in problems[0]

@@ -145,19 +145,25 @@ def norm_scale(norm: nn.Module, d: int) -> Tensor:
 @dataclass(frozen=True)
 class Lens:
     """``logits = W_U (w ⊙ v)`` over the tokenizer's vocabulary (rows of a padded embedding beyond
-    it are no token and are left out)."""
+    it are no token and are left out), soft-capped to ``cap * tanh(logits / cap)`` when the model
+    caps its final logits (Gemma 2), so a lens logit is on the scale of the model's own."""
 
     unembed: Tensor  # [V, d]
     scale: Tensor  # [d]
+    cap: float | None = None
 
     @classmethod
     def of(cls, model: nn.Module, vocab_size: int) -> Lens:
         unembed = model.get_output_embeddings().weight.detach()
-        return cls(unembed[:vocab_size].float(), norm_scale(final_norm(model), unembed.shape[1]).to(unembed.device))
+        cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+        return cls(unembed[:vocab_size].float(), norm_scale(final_norm(model), unembed.shape[1]).to(unembed.device),
+                   None if cap is None else float(cap))
 
     def top(self, vectors: Tensor, n: int) -> list[dict[str, list]]:
         """Per vector: the ``n`` most promoted and most suppressed token ids with their logits."""
         logits = (vectors.to(self.unembed.device, torch.float32) * self.scale) @ self.unembed.T
+        if self.cap is not None:
+            logits = self.cap * torch.tanh(logits / self.cap)
         n = min(n, logits.shape[1])
         up, down = logits.topk(n, dim=1), logits.topk(n, dim=1, largest=False)
         return [

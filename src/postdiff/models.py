@@ -122,20 +122,23 @@ def generation_eos(spec: str, local_only: bool | None = None) -> list[int]:
     return _eos_list(config.eos_token_id)
 
 
-def stop_set(tokenizer_eos: int | None, *eos_values: int | list[int] | None) -> list[int]:
-    """The sorted union of a tokenizer's EOS id and generation-config EOS values (int or list)."""
-    ids = {tokenizer_eos, *(i for value in eos_values for i in _eos_list(value))}
-    ids.discard(None)
+def stop_set(*eos_values: int | list[int] | None) -> list[int]:
+    """The sorted union of EOS values: tokenizers' EOS ids and generation-config EOS (int, list or None)."""
+    ids = {i for value in eos_values for i in _eos_list(value)}
     if not ids:
         raise ValueError("neither the tokenizer nor any generation config names an EOS token")
     return sorted(ids)
 
 
-def pair_stop_ids(tokenizer, *specs: str) -> list[int]:
-    """The stop set of a pair: the tokenizer's EOS and every EOS id in the generation configs of
-    ``specs``. Gemma 3 IT stops on ``<end_of_turn>`` as well as ``<eos>`` and its PT on ``<eos>``
-    alone; a steered PT that emits ``<end_of_turn>`` must stop where the IT teacher stops."""
-    return stop_set(tokenizer.eos_token_id, *(generation_eos(spec) for spec in specs))
+def pair_stop_ids(*specs: str, tokenizer=None) -> list[int]:
+    """The stop set of a pair: the EOS of every tokenizer and every EOS id in the generation
+    configs of ``specs``. Gemma 3 IT stops on ``<end_of_turn>`` as well as ``<eos>`` and its PT on
+    ``<eos>`` alone; a steered PT that emits ``<end_of_turn>`` must stop where the IT teacher
+    stops. The tokenizers count too: SmolLM2's and Qwen's PT and IT tokenizers name different
+    EOS tokens. ``tokenizer``: the already loaded tokenizer of ``specs[0]``."""
+    tokenizers = [tokenizer if tokenizer is not None else load_tokenizer(specs[0]), *(load_tokenizer(spec) for spec in specs[1:])]
+    eos = [tok.eos_token_id for tok in tokenizers]
+    return stop_set(*eos, *(generation_eos(spec) for spec in specs))
 
 
 def load_model(
@@ -156,7 +159,7 @@ def load_model(
     # No device_map: that would make `accelerate` a hard dependency for a single-device load.
     model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dtype, local_files_only=local)
     model.to(dev).eval().requires_grad_(False)
-    model.generation_config.eos_token_id = pair_stop_ids(tok, spec, *([partner] if partner else []))
+    model.generation_config.eos_token_id = pair_stop_ids(spec, *([partner] if partner else []), tokenizer=tok)
     log.info("%s stops on ids %s", spec, model.generation_config.eos_token_id)
     return model, tok
 
@@ -238,6 +241,25 @@ def skeleton(spec: str) -> nn.Module:
 def final_norm(model: nn.Module) -> nn.Module:
     """The norm before the unembedding."""
     return _decoder_part(model, "norm", nn.Module)
+
+
+def structure_problem(spec: str) -> str | None:
+    """Why the workflow could not hook ``spec``'s decoder blocks or read its final norm, from its
+    class built on the meta device (the config only, no weights; milliseconds for a 7B model)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, __version__
+
+    config = AutoConfig.from_pretrained(spec, local_files_only=loads_locally(spec))
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except ValueError:  # a config class that no causal LM of this transformers takes
+        return f"transformers {__version__} builds no causal LM from its {type(config).__name__}"
+    try:
+        decoder_layers(model)
+        final_norm(model)
+    except ValueError as err:
+        return f"{err}: the workflow hooks `model.get_decoder().layers` and reads `.norm`"
+    return None
 
 
 def check_layers(model: nn.Module, layers: Iterable[int]) -> list[int]:

@@ -13,6 +13,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from postdiff.families import TESTED_ARCHITECTURES, family_of
 from postdiff.io import read_json, write_json
 from postdiff.runtime import Job
 
@@ -39,16 +40,17 @@ def model_problem(key: str, spec: str) -> str | None:
 
 
 def pair_problems(pt: str, it: str, layers: Sequence[int], keys: Mapping[str, str] | None = None) -> list[str]:
-    """One line per problem of the pair: a model that is nowhere, different vocabularies, a layer
-    out of range. ``keys`` names each check's config key (``pt``, ``it``, ``layers``)."""
-    from postdiff.models import pair_mismatches, text_config
+    """One line per problem of the pair: a model that is nowhere, a model class whose decoder
+    blocks or final norm the hooks cannot find, different vocabularies, a layer out of range. ``keys`` names each check's config key (``pt``, ``it``, ``layers``)."""
+    from postdiff.models import pair_mismatches, structure_problem, text_config
 
     keys = {"pt": "pair.pt", "it": "pair.it", "layers": "layers", **(keys or {})}
     specs = {"pt": pt, "it": it}
     problems = [p for role, spec in specs.items() if (p := model_problem(keys[role], spec))]
     if problems:
         return problems
-    problems = [f"{keys['it']}: {it!r}: {msg}" for msg in pair_mismatches(pt, it)]
+    problems = [f"{keys[role]}: {spec!r}: {msg}" for role, spec in specs.items() if (msg := structure_problem(spec))]
+    problems += [f"{keys['it']}: {it!r}: {msg}" for msg in pair_mismatches(pt, it)]
     n_layers = min(text_config(spec).num_hidden_layers for spec in specs.values())
     bad = [layer for layer in layers if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers]
     if bad:
@@ -69,15 +71,21 @@ def pair_facts(pt: str, it: str) -> dict[str, Any]:
     """Fingerprints, the one stop set and the structure of the pair, without loading weights."""
     from transformers import AutoConfig
 
-    from postdiff.models import fingerprint, load_tokenizer, loads_locally, pair_stop_ids
+    from postdiff.models import fingerprint, loads_locally, pair_stop_ids
 
     text = AutoConfig.from_pretrained(pt, local_files_only=loads_locally(pt))
+    architecture = (text.architectures or [type(text).__name__])[0]
+    if architecture not in TESTED_ARCHITECTURES:
+        log.warning("%s is not among the architectures the workflow is tested on (%s): check the stop set, "
+                    "BOS and layer count in this log before trusting results", architecture, ", ".join(sorted(TESTED_ARCHITECTURES)))
+    family = family_of(pt, it)
     return {
         "pt": pt,
         "it": it,
         "fingerprints": {role: fingerprint(spec) for role, spec in zip(ROLES, (pt, it))},
-        "stop_ids": pair_stop_ids(load_tokenizer(it), pt, it),
-        "architecture": (text.architectures or [type(text).__name__])[0],
+        "stop_ids": pair_stop_ids(pt, it),
+        "family": family.name if family else None,
+        "architecture": architecture,
         "n_layers": text.get_text_config().num_hidden_layers,
         "vocab_size": text.get_text_config().vocab_size,
     }
