@@ -19,6 +19,7 @@ from transformers import (
 )
 
 from postdiff.models import (
+    cpu_attention,
     check_layers,
     decoder_layers,
     fingerprint,
@@ -186,3 +187,22 @@ def test_fingerprint_of_uncached_hub_id_offline_fails(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(FileNotFoundError, match="postdiff-tests/no-such-model"):
         fingerprint("postdiff-tests/no-such-model")
+
+
+def test_bf16_on_a_cpu_without_avx512_kernels_runs_eager_attention(monkeypatch):
+    """torch's fused CPU attention in bf16 raises from 64 tokens on unless AVX-512 kernels run;
+    the loader then picks eager attention, and a 100-token bf16 forward of the rehearsal twin runs
+    under every ATEN_CPU_CAPABILITY."""
+    cpu = torch.device("cpu")
+    for capability, want in (("AVX512", None), ("AVX2", "eager"), ("DEFAULT", "eager")):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        assert cpu_attention(cpu, torch.bfloat16) == want
+        assert cpu_attention(cpu, torch.float32) is None
+    assert cpu_attention(torch.device("cuda"), torch.bfloat16) is None
+    monkeypatch.undo()
+    twin = next((Path(__file__).resolve().parents[1] / "workflow/resources/hf_home/hub"
+                 / "models--postdiff-rehearsal--gemma-3-tiny-pt/snapshots").iterdir())
+    model, _ = load_model(str(twin), "bfloat16", "cpu")
+    ids = torch.randint(5, 500, (2, 100), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert torch.isfinite(model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()).all()

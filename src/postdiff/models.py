@@ -141,6 +141,16 @@ def pair_stop_ids(*specs: str, tokenizer=None) -> list[int]:
     return stop_set(*eos, *(generation_eos(spec) for spec in specs))
 
 
+def cpu_attention(device: torch.device, dtype: torch.dtype) -> str | None:
+    """``"eager"`` where torch's fused attention cannot run: its CPU bf16 kernel needs AVX-512
+    kernels and raises "pack_vnni2 is only supported when avx512 is supported" from 64 tokens
+    on under ``ATEN_CPU_CAPABILITY`` avx2 or default (torch 2.13). Elsewhere ``None``: the
+    model's own choice."""
+    if device.type == "cpu" and dtype == torch.bfloat16 and "AVX512" not in torch.backends.cpu.get_cpu_capability():
+        return "eager"
+    return None
+
+
 def load_model(
     spec: str, dtype: str = "auto", device: str = "auto", partner: str | None = None
 ) -> tuple[nn.Module, object]:
@@ -156,8 +166,12 @@ def load_model(
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
     log.info("loading %s (%s on %s)", spec, torch_dtype, dev)
+    attention = cpu_attention(torch.device(dev), torch_dtype)
+    if attention:
+        log.info("%s on a CPU without AVX-512 kernels: %s attention", torch_dtype, attention)
     # No device_map: that would make `accelerate` a hard dependency for a single-device load.
-    model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dtype, local_files_only=local)
+    model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dtype, local_files_only=local,
+                                                 **({"attn_implementation": attention} if attention else {}))
     model.to(dev).eval().requires_grad_(False)
     model.generation_config.eos_token_id = pair_stop_ids(spec, *([partner] if partner else []), tokenizer=tok)
     log.info("%s stops on ids %s", spec, model.generation_config.eos_token_id)
