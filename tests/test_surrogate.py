@@ -178,6 +178,8 @@ def test_fit_recovers_a_known_sparse_dictionary(data, fitted):
     _, delta, _, _ = data
     module, curve = fitted
     h_test, delta_test = synthetic(2048, seed=2)
+    # Trained numbers: test R^2 0.99052 under default, 0.99057 under avx2 and avx512; the last
+    # 20 steps' MSE is 0.0098 / 0.0097 of the first 20's. The bounds sit far from both.
     assert r2(module, h_test, delta_test, delta.mean(0)) > 0.9
     assert curve.columns == ["step", "loss", "mse", "aux"] and curve.height == FAST.steps
     assert curve["mse"][-20:].mean() < 0.2 * curve["mse"][:20].mean()
