@@ -24,6 +24,7 @@ def test_truncated_share_counts_completions_without_a_stop():
 
 def test_gap_known_answer():
     out = gap({"Cap": 0.1, "Len": 40.0}, {"Cap": 0.7, "Len": 8.0})
+    # float64 0.7 - 0.1 is 0.6 up to one rounding; approx's default 1e-6 relative.
     assert out == pytest.approx({"cap_pt": 0.1, "cap_it": 0.7, "cap_gap": 0.6, "len_pt": 40.0, "len_it": 8.0, "len_ratio": 5.0})
 
 

@@ -69,6 +69,7 @@ def test_alpha_zero_and_zero_delta_reproduce_pt_exactly(pt, batch):
     plain = logits(pt, batch)
     assert torch.equal(logits(pt, batch, {1: linear_edit(0.0)}), plain)
     assert torch.equal(logits(pt, batch, {0: LayerEdit(1.0, torch.zeros_like), 2: LayerEdit(2.0, torch.zeros_like)}), plain)
+    # Negative control: alpha = 1 moves the logits by up to 0.52 (measured), far above 1e-2.
     assert not torch.allclose(logits(pt, batch, {1: linear_edit(1.0)}), plain, atol=1e-2)
 
 
@@ -78,6 +79,7 @@ def test_positions_before_m_minus_1_are_untouched(pt, batch, rows):
     for i, (prefix, answer) in enumerate(rows):
         m = len(prefix)
         assert torch.equal(edited[i, : m - 1], plain[i, : m - 1])
+        # Negative control: position m-1 of every row moves by up to 0.55 (measured), far above 1e-3.
         assert not torch.allclose(edited[i, m - 1], plain[i, m - 1], atol=1e-3)
 
 
@@ -89,7 +91,8 @@ def test_edit_at_last_block_matches_hand_computation(pt, batch):
     with torch.no_grad():
         expected = pt.lm_head(pt.model.norm(h_edit))
     got = logits(pt, batch, {L - 1: LayerEdit(0.7, lambda x: c.expand_as(x))})
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    # Exact: the hook's h + 0.7 * c and the head run the same ops on the same shapes as above.
+    assert torch.equal(got, expected)
 
 
 def test_per_row_alpha_and_per_row_fn(pt, batch):
@@ -102,7 +105,8 @@ def test_per_row_alpha_and_per_row_fn(pt, batch):
     per_row_fn = logits(pt, batch, {1: LayerEdit(1.0, lambda h: torch.where(row_mask, 0.0, h @ W))})
     for i in range(5):
         assert torch.equal(mixed[i], (alone if alpha[i] else plain)[i])
-        torch.testing.assert_close(per_row_fn[i], (plain if row_mask[i] else alone)[i], rtol=0, atol=1e-6)
+        # Exact: a zero delta adds 0.0 and the other rows compute h @ W in the same batch.
+        assert torch.equal(per_row_fn[i], (plain if row_mask[i] else alone)[i])
 
 
 def test_hooks_removed_even_when_forward_raises(pt, batch):
@@ -160,7 +164,10 @@ def test_answer_logprobs_batched_equal_unbatched(pt, rows):
     for i, (prefix, answer) in enumerate(rows):
         (j, single), = answer_logprobs(pt, [rows[i]], batch_size=1)
         assert batched[i].shape == (len(answer), V)
+        # Padding to another width reorders fp32 reductions: log-probs of size <= 4.5 moved by at
+        # most 4.8e-7 (measured under default, avx2 and avx512); 1e-5 leaves a 20x margin.
         torch.testing.assert_close(batched[i], single, rtol=0, atol=1e-5)
+        # fp32 exp and sum over V = 64: within 2.4e-7 of 1 (measured); the float32 default is 1e-5.
         torch.testing.assert_close(batched[i].exp().sum(-1), torch.ones(len(answer)))
 
 
@@ -168,6 +175,7 @@ def test_answer_logprobs_match_full_logits_at_answer_positions(pt, rows, batch):
     full = torch.log_softmax(logits(pt, batch), -1)
     for i, lp in answer_logprobs(pt, rows, batch_size=2):
         m, n = len(rows[i][0]), len(rows[i][1])
+        # Batches of 2 against one batch of 5: reduction order again, at most 4.8e-7 (measured).
         torch.testing.assert_close(lp, full[i, m - 1 : m + n - 1], rtol=0, atol=1e-5)
 
 
@@ -176,6 +184,8 @@ def test_answer_kl_known_answer():
     q = torch.tensor([[0.25, 0.75], [0.9, 0.1], [0.5, 0.5]]).log()
     first = 0.5 * math.log(2) + 0.5 * math.log(0.5 / 0.75)
     got = answer_kl(p, q, counts=[2, 1])
+    # fp32 logs against the float64 answer rounded to fp32: the float32 default (1.3e-6
+    # relative) allows a few ulp; it came out exact under all three CPU capabilities.
     torch.testing.assert_close(got, torch.tensor([first / 2, math.log(2)]))
     torch.testing.assert_close(answer_kl(p, q), torch.tensor((first + math.log(2)) / 3))
     assert answer_kl(q, q, counts=[1, 2]).eq(0).all()
@@ -188,8 +198,12 @@ def test_variant_kl_shares_the_it_pass(pt, it, rows):
     assert kl_it.eq(0).all()
     by_model = variant_kl(pt, rows, 2, variants, reference=it)
     by_cache = variant_kl(pt, rows, 3, variants, reference=it_lp)
+    # KLs of ~1.6e-2 are means of differences of fp32 log-probs (rounding ~5e-7 at size 4.5);
+    # batches of 2 and 3 pad differently. Measured: at most 1.4e-7 apart here and below, under
+    # default, avx2 and avx512; the bound 1e-6 + 1e-5 * KL is 8x that.
     for name in variants:
         torch.testing.assert_close(by_model[name], by_cache[name], rtol=1e-5, atol=1e-6)
+    # Negative control: the edit moves the KLs by up to 3.6e-3, 26% of their size (measured).
     assert (by_model["pt"] > 0).all() and not torch.allclose(by_model["pt"], by_model["edited"])
     for i, row in enumerate(rows):
         (_, lp), = answer_logprobs(pt, [row], 1)
@@ -206,7 +220,8 @@ def test_variant_kl_per_row_edits(pt, it, rows):
     kl = variant_kl(pt, rows, 2, {"rows": factory, "pt": None, "all": {1: linear_edit(1.0)}}, reference=it)
     assert sorted(i for c in calls for i in c) == list(range(len(rows)))
     for i in range(len(rows)):
-        torch.testing.assert_close(kl["rows"][i], kl["all" if i % 2 else "pt"][i], rtol=1e-5, atol=1e-6)
+        # Exact: alpha 0 adds 0 * delta = 0.0 and alpha 1 the same delta, in the same batches.
+        assert torch.equal(kl["rows"][i], kl["all" if i % 2 else "pt"][i])
 
 
 def test_block_outputs_read_block_outputs_and_skip_the_head(pt, batch):
@@ -224,5 +239,6 @@ def test_block_outputs_read_block_outputs_and_skip_the_head(pt, batch):
         hs = pt(input_ids=ids, attention_mask=attn, output_hidden_states=True).hidden_states
     for layer in (0, 1):
         assert torch.equal(out[layer], hs[layer + 1])
-    assert not torch.allclose(out[2], hs[3], atol=1e-2)  # hidden_states[-1] has the final norm
-    torch.testing.assert_close(pt.model.norm(out[2]), hs[3])
+    # Negative control: hidden_states[-1] has the final norm, up to 4.8 away (measured).
+    assert not torch.allclose(out[2], hs[3], atol=1e-2)
+    assert torch.equal(pt.model.norm(out[2]), hs[3])  # the same module on the same tensor

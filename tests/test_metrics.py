@@ -31,6 +31,7 @@ def _paper_relative(row):
                                      "FullDelta - VMask", "RandomMask"])
 def test_paper_table1_relative_metrics_to_3_decimals(variant):
     cap_rec, verb_carry = _paper_relative(PAPER[variant])
+    # The paper prints three decimals: rounding ours to three is the comparison it allows.
     assert round(float(cap_rec), 3) == PAPER[variant][3]
     assert round(float(verb_carry), 3) == PAPER[variant][4]
 
@@ -51,7 +52,7 @@ def test_activation_mass_mask_longer_than_pt_carries_negative_verbosity():
     # equal BrevEx, which the SPEC formula makes negative.
     pt, it = PAPER["PT"], PAPER["IT target"]
     carry = metrics.verb_carry(47.46, pt[1], it[1], 46.00, pt[2], it[2])
-    assert float(carry) == pytest.approx(-0.08 / 35.46 / 2)
+    assert float(carry) == pytest.approx(-0.08 / 35.46 / 2)  # float64 formula: rounding only (~1e-16)
 
 
 def test_zero_gap_gives_nan_and_warns_without_crashing():
@@ -98,6 +99,7 @@ def test_hand_made_variant_metrics():
     m = {k: float(v) for k, v in metrics.variant_metrics(arrays.prompts["V"], arrays.codes).items()}
     assert m["QA_EM"] == 0.5 and m["Math_EM"] == 1.0
     assert m["QA_Lenient"] == 0.5 and m["Math_Lenient"] == 1.0
+    # float64 means of hand-made values: equal up to a rounding or two (~1e-16); approx's 1e-6.
     assert m["Format_Pass"] == pytest.approx(1 / 3)
     assert m["Cap"] == pytest.approx((0.5 + 1.0 + 1 / 3) / 3)
     assert m["Len"] == pytest.approx(110 / 11)
@@ -128,10 +130,14 @@ def test_batched_arrays_match_row_by_row():
     got = metrics.variant_metrics(batched, arrays.codes)
     for b in range(4):
         row = metrics.variant_metrics({f: x[b] for f, x in batched.items()}, arrays.codes)
+        # float64 means over 42 prompts summed in another order: measured 7e-15 at values <= 38,
+        # under 1% of 1e-12.
         for k in got:
             assert got[k][b] == pytest.approx(row[k], abs=1e-12)
     counts = np.stack([np.bincount(p, minlength=len(arrays.ids)) for p in perm]).astype(float)
     sums = counts @ metrics.contributions(arrays.prompts["A"], arrays.codes)
+    # float64 matmul of counts against a gather-and-sum: the same terms in another order,
+    # measured 7e-15 apart at sums <= 38 (the default rtol is 1e-7).
     np.testing.assert_allclose(sums, metrics.base_sums(batched, arrays.codes), atol=1e-12)
 
 
@@ -171,6 +177,6 @@ def test_lenient_endpoints_stand_next_to_exact_match_and_leave_cap_alone():
     arrays = metrics.align({"V": frame})
     m = {k: float(v) for k, v in metrics.variant_metrics(arrays.prompts["V"], arrays.codes).items()}
     assert m["QA_EM"] == 0.5 and m["QA_Lenient"] == 1.0 and m["Math_Lenient"] == 1.0
-    assert m["Cap"] == pytest.approx((0.5 + 1.0 + 1 / 3) / 3)
+    assert m["Cap"] == pytest.approx((0.5 + 1.0 + 1 / 3) / 3)  # float64: rounding only
     with pytest.raises(ValueError, match=r"field 'lenient' is null/NaN for prompt .* \(slice (QA|Math); 3 rows\)"):
         metrics.align({"A": _frame("A", HAND).with_columns(lenient=pl.lit(None, pl.Boolean))})

@@ -20,6 +20,8 @@ def test_best_match_recovers_a_signed_scaled_permutation():
     index, cos = stability.best_match(D_a, D_b)
     # Row perm[i] of D_a is row i of D_b.
     assert torch.equal(index[perm], torch.arange(20))
+    # The 1e-4 noise tilts each row by ~1e-4 rad, 1 - cos ~ 1e-8; fp32 cosines round by ~1e-7
+    # either side of 1 (measured: up to 1.2e-7 below and 2.4e-7 above, under default, avx2, avx512).
     assert cos.min().item() > 1 - 1e-6 and cos.max().item() <= 1 + 1e-6
 
 
@@ -39,7 +41,7 @@ def test_best_match_edge_cases():
     # The zero row matches nothing (cos 0, not NaN); ties go to the lower index.
     index, cos = stability.best_match(D, torch.tensor([[0.0, 0.0], [0.0, -2.0], [0.0, 1.0]]))
     assert index.tolist() == [0, 0, 1]
-    assert cos.tolist() == pytest.approx([0.0, 0.0, 0.8])
+    assert cos.tolist() == pytest.approx([0.0, 0.0, 0.8])  # fp32's 0.8 is 1.2e-8 off; approx allows 1e-6
     with pytest.raises(ValueError, match=r"\[n_a, d\] and \[n_b, d\], got \(3, 2\) and \(1, 3\)"):
         stability.best_match(D, torch.ones(1, 3))
 
@@ -56,6 +58,8 @@ MASKS = {0: {0: [0, 1], 1: [2]}, 1: {0: [0, 1, 2]}}
 
 
 def _rows(frame: pl.DataFrame) -> list[tuple]:
+    # Cosines come from fp32 (0.6 is 0.6000000238): six decimals drop that ~1e-7 rounding and
+    # still tell every hand-made value apart.
     return [tuple(round(x, 6) if isinstance(x, float) and not math.isnan(x) else x for x in row)
             for row in frame.drop("mask").iter_rows()]
 
@@ -99,7 +103,8 @@ def test_stability_summary_known_answer():
     r = by_pair[0, 1]
     assert (r["mask_size"], r["other_mask_size"], r["threshold"]) == (3, 3, 0.9)
     assert (r["in_mask_matched"], r["in_dictionary_matched"]) == (1, 1)
-    # The layer-1 feature has no counterpart in seed 1's mask: it counts 0.
+    # The layer-1 feature has no counterpart in seed 1's mask: it counts 0. Means of fp32
+    # cosines (~1e-8 off 0.6, 0.8, 1/sqrt 2): approx's default 1e-6 relative.
     assert r["mean_in_mask_cos"] == pytest.approx(1.6 / 3)
     assert r["mean_in_dictionary_cos"] == pytest.approx((1.6 + S) / 3)
     r = by_pair[1, 0]
