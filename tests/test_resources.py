@@ -78,8 +78,10 @@ def test_model_jobs_retry_with_more_memory_and_time(gemma_jobs: list) -> None:
         resources = dict(job.resources.items())
         assert resources["attempt"] == 1 and resources["mem_mb"] == 64000 and resources["runtime"] == 120
     teacher = next(job for job in model_jobs if job.rule.name == "teacher")
-    grown = teacher.rule.expand_resources(teacher.wildcards_dict, teacher.input, attempt=3)
-    assert (grown["mem_mb"], grown["runtime"], grown["attempt"]) == (3 * 64000, 3 * 120, 3)
+    grown = {a: teacher.rule.expand_resources(teacher.wildcards_dict, teacher.input, attempt=a) for a in (2, 3)}
+    # Memory grows up to resources.max_mem_mb (128 GB), not to 3 x 64 GB; runtime keeps growing.
+    assert (grown[2]["mem_mb"], grown[2]["runtime"], grown[2]["attempt"]) == (2 * 64000, 2 * 120, 2)
+    assert (grown[3]["mem_mb"], grown[3]["runtime"], grown[3]["attempt"]) == (128000, 3 * 120, 3)
 
 
 def test_the_pair_is_fingerprinted_once_per_run(gemma_jobs: list) -> None:
