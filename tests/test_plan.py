@@ -73,7 +73,9 @@ def test_job_counts_are_the_dry_runs(configfile: str, tmp_path: Path) -> None:
     for job in jobs:
         counts[job.rule] = counts.get(job.rule, 0) + 1
     assert counts == expected
-    stages, _, _ = plan(config, jobs, workdir / "results" / config["run"])
+    stages, _, d = plan(config, jobs, workdir)
+    # The toy's hidden_size, or the twin's config read from the shipped Hugging Face cache.
+    assert d == {TINY: 64, REHEARSAL: 128}[configfile]
     assert sum(s.jobs for s in stages.values()) == sum(expected.values())
     assert sum(s.gpu_jobs for s in stages.values()) == sum(j.gpu for j in jobs) > 0
 
@@ -85,7 +87,7 @@ def assert_plan_matches_run(workdir: Path, configfile: str) -> None:
     # Before anything is written, split sizes come from suite.sizes per slice: the files agree.
     assert split_sizes(config, workdir / "nowhere") == split_sizes(config, run) == {
         s: config["suite"]["sizes"][s] * len(SLICES) for s in ("train", "calib", "selector", "test")}
-    stages, ln, _ = plan(config, jobs, run)
+    stages, ln, _ = plan(config, jobs, workdir)
     assert ln.source.startswith("measured")
 
     teacher = pl.concat([pl.read_parquet(p) for p in (run / "teacher").glob("*.parquet")])
@@ -107,7 +109,7 @@ def assert_plan_matches_run(workdir: Path, configfile: str) -> None:
     surrogates = sum(p.stat().st_size for p in run.glob("seed*/surrogate/L*.safetensors"))
     assert stages["surrogate"].disk_bytes["surrogate"] == pytest.approx(surrogates, rel=0.10)
 
-    text = report(config, jobs, run)
+    text = report(config, jobs, workdir)
     assert "not measured" in text and THROUGHPUT_LINE in text
 
 

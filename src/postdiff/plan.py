@@ -120,19 +120,21 @@ def lengths(config: Mapping, run_dir: Path) -> Lengths:
                    f"assumed: {ASSUMED_PREFIX} prefix tokens, answers at teacher.max_new_tokens (an upper bound)")
 
 
-def width(config: Mapping, run_dir: Path) -> int | None:
-    """The pair's hidden width, from its config without weights; None when it is not at hand."""
-    if config["pair"]["pt"] == BUILTIN:
-        return int(config["toy"]["hidden_size"])
+def width(config: Mapping, workdir: Path) -> int | None:
+    """The pair's hidden width, from its config alone (a local directory, or the hub id's snapshot
+    in the run's Hugging Face cache; never the network); None when neither is at hand."""
     spec = config["pair"]["pt"]
-    try:
-        from postdiff.models import text_config
+    if spec == BUILTIN:
+        return int(config["toy"]["hidden_size"])
+    from huggingface_hub import try_to_load_from_cache
 
-        env = {"HF_HOME": os.path.abspath(config["hf"]["home"])} if config["hf"]["home"] else {}
-        with mock.patch.dict(os.environ, env):
-            return int(text_config(spec).hidden_size)
-    except (OSError, ValueError):
-        return PUBLISHED_WIDTHS.get(spec)
+    from postdiff.models import text_config
+
+    home = config["hf"]["home"] or os.environ.get("HF_HOME") or "~/.cache/huggingface"
+    local = workdir / spec if (workdir / spec).is_dir() else None
+    cached = None if local else try_to_load_from_cache(spec, "config.json", cache_dir=workdir / Path(home).expanduser() / "hub")
+    folder = local or (Path(cached).parent if isinstance(cached, str) else None)
+    return int(text_config(str(folder)).hidden_size) if folder else PUBLISHED_WIDTHS.get(spec)
 
 
 @dataclass
@@ -210,8 +212,10 @@ def disk_bytes(config: Mapping, sizes: Mapping[str, int], ln: Lengths, d: int | 
     }
 
 
-def plan(config: Mapping, jobs: Sequence[JobFacts], run_dir: Path) -> tuple[dict[str, Stage], Lengths, int | None]:
-    sizes, ln, d = split_sizes(config, run_dir), lengths(config, run_dir), width(config, run_dir)
+def plan(config: Mapping, jobs: Sequence[JobFacts], workdir: Path) -> tuple[dict[str, Stage], Lengths, int | None]:
+    """Per stage, in the order of `jobs`: counts, work and bytes of a run in `workdir`."""
+    run_dir = workdir / "results" / str(config["run"])
+    sizes, ln, d = split_sizes(config, run_dir), lengths(config, run_dir), width(config, workdir)
     stages: dict[str, Stage] = {}
     for job in jobs:
         stage = stages.setdefault(job.stage, Stage())
@@ -242,8 +246,8 @@ def _fmt(x: float) -> str:
     return f"{x:.0f}"
 
 
-def report(config: Mapping, jobs: Sequence[JobFacts], run_dir: Path) -> str:
-    stages, ln, d = plan(config, jobs, run_dir)
+def report(config: Mapping, jobs: Sequence[JobFacts], workdir: Path) -> str:
+    stages, ln, d = plan(config, jobs, workdir)
     head = ("stage", "jobs", "gpu", "loads", "generated", "forced", "cache B", "surrogate B", "GPU-h")
     rows = [head]
     total = Stage()
@@ -282,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     workdir = args.directory.resolve()
     config, jobs = dag_jobs(workdir, args.configfile)
-    print(report(config, jobs, workdir / "results" / str(config["run"])))
+    print(report(config, jobs, workdir))
 
 
 if __name__ == "__main__":
