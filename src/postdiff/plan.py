@@ -6,8 +6,8 @@ resolved config implies.
 
 Tokens: *generated* are decoding steps (one token per row per step); *forced* go through a
 forward pass all at once (prompt prefill and teacher forcing, both models counted). Prefix and
-answer lengths come from the run's teacher files once the teacher has run, else from ASSUMED
-(answers at ``max_new_tokens``, an upper bound). Selection and gate searches may stop early and
+answer lengths come from the run's teacher files once the teacher has run, else are assumed
+(ASSUMED_PREFIX, and answers at ``max_new_tokens``: an upper bound). Selection and gate searches may stop early and
 a selection may find fewer candidates than ``max_candidates``: their counts are upper bounds.
 GPU-hours are the tokens over THROUGHPUT plus LOAD_S per model job: estimates, not measurements.
 """
@@ -26,9 +26,9 @@ from unittest import mock
 import polars as pl
 
 from postdiff.checkers import SLICES
+from postdiff.preflight import BUILTIN
+from postdiff.splits import SPLITS
 
-SPLITS = ("train", "calib", "selector", "test")
-BUILTIN = "builtin"
 # Estimates for one H100 in bf16 at Gemma 3 4B's size (config/gemma3-4b.yaml's header): not
 # measured, no GPU was lent when they were set (issue 20). Replace them with a probe's numbers.
 THROUGHPUT = {
