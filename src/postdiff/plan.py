@@ -7,7 +7,8 @@ resolved config implies.
 Tokens: *generated* are decoding steps (one token per row per step); *forced* go through a
 forward pass all at once (prompt prefill and teacher forcing, both models counted). Prefix and
 answer lengths come from the run's teacher files once the teacher has run, else are assumed
-(ASSUMED_PREFIX, and answers at ``max_new_tokens``: an upper bound). Selection and gate searches may stop early and
+(ASSUMED_PREFIX, and answers at ``max_new_tokens``: an upper bound). Variants and candidates
+are counted at their ``max_new_tokens``: without IT's early stop they decode to it, nearly all. Selection and gate searches may stop early and
 a selection may find fewer candidates than ``max_candidates``: their counts are upper bounds.
 GPU-hours are the tokens over THROUGHPUT plus LOAD_S per model job: estimates, not measurements.
 """
@@ -170,8 +171,10 @@ def job_work(job: JobFacts, config: Mapping, sizes: Mapping[str, int], ln: Lengt
     if rule == "train_surrogate":
         return 0, 0, config["surrogate"]["steps"] * config["surrogate"]["batch_size"]
     if rule == "evaluate":
+        # Variants decode to their budget: they lack IT's early stop (on the tiny run all records
+        # did; on the rehearsal 94% of the budget). KL is teacher-forced on IT's completions.
         n = _shard_share(sizes[wc["eval_split"]], ev["n_shards"])
-        return n * ln.answer, n * ln.prefix + 2 * n * seq, 0  # generation, then KL: variant and IT
+        return n * ev["max_new_tokens"], n * ln.prefix + 2 * n * seq, 0
     if rule.startswith("gates_"):
         n_layers = 1 if rule == "gates_single" else len(config["layers"])
         grid, rounds = len(config["gates"]["grid"]), config["gates"]["max_rounds"]
@@ -181,10 +184,10 @@ def job_work(job: JobFacts, config: Mapping, sizes: Mapping[str, int], ln: Lengt
         return 0, 2 * sizes["selector"] * seq, 0
     if rule in ("select_cap", "select_vmask") and job.gpu:
         rows = sel["size_cap"] * sel["max_candidates"] * sizes["selector"]
-        return rows * ln.answer, rows * ln.prefix, 0
+        return rows * sel["max_new_tokens"], rows * ln.prefix, 0
     if rule.endswith("_shard") and rule.startswith("select_"):
         rows = _shard_share(sel["max_candidates"], sel["n_shards"]) * sizes["selector"]
-        return rows * ln.answer, rows * ln.prefix, 0
+        return rows * sel["max_new_tokens"], rows * ln.prefix, 0
     return 0, 0, 0
 
 
