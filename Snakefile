@@ -49,6 +49,7 @@ localrules:
     standardiser,
     variant_spec,
     merge_eval,
+    evaluate_teacher,
     baseline_masks,
     sweep_summary,
     pair_gap,

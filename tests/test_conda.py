@@ -9,12 +9,16 @@ import subprocess
 import sys
 import textwrap
 import tomllib
+from importlib import metadata
 from pathlib import Path
 
 import polars as pl
+import pytest
 import yaml
 from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
+from packaging.version import Version
 from workflow_utils import REPO, copy_workflow
 
 CONDA_NAMES = {"pytorch": "torch"}  # conda-forge's name -> the PyPI name in pyproject.toml
@@ -80,3 +84,40 @@ def test_a_stage_runs_through_stage_py_without_the_package(tmp_path: Path) -> No
     assert Path(proc.stdout.strip()) == workdir / "src/postdiff/__init__.py"
     assert pl.read_parquet(tmp_path / "out/suite.parquet").height == 6 * 5
     assert "stage postdiff.suite:build_suite" in (tmp_path / "out/suite.log").read_text()
+
+
+
+# The lowest versions the code runs on, and why: a floor below them admits an install that breaks.
+NEEDED = {
+    # transformers 5.24 (import_utils) turns PyTorch off below 2.6: every model job would fail.
+    "torch": "2.6",
+    # from_pretrained(dtype=...) is the dtype argument from 4.56 on; before, models load in fp32
+    # with no error. 5.0 is the major version the code is read against.
+    "transformers": "5.0",
+}
+CAPPED = {"transformers": "6"}  # a new major version may rename what the code calls
+
+
+def _floor(specifier: str) -> Version:
+    bounds = [Version(s.version) for s in SpecifierSet(specifier) if s.operator in (">=", "==", "~=")]
+    assert bounds, f"{specifier!r} has no lower bound"
+    return max(bounds)
+
+
+@pytest.mark.parametrize("where", ["pyproject.toml", "envs/postdiff.yaml"])
+def test_floors_admit_no_version_that_breaks(where: str) -> None:
+    requirements = (tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+                    if where == "pyproject.toml" else _env_requirements())
+    specs = _by_name(requirements)
+    for name, needed in NEEDED.items():
+        assert _floor(specs[name]) >= Version(needed), f"{where}: {name}{specs[name]} admits versions below {needed}"
+        assert Version(needed) in SpecifierSet(specs[name]), f"{where}: {name}{specs[name]} refuses {needed} itself"
+    for name, major in CAPPED.items():
+        assert Version(major) not in SpecifierSet(specs[name]), f"{where}: {name}{specs[name]} admits {major}.x"
+
+
+def test_the_installed_versions_meet_the_floors() -> None:
+    specs = _by_name(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"])
+    for name in NEEDED:
+        installed = Version(metadata.version(name))
+        assert installed in SpecifierSet(specs[name], prereleases=True), f"installed {name} {installed} vs {specs[name]}"

@@ -16,7 +16,7 @@ from workflow_utils import TINY, copy_workflow, snakemake
 from postdiff.families import family_of
 from postdiff.io import read_json
 from postdiff.models import fingerprint
-from postdiff.preflight import config_problems, pair_facts, pair_info, pair_problems
+from postdiff.preflight import config_problems, hf_home_problem, pair_facts, pair_info, pair_problems
 from postdiff.runtime import Job
 
 
@@ -146,3 +146,31 @@ def test_a_config_no_causal_lm_takes_is_one_line(pair, tmp_path):
     problems = pair_problems(pair["pt"], str(tmp_path / "t5"), [0])
     assert problems[0].startswith(f"pair.it: {str(tmp_path / 't5')!r}: transformers ")
     assert problems[0].endswith("builds no causal LM from its T5Config") and "\n" not in problems[0]
+
+
+GEMMA = {"pair": {"pt": "google/gemma-3-4b-pt", "it": "google/gemma-3-4b-it"}, "layers": [17]}
+
+
+def test_an_offline_hub_pair_needs_hf_home(pair, monkeypatch):
+    monkeypatch.delenv("HF_HOME", raising=False)
+    offline = {**GEMMA, "hf": {"home": None, "offline": True}}
+    problem = hf_home_problem(offline, environ={})
+    assert problem == ("hf.home: null, but hf.offline is true and pair.pt='google/gemma-3-4b-pt', "
+                       "pair.it='google/gemma-3-4b-it' is a hub id: set hf.home to the Hugging Face cache "
+                       "the jobs' nodes see (or export HF_HOME)")
+    assert config_problems(offline) == [problem]  # before any look for the models
+    # A cache named in the config or the environment, the hub reachable, or local directories: no problem.
+    assert hf_home_problem({**GEMMA, "hf": {"home": "/shared/hf", "offline": True}}, environ={}) is None
+    assert hf_home_problem(offline, environ={"HF_HOME": "/shared/hf"}) is None
+    assert hf_home_problem({**GEMMA, "hf": {"home": None, "offline": False}}, environ={}) is None
+    local = {"pair": {"pt": pair["pt"], "it": pair["it"]}, "hf": {"home": None, "offline": True}}
+    assert hf_home_problem(local, environ={}) is None
+
+
+def test_the_gemma_config_without_hf_home_stops_before_its_first_job(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_HOME", raising=False)
+    workdir = copy_workflow(tmp_path)
+    proc = snakemake(workdir, configfile="config/gemma3-4b.yaml", check=False)
+    assert proc.returncode != 0
+    assert any(line.startswith("hf.home: null, but hf.offline is true") for line in proc.stderr.splitlines()), proc.stderr
+    assert not (workdir / "results").exists()

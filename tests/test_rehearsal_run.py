@@ -12,6 +12,7 @@ import polars as pl
 import pytest
 import torch
 from safetensors import safe_open
+from test_plan import assert_plan_matches_run
 from workflow_utils import copy_workflow, snakemake
 
 from postdiff import variants as V
@@ -98,3 +99,7 @@ def test_caches_are_bf16_and_surrogates_fp32(rehearsal: Path) -> None:
             assert {str(f.get_slice(k).get_dtype()) for k in f.keys()} == {"F32"}  # noqa: SIM118
         log = (run / f"logs/seed0/surrogate/L{layer}.log").read_text()
         assert "trains in torch.float32 on cache torch.bfloat16" in log
+
+
+def test_the_cost_preview_matches_the_run(rehearsal: Path) -> None:
+    assert_plan_matches_run(rehearsal, CONFIG)

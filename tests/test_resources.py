@@ -44,7 +44,30 @@ def test_a_job_requests_the_gpu_iff_its_params_carry_device(gemma_jobs: list) ->
         seen.add((job.rule.name, has_device))
     # Both kinds occur, and the rule that once landed on a CPU node is a GPU job now.
     assert ("surrogate_metrics", True) in seen and ("pair_info", False) in seen and ("table1", False) in seen
-    assert ("select_cap_shard", True) in seen and ("select_cap_step", False) in seen
+    # A selection is one model job; IT's records are its copied teacher rows, no GPU.
+    assert ("select_cap", True) in seen and ("evaluate_teacher", False) in seen and ("evaluate", True) in seen
+
+
+def test_gemma_fits_60_model_jobs_per_seed_with_each_selection_in_one(gemma_jobs: list) -> None:
+    """Issue 20's goal at the Gemma config's defaults: a run of one seed (the shared jobs and that
+    seed's) has at most 60 GPU jobs and 60 model loads; every selection's steps share one job."""
+    def seed_of(job) -> str | None:
+        wc = job.wildcards_dict
+        return wc.get("seed") or wc.get("seeddir", "").removeprefix("seed").rstrip("/") or None
+
+    gpu, loads = {}, {}
+    for job in gemma_jobs:
+        seed = seed_of(job)
+        gpu[seed] = gpu.get(seed, 0) + int("gpu" in dict(job.resources.items()))
+        loads[seed] = loads.get(seed, 0) + int("device" in dict(job.params.items()))
+    seeds = [s for s in gpu if s is not None]
+    assert sorted(seeds) == ["0", "1"]
+    for seed in seeds:
+        assert gpu[None] + gpu[seed] <= 60 and loads[None] + loads[seed] <= 60, (gpu, loads)
+    rules = [job.rule.name for job in gemma_jobs]
+    assert not [r for r in rules if r.startswith("select_") and r.endswith(("_shard", "_step"))]
+    # 4 sweep cutoffs + the strict exclusion, and VMask: six selections per seed, one job each.
+    assert rules.count("select_cap") == 2 * 5 and rules.count("select_vmask") == 2
 
 
 def test_model_jobs_retry_with_more_memory_and_time(gemma_jobs: list) -> None:
@@ -55,8 +78,10 @@ def test_model_jobs_retry_with_more_memory_and_time(gemma_jobs: list) -> None:
         resources = dict(job.resources.items())
         assert resources["attempt"] == 1 and resources["mem_mb"] == 64000 and resources["runtime"] == 120
     teacher = next(job for job in model_jobs if job.rule.name == "teacher")
-    grown = teacher.rule.expand_resources(teacher.wildcards_dict, teacher.input, attempt=3)
-    assert (grown["mem_mb"], grown["runtime"], grown["attempt"]) == (3 * 64000, 3 * 120, 3)
+    grown = {a: teacher.rule.expand_resources(teacher.wildcards_dict, teacher.input, attempt=a) for a in (2, 3)}
+    # Memory grows up to resources.max_mem_mb (128 GB), not to 3 x 64 GB; runtime keeps growing.
+    assert (grown[2]["mem_mb"], grown[2]["runtime"], grown[2]["attempt"]) == (2 * 64000, 2 * 120, 2)
+    assert (grown[3]["mem_mb"], grown[3]["runtime"], grown[3]["attempt"]) == (128000, 3 * 120, 3)
 
 
 def test_the_pair_is_fingerprinted_once_per_run(gemma_jobs: list) -> None:

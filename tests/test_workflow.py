@@ -295,7 +295,8 @@ def test_same_config_gives_identical_tables(tiny_run: Path) -> None:
 def test_gemma_config_dry_runs_without_a_download(tmp_path: Path) -> None:
     jobs = planned_jobs(copy_workflow(tmp_path), configfile="config/gemma3-4b.yaml")
     assert "train_pt" not in jobs, "a hub pair must not train the embedded one"
-    assert jobs["cache_shard"] == 4 * 4 and jobs["evaluate"] == 4 * jobs["merge_eval"]
+    # One job per split and per variant (n_shards 1); IT's rows are copied by a local job per split.
+    assert jobs["cache_shard"] == 4 and jobs["evaluate"] == jobs["merge_eval"] and jobs["evaluate_teacher"] == 2
     assert not (tmp_path / "results").exists()
 
 

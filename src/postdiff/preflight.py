@@ -58,12 +58,26 @@ def pair_problems(pt: str, it: str, layers: Sequence[int], keys: Mapping[str, st
     return problems
 
 
+def hf_home_problem(config: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -> str | None:
+    """Offline, a hub id loads from one cache only: the one the jobs on the nodes see. Without
+    ``hf.home`` (or an exported HF_HOME) each node would look in its own ~/.cache and fail there."""
+    hf = config.get("hf") or {}  # (absent from hand-made configs; the schema requires it in a run's)
+    hub_ids = [f"pair.{r}={config['pair'][r]!r}" for r in ROLES
+               if config["pair"][r] != BUILTIN and not os.path.isdir(config["pair"][r])]
+    if not hf.get("offline") or hf.get("home") or environ.get("HF_HOME") or not hub_ids:
+        return None
+    return (f"hf.home: null, but hf.offline is true and {', '.join(hub_ids)} is a hub id: set hf.home to the "
+            "Hugging Face cache the jobs' nodes see (or export HF_HOME)")
+
+
 def config_problems(config: Mapping[str, Any]) -> list[str]:
     """The checks of :func:`pair_problems` for a workflow config. A pair that the run itself
     trains (``builtin``) does not exist yet and is checked by the ``pair_info`` job instead."""
     pair = config["pair"]
     if BUILTIN in (pair["pt"], pair["it"]):
         return []
+    if problem := hf_home_problem(config):
+        return [problem]
     return pair_problems(pair["pt"], pair["it"], config["layers"])
 
 

@@ -15,7 +15,25 @@ def render(prompt: str) -> str:
 
 def encode_prefix(tokenizer, prompt: str) -> list[int]:
     """Prefix ids, with the tokenizer's own special tokens (BOS for Gemma)."""
-    return list(tokenizer(render(prompt), add_special_tokens=True)["input_ids"])
+    ids = list(tokenizer(render(prompt), add_special_tokens=True)["input_ids"])
+    check_bos(ids, tokenizer.bos_token_id, prompt)
+    return ids
+
+
+def check_bos(ids: Sequence[int], bos_id: int | None, prompt: str) -> None:
+    """A tokenizer with a BOS token must start each prefix with it, and only there: Gemma's
+    outputs degrade without it, and a second one (a prompt spelling ``<bos>``, a template adding
+    its own) is another input than the one the pair was trained on. A tokenizer without one
+    (Qwen) adds none."""
+    if bos_id is None:
+        return
+    count = sum(1 for i in ids if i == bos_id)
+    if count != 1 or ids[0] != bos_id:
+        where = "first" if ids and ids[0] == bos_id else "not first"
+        raise ValueError(
+            f"prompt {prompt[:60]!r}: its encoded prefix holds BOS (id {bos_id}) {count} times ({where}); "
+            "each prefix needs it exactly once, as its first token"
+        )
 
 
 def answer_positions(m: int, n: int) -> range:

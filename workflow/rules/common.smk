@@ -171,19 +171,22 @@ def model_params():
     return {**model_paths(), "dtype": config["pair"]["dtype"], "device": config["pair"]["device"]}
 
 
-def _grows(value):
+def _grows(value, cap=None):
     """A resource that grows with the attempt (an out-of-memory or time-limit kill asks for more):
-    linear, so a second retry does not ask for four times what a node has."""
-    return lambda wildcards, attempt: value * attempt
+    linear, so a second retry does not ask for four times what a node has, and never past `cap`
+    (None: no cap), so a retry is not refused for asking more than any node has."""
+    return lambda wildcards, attempt: value * attempt if cap is None else min(value * attempt, max(value, cap))
 
 
 def gpu_resources():
-    """What a model job requests. Memory and runtime grow with the attempt; `attempt` itself
-    reaches the stage, which halves its batch size on every retry (postdiff.runtime.Job)."""
+    """What a model job requests. Memory (up to `resources.max_mem_mb`) and runtime grow with the
+    attempt; `attempt` itself reaches the stage, which halves its batch size on every retry
+    (postdiff.runtime.Job)."""
     res = dict(config["resources"]["gpu"])
+    caps = {"mem_mb": config["resources"].get("max_mem_mb")}
     for key in ("mem_mb", "runtime"):
         if key in res:
-            res[key] = _grows(res[key])
+            res[key] = _grows(res[key], caps.get(key))
     return {**res, "attempt": lambda wildcards, attempt: attempt}
 
 
