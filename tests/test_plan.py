@@ -18,7 +18,7 @@ CONFIG = {
     "cache": {"n_shards": 2, "dtype": "bfloat16"},
     "evaluate": {"n_shards": 2, "max_new_tokens": 7},
     "selection": {"size_cap": 3, "max_candidates": 4, "n_shards": 2, "max_new_tokens": 6},
-    "gates": {"grid": [0.0, 0.5, 1.0], "max_rounds": 2},
+    "gates": {"grid": [0.0, 0.5, 1.0], "max_rounds": 2, "refine": True},
     "surrogate": {"steps": 10, "batch_size": 8, "expansion": 4, "seeds": [0, 1]},
 }
 SIZES = {"train": 20, "calib": 6, "selector": 12, "test": 12}
@@ -42,14 +42,15 @@ def _job(rule: str, gpu: bool = True, **wildcards: str) -> JobFacts:
         (_job("evaluate", eval_split="test", variant="PT", seeddir="", shard="1"), (6 * 7, 60 + 2 * 6 * 15, 0)),
         (_job("evaluate_teacher", gpu=False, eval_split="test", variant="IT", seeddir=""), (0, 0, 0)),
         # Both layers: the shared sweep (3 points) and 2 rounds x 2 layers x 3 points = 15 passes,
-        # after IT's reference once, over 6 calib prompts of 15 tokens.
-        (_job("gates_full", seed="0"), (0, 6 * 15 * 16, 0)),
-        (_job("gates_single", seed="0"), (0, 6 * 15 * 4, 0)),
-        # 3 steps x 4 candidates x 12 prompts to a budget of 6, or one step's half of the
-        # candidates in a shard.
-        (_job("select_cap", seed="0"), (3 * 4 * 12 * 6, 3 * 4 * 12 * 10, 0)),
+        # then the refinement's 12 passes x 2 layers x 2 rounds, after IT's reference once, over
+        # 6 calib prompts of 15 tokens.
+        (_job("gates_full", seed="0"), (0, 6 * 15 * (16 + 48), 0)),
+        (_job("gates_single", seed="0"), (0, 6 * 15 * (4 + 24), 0)),
+        # 3 steps over 4 candidates, each step with its incumbent: (5 + 4 + 3) masks x 12 prompts
+        # to a budget of 6; or a shard's half of the candidates and the incumbent.
+        (_job("select_cap", seed="0"), (12 * 12 * 6, 12 * 12 * 10, 0)),
         (_job("select_cap", gpu=False, seed="0"), (0, 0, 0)),
-        (_job("select_vmask_shard", seed="0", step="1", shard="0"), (2 * 12 * 6, 2 * 12 * 10, 0)),
+        (_job("select_vmask_shard", seed="0", step="1", shard="0"), (3 * 12 * 6, 3 * 12 * 10, 0)),
     ],
 )
 def test_work_of_a_job_by_hand(job: JobFacts, expected: tuple) -> None:

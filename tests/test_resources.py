@@ -66,8 +66,8 @@ def test_gemma_fits_60_model_jobs_per_seed_with_each_selection_in_one(gemma_jobs
         assert gpu[None] + gpu[seed] <= 60 and loads[None] + loads[seed] <= 60, (gpu, loads)
     rules = [job.rule.name for job in gemma_jobs]
     assert not [r for r in rules if r.startswith("select_") and r.endswith(("_shard", "_step"))]
-    # 4 sweep cutoffs + the strict exclusion, and VMask: six selections per seed, one job each.
-    assert rules.count("select_cap") == 2 * 5 and rules.count("select_vmask") == 2
+    # 3 sweep cutoffs + the strict exclusion, and VMask: five selections per seed, one job each.
+    assert rules.count("select_cap") == 2 * 4 and rules.count("select_vmask") == 2
 
 
 def test_model_jobs_retry_with_more_memory_and_time(gemma_jobs: list) -> None:

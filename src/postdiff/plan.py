@@ -154,6 +154,9 @@ class Stage:
         return seconds / 3600
 
 
+REFINE_PASSES = 12
+
+
 def _shard_share(n: int, n_shards: int) -> float:
     return n / max(1, n_shards)
 
@@ -177,16 +180,23 @@ def job_work(job: JobFacts, config: Mapping, sizes: Mapping[str, int], ln: Lengt
         return n * ev["max_new_tokens"], n * ln.prefix + 2 * n * seq, 0
     if rule.startswith("gates_"):
         n_layers = 1 if rule == "gates_single" else len(config["layers"])
-        grid, rounds = len(config["gates"]["grid"]), config["gates"]["max_rounds"]
+        gates = config["gates"]
+        grid, rounds = len(gates["grid"]), gates["max_rounds"]
         passes = grid * (1 + (rounds * n_layers if n_layers > 1 else 0))  # the shared sweep, then rounds
+        # The refinement's bounded search: about 12 KL passes per layer and round (Brent within
+        # one grid step to tol 0.01), for at most max_rounds rounds.
+        passes += REFINE_PASSES * n_layers * max(rounds, 1) if gates.get("refine", True) else 0
         return 0, sizes["calib"] * seq * (1 + passes), 0  # IT's reference once, then each KL pass
     if rule == "score_features":
         return 0, 2 * sizes["selector"] * seq, 0
+    # Every step generates the incumbent and each remaining candidate (an upper bound: a pool
+    # smaller than max_candidates, or a selection that stops, does less).
+    steps = range(min(sel["size_cap"], sel["max_candidates"]))
     if rule in ("select_cap", "select_vmask") and job.gpu:
-        rows = sel["size_cap"] * sel["max_candidates"] * sizes["selector"]
+        rows = sum(sel["max_candidates"] - t + 1 for t in steps) * sizes["selector"]
         return rows * sel["max_new_tokens"], rows * ln.prefix, 0
     if rule.endswith("_shard") and rule.startswith("select_"):
-        rows = _shard_share(sel["max_candidates"], sel["n_shards"]) * sizes["selector"]
+        rows = (_shard_share(sel["max_candidates"], sel["n_shards"]) + 1) * sizes["selector"]
         return rows * sel["max_new_tokens"], rows * ln.prefix, 0
     return 0, 0, 0
 
