@@ -77,8 +77,8 @@ rule gates_mean:
 # The seed's gate choices in one table for the report: a statistical tie is flagged there.
 rule gate_table:
     input:
-        choices=lambda wc: [f"{SEED}/gates/{name}_choice.json".format(seed=wc.seed) for name in gate_names()],
-        mean=rules.gates_mean.output.choice,
+        choices=lambda wc: [f"{SEED}/gates/{name}_choice.json".format(seed=wc.seed) for name in gate_names()]
+        + [rules.gates_mean.output.choice],
     output:
         csv=report(f"{SEED}/tables/gates.csv", caption="../report/gates.rst", category="Tables",
                    subcategory="seed {seed}"),
