@@ -70,7 +70,8 @@ def run_slice(family: Family, root: Path, splits: dict[str, str]) -> dict:
     models = {"pt": str(dirs["pt"]), "it": str(dirs["it"]), **MODEL}
     out = root / "out"
     files = {"info": str(out / "info.json"), "std": str(out / "standardiser.safetensors"), "gates": str(out / "gates.json"),
-             "gate_curve": str(out / "gate_curve.parquet"), "teacher": {}, "cache": {}, "records": {},
+             "gate_curve": str(out / "gate_curve.parquet"), "gate_choice": str(out / "gate_choice.json"),
+             "teacher": {}, "cache": {}, "records": {},
              "surrogates": [str(out / f"surrogate_{layer}.safetensors") for layer in LAYERS]}
     pair_info(Job(input={}, output={"info": files["info"]}, params={**models, "layers": LAYERS}))
     pair = {"pair": files["info"]}
@@ -92,8 +93,9 @@ def run_slice(family: Family, root: Path, splits: dict[str, str]) -> dict:
                         params={**models, "layer": layer, "layers": LAYERS, "seed": 0, "expansion": 2, "k": 4,
                                 "batch_size": 32, "steps": 20, "dead_steps": 10}))
     calibrate(Job(input={"split": splits["calib"], "teacher": files["teacher"]["calib"], "surrogates": files["surrogates"]},
-                  output={"gates": files["gates"], "curve": files["gate_curve"]},
-                  params={**models, "mode": "full", "layers": LAYERS, "grid": [0.0, 0.5, 1.0], "max_rounds": 1, "batch_size": 8}))
+                  output={"gates": files["gates"], "curve": files["gate_curve"], "choice": files["gate_choice"]},
+                  params={**models, "mode": "full", "layers": LAYERS, "grid": [0.0, 0.5, 1.0], "max_rounds": 1, "batch_size": 8,
+                          "bootstrap": {"B": 200, "seed": 0, "level": 0.95}}))
     gates = {int(k): v for k, v in read_json(files["gates"]).items()}
     for variant in (Variant("FullDelta", "full", gates, dict(zip(LAYERS, files["surrogates"]))), Variant("PT", "pt")):
         spec = out / f"{variant.name}.json"
