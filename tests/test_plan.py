@@ -99,12 +99,14 @@ def assert_plan_matches_run(workdir: Path, configfile: str) -> None:
     assert stages["teacher"].generated == pytest.approx(answers, rel=1e-9)
     assert stages["caches"].forced == pytest.approx(2 * sequences, rel=1e-9)
 
-    # Variants decode to their budget (the estimate's assumption): every generated record's
-    # tokens, its stop token included, within 10% (tiny run: all of it; rehearsal: 94%).
+    # The preview counts every variant's records at their budget: an upper bound, reached when
+    # nothing stops early (the tiny run). Variants that recover IT's early stop decode less, and
+    # how much less moves with the CPU's rounding: 90.3% to 92.4% of the budget on the rehearsal
+    # run under three ATEN_CPU_CAPABILITY settings, so the floor is 85%.
     records = pl.concat([pl.read_parquet(p) for p in run.glob("**/eval/*/*.parquet")])
     generated = records.filter(pl.col("variant") != "IT")
     actual = int(generated["n_tokens"].sum() + generated["eos"].sum())
-    assert stages["evaluate"].generated == pytest.approx(actual, rel=0.10)
+    assert 0.85 * stages["evaluate"].generated <= actual <= stages["evaluate"].generated
 
     # Tensor bytes; the files add their headers (ids and metadata), well under 10% here.
     cache_files = sum(p.stat().st_size for p in (run / "cache").glob("*/shard*.safetensors"))
