@@ -10,6 +10,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 import yaml
+from safetensors import safe_open
 from workflow_utils import TINY, copy_workflow, planned_jobs, planned_outputs, snakemake
 
 pytestmark = pytest.mark.slow
@@ -292,13 +293,21 @@ def test_same_config_gives_identical_tables(tiny_run: Path, tmp_path: Path) -> N
     shutil.copytree(tiny_run, workdir, symlinks=True)
     outputs = [f"{SEED0}/surrogate/L0.safetensors", f"{SEED0}/surrogate/L1.safetensors", f"{SEED0}/tables/r2.csv",
                f"{SEED0}/gates/full.json", f"{SEED0}/eval/test/FullDelta.parquet"]
-    before = {p: (workdir / p).read_bytes() for p in outputs}
+    def contents(path: str) -> object:
+        # safetensors writes its metadata map in hash order, which changes from process to
+        # process: a surrogate is compared by its tensors' bytes and its metadata's entries.
+        if not path.endswith(".safetensors"):
+            return (workdir / path).read_bytes()
+        with safe_open(workdir / path, "pt") as f:
+            return f.metadata(), {k: f.get_tensor(k).numpy().tobytes() for k in f.keys()}
+
+    before = {p: contents(p) for p in outputs}
     mtimes = {p: (workdir / p).stat().st_mtime_ns for p in outputs}
     # Deleting an intermediate is not enough: Snakemake leaves it missing while everything after
     # it is up to date. Forcing the surrogates reruns them and what the targets need after them.
     snakemake(workdir, *outputs[2:], "--forcerun", "train_surrogate")
     assert all((workdir / p).stat().st_mtime_ns > t for p, t in mtimes.items()), "the outputs did not run again"
-    assert {p: (workdir / p).read_bytes() for p in outputs} == before
+    assert {p: contents(p) for p in outputs} == before
 
 
 def test_gemma_config_dry_runs_without_a_download(tmp_path: Path) -> None:
