@@ -158,7 +158,7 @@ def start(pool: Sequence[Pair], base: float, size_cap: int) -> State:
 
 
 def gain_rule(min_gain: float = 0.0) -> Accept:
-    """Today's rule: a step counts when it gains more than ``min_gain`` (0: any gain, the paper's)."""
+    """The ``gain`` rule: a step passes when it gains more than ``min_gain`` (0: any gain)."""
     return lambda step, candidate, gain: gain > min_gain
 
 
