@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
-import seaborn as sns
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from sklearn.linear_model import Ridge
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -31,6 +28,9 @@ from postdiff.runtime import Job
 from postdiff.surrogate import TopKSurrogate
 from postdiff.template import teacher_forced_batch
 from postdiff.spec import Variant
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,10 @@ def standardised_coefficients(X: np.ndarray, y: np.ndarray, alpha: float) -> np.
 
     A constant column (a dead feature) or a constant endpoint gets coefficient 0.
     """
+    # scikit-learn costs a second or two to import: selection, feature-card and stability jobs
+    # import this module for its selector helpers and never regress.
+    from sklearn.linear_model import Ridge
+
     coef = np.zeros(X.shape[1])
     live = np.ptp(X, axis=0) > 0
     if len(y) < 2 or np.ptp(y) == 0 or not live.any():
@@ -177,8 +181,12 @@ def score_table(
 
 def draw_top(table: pl.DataFrame, top_n: int = DEFAULT_TOP_N) -> Figure:
     """Top features by each score."""
-    fig = Figure(figsize=(4.5 * len(SCORES), 0.35 * top_n + 1.5), layout="constrained")
-    FigureCanvasAgg(fig)
+    # seaborn costs a second to import; selection jobs import this module and never draw.
+    import seaborn as sns
+
+    from postdiff.figures import new_figure
+
+    fig = new_figure(4.5 * len(SCORES), 0.35 * top_n + 1.5)
     for ax, (column, label) in zip(fig.subplots(1, len(SCORES)), SCORES.items()):
         top = table.sort(column, descending=True).head(top_n)
         names = [f"L{layer}:{feature}" for layer, feature in zip(top["layer"], top["feature"])]

@@ -15,14 +15,11 @@ import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
-import seaborn as sns
 import torch
 import torch.nn.functional as F
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm import tqdm
@@ -33,6 +30,9 @@ from postdiff.models import pick_device
 from postdiff.preflight import fingerprints
 from postdiff.runtime import Job
 from postdiff.standardise import load_standardiser
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
@@ -352,9 +352,14 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[TopKSurr
 
 
 def draw_curve(curve: pl.DataFrame) -> Figure:
+    # seaborn costs a second to import: the model jobs that import this module and never draw
+    # (every evaluation and gates job) should not pay it.
+    import seaborn as sns
+
+    from postdiff.figures import new_figure
+
     long = curve.unpivot(index="step", on=["loss", "mse", "aux"], variable_name="term")
-    fig = Figure(figsize=(6, 4), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = new_figure(6, 4)
     ax = fig.subplots()
     sns.lineplot(x=long["step"].to_numpy(), y=long["value"].to_numpy(), hue=long["term"].to_list(), ax=ax, linewidth=0.8)
     ax.set_yscale("symlog", linthresh=1e-3)

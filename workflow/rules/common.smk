@@ -1,5 +1,6 @@
 # Paths, parameters and resources shared by every stage.
 import ast
+import functools
 import hashlib
 import json
 import os
@@ -49,8 +50,12 @@ def _module_file(mod):
     return None
 
 
-def _imported(mod, path):
+# Cached: every stage's hash walks the same modules, and parsing them all again for each of
+# ~40 stages was most of the time a dry run took (and every SLURM job re-reads this file).
+@functools.cache
+def _imported(mod):
     """postdiff modules that `mod`'s source imports anywhere in the file (static, no import)."""
+    path = _module_file(mod)
     package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
     found = set()
     for node in ast.walk(ast.parse(path.read_bytes(), filename=str(path))):
@@ -86,7 +91,7 @@ def code_hash(entry):
             seen.add(name)
             parts = name.split(".")
             todo.extend(".".join(parts[:i]) for i in range(1, len(parts)))  # packages run on import
-            todo.extend(_imported(name, _module_file(name)))
+            todo.extend(_imported(name))
         digest = hashlib.sha256()
         for name in sorted(seen):
             path = _module_file(name)
