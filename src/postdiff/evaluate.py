@@ -265,7 +265,8 @@ def evaluate_variant(job: Job) -> None:
         modules, means = V.materialise(variant, next(pair.pt.parameters()).device)
         edits = V.edits(variant, modules, means)
         records = evaluate(pair.pt, pair.tokenizer, rows, variant, edits, max_new_tokens, batch_size, pair.it)
-    write_parquet(records, job.output["records"])
+    # Sorted by id as the merge of shards is: one unsharded job writes the merged file's bytes.
+    write_parquet(records.sort("id"), job.output["records"])
 
 
 def load_pt(params: Mapping) -> tuple[nn.Module, object]:
