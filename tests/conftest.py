@@ -19,9 +19,17 @@ from workflow_utils import copy_workflow, snakemake
 # Tiny test models are dominated by per-op overhead, where a second thread only costs time.
 torch.set_num_threads(1)
 
-# Modules whose tests take minutes, longest first: xdist hands out modules in collection order,
-# so these start at once on separate workers and the short modules fill in around them.
-LONGEST_FIRST = ("test_default_run.py", "test_slurm.py", "test_rehearsal_run.py", "test_workflow.py")
+# Modules whose tests take minutes, longest first (the tiny run's first user before the SLURM
+# test, which reads it last): xdist hands out modules in collection order, so these start at
+# once on separate workers and the short modules fill in around them.
+LONGEST_FIRST = ("test_default_run.py", "test_workflow.py", "test_slurm.py", "test_rehearsal_run.py")
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto`: a worker per core, and one more, since the SLURM test spends most of its
+    minutes waiting on the scheduler's status checks, not computing."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return cores + 1
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
