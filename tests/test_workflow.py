@@ -36,7 +36,7 @@ def _sweep_target(cutoff: float, exclusion: float = 1.0) -> str:
 def test_dry_run_shows_the_dag(tmp_path: Path) -> None:
     jobs = planned_jobs(copy_workflow(tmp_path))
     assert {"suite", "teacher", "cache_shard", "train_surrogate", "select_cap", "table1", "provenance"} <= set(jobs)
-    assert jobs["teacher"] == 4 and jobs["cache_shard"] == 4 * 2
+    assert jobs["teacher"] == 4 and jobs["cache_shard"] == 4
 
 
 @pytest.mark.parametrize(
