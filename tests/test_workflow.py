@@ -334,8 +334,9 @@ def test_sharded_evaluation_equals_one_job(tiny_run: Path, tmp_path: Path) -> No
     sharded = pl.read_parquet(target)
     assert sharded.drop("kl").equals(one_job.drop("kl"))
     # A shard's prompts are padded into other batches than the one job's, which moves float32
-    # sums in the last bits: the KL agrees to rounding, every generated token exactly.
-    assert sharded["kl"].to_list() == pytest.approx(one_job["kl"].to_list(), rel=1e-5)
+    # sums in the last bits: every generated token agrees exactly, the KL to rounding (1.3e-5
+    # relative measured under ATEN_CPU_CAPABILITY=avx2, as in test_evaluate's batch check).
+    assert sharded["kl"].to_list() == pytest.approx(one_job["kl"].to_list(), rel=1e-4)
 
 
 def test_sharded_selection_equals_one_job_and_reruns_one_shard(tiny_run: Path, tmp_path: Path) -> None:
