@@ -48,7 +48,6 @@ localrules:
     split,
     standardiser,
     variant_spec,
-    merge_eval,
     evaluate_teacher,
     baseline_masks,
     sweep_summary,

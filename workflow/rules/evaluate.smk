@@ -54,6 +54,7 @@ rule evaluate:
 if SHARDED_EVAL:
 
     rule merge_eval:
+        localrule: True  # defined only with shards, so not in the Snakefile's localrules list
         wildcard_constraints:
             variant=GENERATED,
         input:
