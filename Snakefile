@@ -38,7 +38,9 @@ for _rule in workflow.rules:
 
 
 onstart:
-    preflight()
+    from postdiff.models.preflight import exit_on_problems
+
+    exit_on_problems(config)
 
 
 # Light rules run in the Snakemake process's node: on a cluster each job costs seconds of startup.

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from postdiff import bootstrap, metrics
-from postdiff.io import write_json
+from postdiff.stats import bootstrap, metrics
+from postdiff.workflow.io import write_json
 
 LEVELS = {"PT": 0.0, "IT": 1.0, "FullDelta": 0.25, "CapMask": 0.0, "FullDelta - VMask": 0.22,
           "MeanDiff": 0.01}

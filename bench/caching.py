@@ -20,14 +20,13 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import polars as pl
 import torch
+from ratio import compare, write  # bench/ratio.py
 from transformers import Gemma3ForCausalLM
 
-from postdiff.cache import collect
-from postdiff.forward import length_sorted_batches
-from postdiff.models import gemma3_text_config, pick_device, pick_dtype
-from postdiff.template import teacher_forced_batch
-
-from ratio import compare, write  # bench/ratio.py
+from postdiff.method.cache import collect
+from postdiff.models.forward import length_sorted_batches
+from postdiff.models.loading import gemma3_text_config, pick_device, pick_dtype
+from postdiff.models.template import teacher_forced_batch
 
 VOCAB = 1024
 GOAL = 1.15

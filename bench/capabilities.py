@@ -24,8 +24,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from postdiff import metrics  # noqa: E402
-from postdiff.io import read_json  # noqa: E402
+from postdiff.stats import metrics  # noqa: E402
+from postdiff.workflow.io import read_json  # noqa: E402
 
 CAPABILITIES = ("default", "avx2", "avx512")
 

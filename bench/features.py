@@ -1,4 +1,4 @@
-"""Feature-card data cost: the streaming pass of ``postdiff.features`` (read each layer's ``h_pt``
+"""Feature-card data cost: the streaming pass of ``postdiff.outputs.features`` (read each layer's ``h_pt``
 shard by shard, encode, running counts/sums and a running top-k per card feature, then the
 activity and context rows) against reading the same shards and encoding them with the surrogate
 once, nothing kept.
@@ -21,12 +21,11 @@ from types import SimpleNamespace
 
 import polars as pl
 import torch
-
-from postdiff import features as F
-from postdiff.cache import read_tensor, write_shard
-from postdiff.surrogate import TopKSurrogate
-
 from ratio import compare, write  # bench/ratio.py
+
+from postdiff.method.cache import read_tensor, write_shard
+from postdiff.method.surrogate import TopKSurrogate
+from postdiff.outputs import features as F
 
 GOAL = 1.5
 LAYERS = [0, 1]

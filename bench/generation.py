@@ -22,10 +22,10 @@ import torch
 import transformers
 from transformers import Gemma3ForCausalLM
 
-from postdiff.generation import generate
-from postdiff.hook import LayerEdit
-from postdiff.io import write_json
-from postdiff.models import gemma3_text_config, pick_device, pick_dtype
+from postdiff.models.generation import generate
+from postdiff.models.hook import LayerEdit
+from postdiff.models.loading import gemma3_text_config, pick_device, pick_dtype
+from postdiff.workflow.io import write_json
 
 
 class _Ids:

@@ -25,11 +25,12 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import polars as pl
 import torch
 
-from postdiff.evaluate import evaluate
-from postdiff.io import read_json, write_json
-from postdiff.runtime import Job
-from postdiff.selection import RULES, Selection, candidates
-from postdiff.spec import Variant
+from postdiff.method.evaluate import evaluate
+from postdiff.method.selection.jobs import Selection
+from postdiff.method.selection.search import RULES, candidates
+from postdiff.method.spec import Variant
+from postdiff.workflow.io import read_json, write_json
+from postdiff.workflow.runtime import Job
 
 
 def selection_job(run: Path, cfg: dict) -> Job:

@@ -30,7 +30,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch
 
-from postdiff.surrogate import SurrogateConfig, dead_fraction, fit, r2
+from postdiff.method.surrogate import SurrogateConfig, dead_fraction, fit, r2
 
 
 def synthetic_cache(n: int, d: int, n_true: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

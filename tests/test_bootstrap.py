@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from postdiff import bootstrap, metrics
-from postdiff.metrics import PromptArrays
+from postdiff.stats import bootstrap, metrics
+from postdiff.stats.metrics import PromptArrays
 
 LEVELS = {"PT": 0.0, "IT": 1.0, "FullDelta": 0.3, "CapMask": 0.0, "FullDelta - VMask": 0.25,
           "MeanDiff": 0.02}

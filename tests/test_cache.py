@@ -6,7 +6,7 @@ import torch
 from safetensors import safe_open
 from transformers import Gemma3ForCausalLM
 
-from postdiff.cache import (
+from postdiff.method.cache import (
     Expect,
     answer_index,
     cache_shard,
@@ -16,16 +16,16 @@ from postdiff.cache import (
     token_hash,
     write_shard,
 )
-from postdiff.models import decoder_layers, fingerprint, gemma3_text_config
-from postdiff.runtime import Job
-from postdiff.shards import shard_rows
-from postdiff.standardise import (
+from postdiff.method.standardise import (
     floor_sigma,
     load_standardiser,
     standardiser,
     standardiser_from,
 )
-from postdiff.toy.tokenizer import train_tokenizer
+from postdiff.models.loading import decoder_layers, fingerprint, gemma3_text_config
+from postdiff.models.toy.tokenizer import train_tokenizer
+from postdiff.workflow.runtime import Job
+from postdiff.workflow.shards import shard_rows
 
 V, D = 64, 32
 FPS = {"pt": "fp-pt", "it": "fp-it"}

@@ -2,18 +2,18 @@ import json
 
 import pytest
 
-from postdiff.checkers import (
+from postdiff.data.checkers import (
     FORMAT_RULES,
     brevity_excess,
     exact_match,
     format_pass,
     is_refusal,
     lenient_match,
-    strip_markdown,
     normalise,
     parse_checker,
     render_format,
     score,
+    strip_markdown,
     word_count,
 )
 

@@ -8,12 +8,12 @@ import re
 import subprocess
 import sys
 import textwrap
-import tomllib
 from importlib import metadata
 from pathlib import Path
 
 import polars as pl
 import pytest
+import tomllib
 import yaml
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
@@ -71,7 +71,7 @@ def test_a_stage_runs_through_stage_py_without_the_package(tmp_path: Path) -> No
         smk = Named(
             input=Named(), output=Named(suite="out/suite.parquet"), wildcards=Named(), threads=1,
             resources=Named(attempt=1), log=Log(["out/suite.log"]), scriptdir={str(workdir / "workflow/scripts")!r},
-            params=Named(entry="postdiff.suite:build_suite", code="x", source="builtin", builtin="world", seed=0,
+            params=Named(entry="postdiff.data.suite:build_suite", code="x", source="builtin", builtin="world", seed=0,
                          sizes={{"train": 2, "calib": 1, "selector": 1, "test": 1}},
                          world={{"seed": 0, "n_countries": 40}}),
         )
@@ -83,7 +83,7 @@ def test_a_stage_runs_through_stage_py_without_the_package(tmp_path: Path) -> No
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert Path(proc.stdout.strip()) == workdir / "src/postdiff/__init__.py"
     assert pl.read_parquet(tmp_path / "out/suite.parquet").height == 6 * 5
-    assert "stage postdiff.suite:build_suite" in (tmp_path / "out/suite.log").read_text()
+    assert "stage postdiff.data.suite:build_suite" in (tmp_path / "out/suite.log").read_text()
 
 
 

@@ -1,4 +1,4 @@
-"""One evaluation path: generation under a variant, checker endpoints and KL (postdiff.evaluate).
+"""One evaluation path: generation under a variant, checker endpoints and KL (postdiff.method.evaluate).
 
 The builders at the top (a tiny PT/IT pair on disk, a six-slice split, its teacher, random
 surrogates, variant files) are shared by the gates, scoring and selection tests.
@@ -12,9 +12,9 @@ import pytest
 import torch
 from test_models import save_tiny
 
-from postdiff import surrogate
-from postdiff import variants as V
-from postdiff.evaluate import (
+from postdiff.method import surrogate
+from postdiff.method import variants as V
+from postdiff.method.evaluate import (
     RECORD_SCHEMA,
     evaluate,
     evaluate_masks,
@@ -22,12 +22,12 @@ from postdiff.evaluate import (
     join_teacher,
     read_rows,
 )
-from postdiff.forward import variant_kl
-from postdiff.generation import generate
-from postdiff.models import load_model
-from postdiff.runtime import Job
-from postdiff.teacher import teacher
-from postdiff.spec import Variant
+from postdiff.method.spec import Variant
+from postdiff.method.teacher import teacher
+from postdiff.models.forward import variant_kl
+from postdiff.models.generation import generate
+from postdiff.models.loading import load_model
+from postdiff.workflow.runtime import Job
 
 NEW = 6  # max_new_tokens everywhere: random models never stop early
 D, F, K = 32, 16, 4

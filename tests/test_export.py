@@ -15,11 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from postdiff import export as E
-from postdiff.cache import write_shard
-from postdiff.models import fingerprint, gemma3_text_config, skeleton
-from postdiff.runtime import Job
-from postdiff.surrogate import SurrogateConfig, TopKSurrogate, firing_counts, fit, save
+from postdiff.method.cache import write_shard
+from postdiff.method.surrogate import SurrogateConfig, TopKSurrogate, firing_counts, fit, save
+from postdiff.models.loading import fingerprint, gemma3_text_config, skeleton
+from postdiff.outputs import export as E
+from postdiff.workflow.runtime import Job
 
 ROOT = Path(__file__).resolve().parents[1]
 PT = str(ROOT / "workflow/resources/embedded_pair/pt")  # Gemma3ForCausalLM, 4 blocks of width 128

@@ -1,4 +1,4 @@
-"""Every tested family end to end on its tiny twin (postdiff.twins): pair info, teacher, caches,
+"""Every tested family end to end on its tiny twin (postdiff.models.twins): pair info, teacher, caches,
 surrogates, gates, FullDelta evaluation and the feature lens, through the package's own stages.
 
 The twins are built in a temporary directory (a fraction of a second per family). Each family's
@@ -22,26 +22,27 @@ from snakemake.api import SnakemakeApi
 from snakemake.settings.types import ConfigSettings, DAGSettings, OutputSettings, ResourceSettings
 from workflow_utils import REPO, copy_workflow
 
-from postdiff import features, twins
-from postdiff import variants as V
-from postdiff.cache import cache_shard, load_split
-from postdiff.evaluate import evaluate_variant, read_rows
-from postdiff.families import FAMILIES, Family, family_of, paper_layers
-from postdiff.forward import answer_logprobs, block_outputs
-from postdiff.gates import calibrate
-from postdiff.generation import generate
-from postdiff.hook import LayerEdit, intervene
-from postdiff.io import read_json, write_parquet
-from postdiff.models import load_model, load_pair
-from postdiff.preflight import pair_info
-from postdiff.runtime import Job
-from postdiff.spec import Variant
-from postdiff.splits import assign_splits
-from postdiff.standardise import standardiser
-from postdiff.suite import builtin_suite
-from postdiff.surrogate import train_layer
-from postdiff.teacher import teacher
-from postdiff.template import render
+from postdiff.data.splits import assign_splits
+from postdiff.data.suite import builtin_suite
+from postdiff.method import variants as V
+from postdiff.method.cache import cache_shard, load_split
+from postdiff.method.evaluate import evaluate_variant, read_rows
+from postdiff.method.gates import calibrate
+from postdiff.method.spec import Variant
+from postdiff.method.standardise import standardiser
+from postdiff.method.surrogate import train_layer
+from postdiff.method.teacher import teacher
+from postdiff.models import twins
+from postdiff.models.families import FAMILIES, Family, family_of, paper_layers
+from postdiff.models.forward import answer_logprobs, block_outputs
+from postdiff.models.generation import generate
+from postdiff.models.hook import LayerEdit, intervene
+from postdiff.models.loading import load_model, load_pair
+from postdiff.models.preflight import pair_info
+from postdiff.models.template import render
+from postdiff.outputs import features
+from postdiff.workflow.io import read_json, write_parquet
+from postdiff.workflow.runtime import Job
 
 LAYERS = paper_layers(twins.N_LAYERS)  # [2, 3]: the last block too, read before the final norm
 SIZES = {"train": 2, "calib": 1, "selector": 0, "test": 1}  # prompts per slice

@@ -1,5 +1,5 @@
 """Feature cards: the streaming pass, the lens, steering, the page and its edge cases
-(postdiff.features, postdiff.featurepage), and the page in a real headless Chromium."""
+(postdiff.outputs.features, postdiff.outputs.featurepage), and the page in a real headless Chromium."""
 
 from __future__ import annotations
 
@@ -22,13 +22,13 @@ from transformers import Gemma3ForCausalLM
 from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from postdiff import features as F
-from postdiff import featurepage as P
-from postdiff.generation import generate
-from postdiff.hook import LayerEdit
-from postdiff.models import gemma3_text_config
-from postdiff.runtime import Job
-from postdiff.surrogate import TopKSurrogate
+from postdiff.method.surrogate import TopKSurrogate
+from postdiff.models.generation import generate
+from postdiff.models.hook import LayerEdit
+from postdiff.models.loading import gemma3_text_config
+from postdiff.outputs import featurepage as P
+from postdiff.outputs import features as F
+from postdiff.workflow.runtime import Job
 
 
 def hand_surrogate(d: int = 6, n_features: int = 10, k: int = 3, silent: int = 7) -> TopKSurrogate:

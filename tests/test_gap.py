@@ -1,4 +1,4 @@
-"""The pair's gap and the teacher's truncation share (postdiff.gap)."""
+"""The pair's gap and the teacher's truncation share (postdiff.stats.gap)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import logging
 import polars as pl
 import pytest
 
-from postdiff import metrics
-from postdiff.gap import gap, pair_gap, truncated_share
-from postdiff.runtime import Job
+from postdiff.stats import metrics
+from postdiff.stats.gap import gap, pair_gap, truncated_share
+from postdiff.workflow.runtime import Job
 
 
 def teacher(eos: list[bool]) -> pl.DataFrame:
@@ -39,7 +39,7 @@ def test_pair_gap_reports_truncation_per_split_and_warns_above_five_percent(tmp_
         inputs[f"{split}_teacher"] = str(tmp_path / f"teacher_{split}.parquet")
         teacher(eos).write_parquet(inputs[f"{split}_teacher"])
     out = tmp_path / "gap.json"
-    with caplog.at_level(logging.WARNING, logger="postdiff.gap"):
+    with caplog.at_level(logging.WARNING, logger="postdiff.stats.gap"):
         pair_gap(Job(input=inputs, output={"gap": str(out)}, params={"splits": ["train", "test"]}))
     result = json.loads(out.read_text())
     assert result["teacher_truncated"] == {"train": 0.01, "test": 0.1}

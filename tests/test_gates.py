@@ -1,19 +1,17 @@
-"""Gate calibration: coordinate search over the alpha grid on calib KL (postdiff.gates)."""
+"""Gate calibration: coordinate search over the alpha grid on calib KL (postdiff.method.gates)."""
 
 import json
 
+import numpy as np
 import polars as pl
 import pytest
 import torch
 from safetensors.torch import save_file
 from test_evaluate import World
 
-from postdiff import standardise
-from postdiff import variants as V
-from postdiff.forward import answer_logprobs
-import numpy as np
-
-from postdiff.gates import (
+from postdiff.method import standardise
+from postdiff.method import variants as V
+from postdiff.method.gates import (
     CURVE_SCHEMA,
     DEFAULT_GRID,
     calibrate,
@@ -25,9 +23,10 @@ from postdiff.gates import (
     runner_up,
     tie_test,
 )
-from postdiff.models import load_model
-from postdiff.runtime import Job
-from postdiff.spec import Variant
+from postdiff.method.spec import Variant
+from postdiff.models.forward import answer_logprobs
+from postdiff.models.loading import load_model
+from postdiff.workflow.runtime import Job
 
 
 def counting(fn):

@@ -5,10 +5,10 @@ import torch
 from test_models import SMALL, multimodal_gemma3
 from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from postdiff.forward import answer_logprobs
-from postdiff.generation import cut_at_eos, generate, stop_ids
-from postdiff.hook import LayerEdit
-from postdiff.models import gemma3_text_config
+from postdiff.models.forward import answer_logprobs
+from postdiff.models.generation import cut_at_eos, generate, stop_ids
+from postdiff.models.hook import LayerEdit
+from postdiff.models.loading import gemma3_text_config
 
 V, D, EOS, NEW = 64, 32, 1, 10
 TOK = SimpleNamespace(pad_token_id=0, eos_token_id=EOS)

@@ -1,4 +1,4 @@
-"""The intervention hook and the teacher-forced passes built on it (postdiff.hook, postdiff.forward)."""
+"""The intervention hook and the teacher-forced passes built on it (postdiff.models.hook, postdiff.models.forward)."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import Gemma3ForCausalLM
 
-from postdiff.forward import (
+from postdiff.models.forward import (
     answer_kl,
     answer_logprobs,
     block_outputs,
@@ -14,9 +14,9 @@ from postdiff.forward import (
     reference_logprobs,
     variant_kl,
 )
-from postdiff.hook import LayerEdit, intervene
-from postdiff.models import gemma3_text_config
-from postdiff.template import teacher_forced_batch
+from postdiff.models.hook import LayerEdit, intervene
+from postdiff.models.loading import gemma3_text_config
+from postdiff.models.template import teacher_forced_batch
 
 V, D, L = 64, 32, 3
 

@@ -5,8 +5,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from postdiff import metrics
-from postdiff.io import write_parquet
+from postdiff.stats import metrics
+from postdiff.workflow.io import write_parquet
 
 # The paper's Table 1: Cap, Len, BrevEx, and its CapRec / VerbCarry columns.
 PAPER = {

@@ -18,9 +18,9 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from postdiff.models import (
-    cpu_attention,
+from postdiff.models.loading import (
     check_layers,
+    cpu_attention,
     decoder_layers,
     fingerprint,
     gemma3_text_config,

@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 from workflow_utils import TINY, copy_workflow, planned_jobs
 
-from postdiff.checkers import SLICES
+from postdiff.data.checkers import SLICES
 from postdiff.plan import JobFacts, Lengths, dag_jobs, disk_bytes, job_work, plan, report, split_sizes
 
 REHEARSAL = "config/rehearsal.yaml"

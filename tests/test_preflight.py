@@ -1,4 +1,4 @@
-"""Checks of the pair before compute, one line per problem naming the config key (postdiff.preflight)."""
+"""Checks of the pair before compute, one line per problem naming the config key (postdiff.models.preflight)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ from test_models import byte_tokenizer, save_tiny
 from transformers import GenerationConfig
 from workflow_utils import TINY, copy_workflow, snakemake
 
-from postdiff.families import family_of
-from postdiff.io import read_json
-from postdiff.models import fingerprint
-from postdiff.preflight import config_problems, hf_home_problem, pair_facts, pair_info, pair_problems
-from postdiff.runtime import Job
+from postdiff.models.families import family_of
+from postdiff.models.loading import fingerprint
+from postdiff.models.preflight import config_problems, hf_home_problem, pair_facts, pair_info, pair_problems
+from postdiff.workflow.io import read_json
+from postdiff.workflow.runtime import Job
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_preflight_off_leaves_the_check_to_the_pair_info_job(pair, tmp_path):
     assert proc.returncode != 0 and "Error in rule pair_info" in proc.stdout + proc.stderr
     log = (workdir / "results/tiny/logs/pair/info.log").read_text()
     assert "Traceback" in log and "pair.it: model 'postdiff-tests/no-such-model' is not in the Hugging Face cache" in log
-    said = [line for line in proc.stderr.splitlines() if line.startswith("postdiff: postdiff.preflight:pair_info failed")]
+    said = [line for line in proc.stderr.splitlines() if line.startswith("postdiff: postdiff.models.preflight:pair_info failed")]
     assert len(said) == 1 and "pair.it: model 'postdiff-tests/no-such-model'" in said[0]
     assert said[0].endswith("(traceback in results/tiny/logs/pair/info.log)")
 
@@ -127,7 +127,7 @@ def test_pair_info_warns_about_an_architecture_no_family_test_covers(tmp_path, c
     specs = [_save_tiny_of(tmp_path / role, Starcoder2ForCausalLM(Starcoder2Config(
         vocab_size=260, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=1))) for role in ("pt", "it")]
-    with caplog.at_level(logging.WARNING, logger="postdiff.preflight"):
+    with caplog.at_level(logging.WARNING, logger="postdiff.models.preflight"):
         facts = pair_facts(*specs)
     assert facts["architecture"] == "Starcoder2ForCausalLM" and facts["family"] is None
     assert "Starcoder2ForCausalLM is not among the architectures the workflow is tested on" in caplog.text

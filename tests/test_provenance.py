@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from postdiff.provenance import run_id, run_manifest
+from postdiff.outputs.provenance import run_id, run_manifest
 
 
 def test_run_id_changes_with_config_code_and_models() -> None:

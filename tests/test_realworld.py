@@ -6,8 +6,9 @@ import socket
 import polars as pl
 import pytest
 
-from postdiff.checkers import SLICES, exact_match, parse_checker, score
-from postdiff.realworld import (
+from postdiff.data.checkers import SLICES, exact_match, parse_checker, score
+from postdiff.data.items import SCHEMA
+from postdiff.data.realworld import (
     BENIGN_ACTS,
     BENIGN_TEMPLATES,
     HARMFUL_ACTS,
@@ -18,9 +19,9 @@ from postdiff.realworld import (
     load_countries,
     per_template,
 )
-from postdiff.runtime import Job
-from postdiff.splits import GROUP, SPLITS, assign_splits
-from postdiff.suite import GOLD_SLICES, SCHEMA, build_suite, builtin_suite
+from postdiff.data.splits import GROUP, SPLITS, assign_splits
+from postdiff.data.suite import GOLD_SLICES, build_suite, builtin_suite
+from postdiff.workflow.runtime import Job
 
 SIZES = {"train": 60, "calib": 30, "selector": 40, "test": 100}  # config.yaml's, used by gemma3-4b.yaml
 TOTAL = sum(SIZES.values())
@@ -217,7 +218,7 @@ def test_bad_country_records_are_skipped_and_counted(caplog):
         _rec("Palestine, State of", capital="Ramallah", iso="PS"),
         _rec("Serbia and Montenegro", capital="Belgrade", iso="CS"),  # defunct
     ]
-    with caplog.at_level(logging.WARNING, logger="postdiff.realworld"):
+    with caplog.at_level(logging.WARNING, logger="postdiff.data.realworld"):
         facts = country_facts(records)
     keys = {f.key for f in facts}
     assert "capital:France" in keys and "capital:State of Palestine" in keys

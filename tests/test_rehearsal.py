@@ -1,4 +1,4 @@
-"""The rehearsal pair: Gemma 3 4B's structure around the embedded pair's weights (postdiff.rehearsal)."""
+"""The rehearsal pair: Gemma 3 4B's structure around the embedded pair's weights (postdiff.models.rehearsal)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,7 @@ from safetensors import safe_open
 from test_models import save_tiny
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from postdiff.io import sha256_file
-
-from postdiff.rehearsal import (
+from postdiff.models.rehearsal import (
     REPO_IDS,
     build_twin,
     padded_rows,
@@ -25,6 +23,7 @@ from postdiff.rehearsal import (
     twin_model,
     twin_tokenizer,
 )
+from postdiff.workflow.io import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "workflow" / "resources" / "hf_home"
@@ -110,7 +109,7 @@ def test_twin_computes_the_source_model_with_the_stop_token_moved(twin: dict):
 def _load_by_hub_id(hf_home: Path) -> str:
     """Load the pair by hub ids in a fresh process (the hub client reads HF_HOME on import)."""
     code = (
-        "from postdiff.models import load_pair\n"
+        "from postdiff.models.loading import load_pair\n"
         f"p = load_pair({REPO_IDS['pt']!r}, {REPO_IDS['it']!r}, 'bfloat16', 'cpu')\n"
         "print(type(p.pt).__name__, next(p.it.parameters()).dtype, p.pt.generation_config.eos_token_id)\n"
     )

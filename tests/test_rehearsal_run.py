@@ -15,12 +15,12 @@ from safetensors import safe_open
 from test_plan import assert_plan_matches_run
 from workflow_utils import copy_workflow, snakemake
 
-from postdiff import variants as V
-from postdiff.evaluate import answer_kl, read_rows
-from postdiff.forward import reference_logprobs
-from postdiff.models import load_model
-from postdiff.rehearsal import REPO_IDS
-from postdiff.spec import Variant
+from postdiff.method import variants as V
+from postdiff.method.evaluate import answer_kl, read_rows
+from postdiff.method.spec import Variant
+from postdiff.models.forward import reference_logprobs
+from postdiff.models.loading import load_model
+from postdiff.models.rehearsal import REPO_IDS
 
 pytestmark = pytest.mark.slow
 CONFIG = "config/rehearsal.yaml"

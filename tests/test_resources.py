@@ -13,7 +13,7 @@ from snakemake.api import SnakemakeApi
 from snakemake.settings.types import ConfigSettings, DAGSettings, OutputSettings, ResourceSettings
 from workflow_utils import copy_workflow
 
-from postdiff.runtime import Job
+from postdiff.workflow.runtime import Job
 
 GEMMA = "config/gemma3-4b.yaml"
 

@@ -1,4 +1,4 @@
-"""Feature summaries from inside the FullDelta pass and ridge scores (postdiff.scoring)."""
+"""Feature summaries from inside the FullDelta pass and ridge scores (postdiff.method.selection.scoring)."""
 
 import numpy as np
 import polars as pl
@@ -6,13 +6,9 @@ import pytest
 import torch
 from test_evaluate import F, World
 
-from postdiff import variants as V
-from postdiff.evaluate import evaluate
-from postdiff.forward import block_outputs
-from postdiff.hook import intervene
-from postdiff.models import load_model
-from postdiff.runtime import Job
-from postdiff.scoring import (
+from postdiff.method import variants as V
+from postdiff.method.evaluate import evaluate
+from postdiff.method.selection.scoring import (
     ENDPOINTS,
     SCORE_SCHEMA,
     endpoint_values,
@@ -23,7 +19,11 @@ from postdiff.scoring import (
     standardised_coefficients,
     zscore,
 )
-from postdiff.template import teacher_forced_batch
+from postdiff.models.forward import block_outputs
+from postdiff.models.hook import intervene
+from postdiff.models.loading import load_model
+from postdiff.models.template import teacher_forced_batch
+from postdiff.workflow.runtime import Job
 
 
 def synthetic(n=240, p=30, seed=0):

@@ -4,9 +4,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from postdiff import seeds
-from postdiff.runtime import Job
-
+from postdiff.stats import seeds
+from postdiff.workflow.runtime import Job
 
 NAN = math.nan
 SEED3 = pl.DataFrame({"Variant": ["PT", "IT", "CapMask"], "KL": [1.0, 0.0, 0.8],

@@ -1,4 +1,4 @@
-"""Forward selection of CapMask / VMask, baseline masks and the sweep summary (postdiff.selection)."""
+"""Forward selection of CapMask / VMask, baseline masks and the sweep summary (postdiff.method.selection)."""
 
 import json
 import math
@@ -8,44 +8,34 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from test_evaluate import F, NEW, World, split_frame
+from test_evaluate import NEW, F, World, split_frame
 
-from postdiff import surrogate
-from postdiff.evaluate import teacher_records
-from postdiff.teacher import teacher
-
-from postdiff import variants as V
-from postdiff.evaluate import evaluate, evaluate_masks, read_rows
-from postdiff.models import load_model
-from postdiff.runtime import Job
-from postdiff import metrics
-from postdiff.selection import (
-    STEP_RECORD_SCHEMA,
-    step_gains,
+from postdiff.method import surrogate
+from postdiff.method import variants as V
+from postdiff.method.evaluate import evaluate, evaluate_masks, read_rows, teacher_records
+from postdiff.method.selection.baselines import baseline_masks, mass_mask, random_mask
+from postdiff.method.selection.jobs import STEP_RECORD_SCHEMA, select, select_finish, select_shard, select_step
+from postdiff.method.selection.maskfile import layer_mask
+from postdiff.method.selection.search import (
     RULES,
     STEP_SCHEMA,
-    baseline_masks,
+    State,
+    advance,
     candidates,
     forward_select,
     gain_interval,
     gain_rule,
-    jaccard,
-    layer_mask,
-    mass_mask,
-    State,
-    advance,
-    random_mask,
-    select,
-    select_finish,
-    select_shard,
-    select_step,
     selector_metrics,
     shard_candidates,
     start,
-    sweep_summary,
-    sweep_table,
+    step_gains,
 )
-from postdiff.spec import Variant
+from postdiff.method.selection.sweep import jaccard, sweep_summary, sweep_table
+from postdiff.method.spec import Variant
+from postdiff.method.teacher import teacher
+from postdiff.models.loading import load_model
+from postdiff.stats import metrics
+from postdiff.workflow.runtime import Job
 
 A, B, C, D = (0, 1), (0, 2), (1, 5), (1, 6)
 

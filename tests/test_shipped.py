@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from postdiff.io import read_json
-from postdiff.runtime import Job
-from postdiff.toy.shipped import SUMS, install, ship, toy_mismatch, verify
-from postdiff.toy.train import CONFIG_FILE
+from postdiff.models.toy.shipped import SUMS, install, ship, toy_mismatch, verify
+from postdiff.models.toy.train import CONFIG_FILE
+from postdiff.workflow.io import read_json
+from postdiff.workflow.runtime import Job
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "workflow/resources/embedded_pair"

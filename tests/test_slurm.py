@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from workflow_utils import REPO, copy_workflow, snakemake
 
+
 def _idle_node_mem_mb() -> tuple[int | None, str]:
     """RealMemory of the smallest idle node, or None and why there is none."""
     if shutil.which("sinfo") is None:

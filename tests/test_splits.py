@@ -3,10 +3,10 @@ import logging
 import polars as pl
 import pytest
 
-from postdiff.runtime import Job
-from postdiff.splits import SPLITS, allocate, assign_splits, split_suite
-from postdiff.suite import generate_suite
-from postdiff.world import make_world
+from postdiff.data.splits import SPLITS, allocate, assign_splits, split_suite
+from postdiff.data.suite import generate_suite
+from postdiff.data.world import make_world
+from postdiff.workflow.runtime import Job
 
 SIZES = {"train": 6, "calib": 3, "selector": 4, "test": 10}
 
@@ -56,7 +56,7 @@ def test_allocate_proportional_largest_remainder(n, expected):
 
 def test_user_sized_slices_split_proportionally_with_a_log(suite, caplog):
     uneven = pl.concat([suite.filter(pl.col("slice") == "QA").head(10), suite.filter(pl.col("slice") != "QA")])
-    with caplog.at_level(logging.WARNING, logger="postdiff.splits"):
+    with caplog.at_level(logging.WARNING, logger="postdiff.data.splits"):
         df = assign_splits(uneven, SIZES, seed=0)
     assert "slice QA has 10 prompts, not 23" in caplog.text
     qa = dict(df.filter(pl.col("slice") == "QA").group_by("split").len().iter_rows())
@@ -110,7 +110,7 @@ def test_groups_stay_whole_when_the_sizes_allow(suite):
 
 
 def test_groups_divided_by_the_sizes_are_logged(suite, caplog):
-    with caplog.at_level(logging.WARNING, logger="postdiff.splits"):
+    with caplog.at_level(logging.WARNING, logger="postdiff.data.splits"):
         df = assign_splits(_grouped(suite, 5), SIZES, seed=0)
     assert "group(s) divided between splits" in caplog.text
     for slice_name, split, n in df.group_by("slice", "split").len().iter_rows():

@@ -5,9 +5,10 @@ import polars as pl
 import pytest
 import torch
 
-from postdiff import stability, surrogate
-from postdiff.io import write_json
-from postdiff.runtime import Job
+from postdiff.method import surrogate
+from postdiff.outputs import stability
+from postdiff.workflow.io import write_json
+from postdiff.workflow.runtime import Job
 
 
 def test_best_match_recovers_a_signed_scaled_permutation():

@@ -4,17 +4,16 @@ import re
 import polars as pl
 import pytest
 
-from postdiff.checkers import SLICES, parse_checker, render_format, score
-from postdiff.runtime import Job
-from postdiff.suite import (
-    ID_PREFIX,
-    SCHEMA,
+from postdiff.data.checkers import SLICES, parse_checker, render_format, score
+from postdiff.data.items import ID_PREFIX, SCHEMA
+from postdiff.data.suite import (
     build_suite,
     candidates,
     generate_suite,
     load_user_suite,
 )
-from postdiff.world import BENIGN_ACTS, HARMFUL_ACTS, make_world, math_half
+from postdiff.data.world import BENIGN_ACTS, HARMFUL_ACTS, make_world, math_half
+from postdiff.workflow.runtime import Job
 
 DEFAULT_TOTAL = 60 + 30 + 40 + 100
 

@@ -5,10 +5,9 @@ import polars as pl
 import pytest
 import torch
 
-from postdiff.cache import write_shard
-from postdiff.runtime import Job
-from postdiff.standardise import standardiser
-from postdiff.surrogate import (
+from postdiff.method.cache import write_shard
+from postdiff.method.standardise import standardiser
+from postdiff.method.surrogate import (
     SurrogateConfig,
     TopKSurrogate,
     dead_fraction,
@@ -20,6 +19,7 @@ from postdiff.surrogate import (
     save,
     train_layer,
 )
+from postdiff.workflow.runtime import Job
 
 D_IN, F_TRUE = 16, 32
 FAST = SurrogateConfig(expansion=4, k=8, lr=1e-2, batch_size=256, steps=400)
@@ -78,7 +78,7 @@ def test_topk_keeps_exactly_k_largest_per_row():
 # One gather block, or (a tiny CPU_BLOCK) one slot per block.
 @pytest.fixture(params=[1 << 18, 1], ids=["one-block", "slot-blocks"])
 def block(request, monkeypatch):
-    monkeypatch.setattr("postdiff.surrogate.CPU_BLOCK", request.param)
+    monkeypatch.setattr("postdiff.method.surrogate.CPU_BLOCK", request.param)
 
 
 @pytest.mark.parametrize("k", [3, 40])

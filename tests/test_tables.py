@@ -2,13 +2,13 @@ import math
 from pathlib import Path
 
 import numpy as np
-from matplotlib.collections import PathCollection
 import polars as pl
 import pytest
+from matplotlib.collections import PathCollection
 
-from postdiff import bootstrap, figures, metrics, tables
-from postdiff.io import write_parquet
-from postdiff.runtime import Job
+from postdiff.stats import bootstrap, figures, metrics, tables
+from postdiff.workflow.io import write_parquet
+from postdiff.workflow.runtime import Job
 
 LEVELS = {"PT": 0.0, "IT": 1.0, "FullDelta": 0.3, "CapMask": 0.0, "FullDelta - VMask": 0.25,
           "MeanDiff": 0.02, "FullDelta (late only)": 0.28}

@@ -4,13 +4,13 @@ import torch
 from test_models import save_tiny
 from transformers import GenerationConfig
 
-from postdiff.evaluate import generate_records, read_rows
-from postdiff.generation import generate
-from postdiff.hook import LayerEdit
-from postdiff.models import load_model
-from postdiff.runtime import Job
-from postdiff.teacher import SCHEMA, completions_frame, teacher
-from postdiff.template import encode_prefix
+from postdiff.method.evaluate import generate_records, read_rows
+from postdiff.method.teacher import SCHEMA, completions_frame, teacher
+from postdiff.models.generation import generate
+from postdiff.models.hook import LayerEdit
+from postdiff.models.loading import load_model
+from postdiff.models.template import encode_prefix
+from postdiff.workflow.runtime import Job
 
 
 def split_frame() -> pl.DataFrame:

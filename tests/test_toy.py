@@ -9,11 +9,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from postdiff.runtime import Job
-from postdiff.template import encode_prefix, render
-from postdiff.toy import corpus
-from postdiff.toy.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, train_tokenizer
-from postdiff.toy.train import (
+from postdiff.data.world import make_world, math_half
+from postdiff.models.template import encode_prefix, render
+from postdiff.models.toy import corpus
+from postdiff.models.toy.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, train_tokenizer
+from postdiff.models.toy.train import (
     CONFIG_FILE,
     ToyConfig,
     build_tokenizer,
@@ -23,7 +23,7 @@ from postdiff.toy.train import (
     train_pt,
     train_pt_model,
 )
-from postdiff.world import make_world, math_half
+from postdiff.workflow.runtime import Job
 
 TINY = {
     "n_countries": 8, "vocab_size": 320, "hidden_size": 32, "intermediate_size": 64, "num_layers": 2,

@@ -212,7 +212,7 @@ MODEL_RULES = PAIR_RULES | {"pair_info", "teacher", "cache_shard", "train_surrog
 
 
 def test_editing_tables_reruns_the_tables_and_what_reads_them(tiny_run: Path, tmp_path: Path) -> None:
-    workdir = _edited_copy(tiny_run, tmp_path / "run", "tables.py")
+    workdir = _edited_copy(tiny_run, tmp_path / "run", "stats/tables.py")
     jobs = planned_jobs(workdir)
     # The across-seed table reads Table 1, and its figure reads it.
     assert jobs == {"table1": 1, "table2": 1, "r2_table": 1, "seed_table": 1, "seed_figure": 1, "provenance": 1, "all": 1}
@@ -221,9 +221,9 @@ def test_editing_tables_reruns_the_tables_and_what_reads_them(tiny_run: Path, tm
 
 def test_editing_surrogate_reruns_its_importers_and_their_downstream(tiny_run: Path, tmp_path: Path) -> None:
     everything = planned_jobs(copy_workflow(tmp_path))  # a dry run from scratch: every job
-    workdir = _edited_copy(tiny_run, tmp_path / "run", "surrogate.py")
+    workdir = _edited_copy(tiny_run, tmp_path / "run", "method/surrogate.py")
     jobs = planned_jobs(workdir)
-    # Entry modules that import postdiff.surrogate, directly or through another module.
+    # Entry modules that import postdiff.method.surrogate, directly or through another module.
     importers = {"train_surrogate", "surrogate_metrics", "gates_full", "gates_single", "gates_mean",
                  "evaluate", "score_features", "select_cap", "select_vmask", "feature_data", "export"}
     upstream = PAIR_RULES | {"pair_info", "suite", "split", "teacher", "cache_shard", "standardiser"}

@@ -26,9 +26,9 @@ from unittest import mock
 
 import polars as pl
 
-from postdiff.checkers import SLICES
-from postdiff.preflight import BUILTIN
-from postdiff.splits import SPLITS
+from postdiff.data.checkers import SLICES
+from postdiff.data.splits import SPLITS
+from postdiff.models.preflight import BUILTIN
 
 # Estimates for one H100 in bf16 at Gemma 3 4B's size (config/gemma3-4b.yaml's header): not
 # measured, no GPU was lent when they were set (issue 20). Replace them with a probe's numbers.
@@ -129,7 +129,7 @@ def width(config: Mapping, workdir: Path) -> int | None:
         return int(config["toy"]["hidden_size"])
     from huggingface_hub import try_to_load_from_cache
 
-    from postdiff.models import text_config
+    from postdiff.models.loading import text_config
 
     home = config["hf"]["home"] or os.environ.get("HF_HOME") or "~/.cache/huggingface"
     local = workdir / spec if (workdir / spec).is_dir() else None
@@ -206,7 +206,7 @@ def cache_itemsize(config: Mapping) -> int:
     CUDA device, fp32 on a CPU; `pair.device: auto` as on this machine)."""
     import torch
 
-    from postdiff.models import pick_dtype
+    from postdiff.models.loading import pick_dtype
 
     return torch.empty(0, dtype=pick_dtype(config["cache"]["dtype"], config["pair"]["device"])).element_size()
 

@@ -18,7 +18,7 @@ rule cache_shard:
         **gpu_resources(),
     params:
         **stage(
-            "postdiff.cache:cache_shard",
+            "postdiff.method.cache:cache_shard",
             **model_params(),
             layers=config["layers"],
             shard=lambda wc: int(wc.shard),
@@ -43,7 +43,7 @@ rule standardiser:
         f"{RUN}/benchmarks/cache/standardiser.tsv"
     params:
         **stage(
-            "postdiff.standardise:standardiser",
+            "postdiff.method.standardise:standardiser",
             layers=config["layers"],
         ),
     conda:

@@ -2,7 +2,7 @@
 # records. The selector split feeds scoring and selection; the test split feeds the tables.
 # Each split is cut into `evaluate.n_shards` jobs per variant and a cheap merge joins them; with
 # one shard the job writes the variant's records itself (a merge job would only copy them). IT's
-# records are its teacher rows (postdiff.evaluate.teacher_records): one local job per split, no GPU.
+# records are its teacher rows (postdiff.method.evaluate.teacher_records): one local job per split, no GPU.
 
 EVAL = config["evaluate"]
 SHARDED_EVAL = EVAL["n_shards"] > 1
@@ -38,7 +38,7 @@ rule evaluate:
         **gpu_resources(),
     params:
         **stage(
-            "postdiff.evaluate:evaluate_variant",
+            "postdiff.method.evaluate:evaluate_variant",
             **model_params(),
             max_new_tokens=EVAL["max_new_tokens"],
             batch_size=EVAL["batch_size"],
@@ -66,7 +66,7 @@ if SHARDED_EVAL:
         benchmark:
             f"{RUN}/benchmarks/{RECORDS}.tsv"
         params:
-            **stage("postdiff.shards:merge"),
+            **stage("postdiff.workflow.shards:merge"),
         conda:
             ENV
         script:
@@ -88,7 +88,7 @@ rule evaluate_teacher:
         f"{RUN}/benchmarks/{RECORDS}.tsv"
     params:
         **stage(
-            "postdiff.evaluate:evaluate_variant",
+            "postdiff.method.evaluate:evaluate_variant",
             max_new_tokens=EVAL["max_new_tokens"],
             batch_size=EVAL["batch_size"],
         ),

@@ -38,7 +38,7 @@ if EXPORT_LAYOUTS:
             f"{RUN}/benchmarks/seed{{seed}}/export/L{{layer}}.tsv"
         params:
             **stage(
-                "postdiff.export:export_layer",
+                "postdiff.outputs.export:export_layer",
                 **model_paths(),
                 layer=lambda wc: int(wc.layer),
                 layers=config["layers"],

@@ -39,7 +39,7 @@ rule feature_data:
         **gpu_resources(),
     params:
         **stage(
-            "postdiff.features:feature_data",
+            "postdiff.outputs.features:feature_data",
             **model_params(),
             layers=config["layers"],
             mask_labels=list(FEATURE_MASKS),
@@ -74,7 +74,7 @@ rule feature_page:
         f"{RUN}/benchmarks/features/page.tsv"
     params:
         **stage(
-            "postdiff.featurepage:feature_page",
+            "postdiff.outputs.featurepage:feature_page",
             labels=list(FEATURE_SEEDS),
             steer=FEATURES["steer"],
             exports=EXPORT_LINKS,

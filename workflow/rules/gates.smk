@@ -2,6 +2,25 @@
 # surrogate and each of its layers on its own (the one-layer ablation), and the MeanDiff baseline
 # (no seed). Each writes its choice against the runner-up, tie test included.
 
+GATE_INPUTS = dict(
+    split=f"{RUN}/suite/calib.parquet",
+    teacher=f"{RUN}/teacher/calib.parquet",
+    **model_inputs(),
+)
+
+
+def gate_params(mode, layers):
+    boot = {k: config["bootstrap"][k] for k in ("B", "seed", "level")}
+    return stage("postdiff.method.gates:calibrate", mode=mode, layers=layers, **model_params(), **config["gates"],
+                 bootstrap=boot)
+
+
+def gate_names():
+    """A seed's gates files: the joint surrogate's and, with the one-layer ablation, each layer's."""
+    singles = [f"single_L{v.removeprefix('OneLayer-L')}" for v in VARIANTS if v.startswith("OneLayer-L")]
+    return ["full", *singles]
+
+
 rule gates_full:
     input:
         **GATE_INPUTS,
@@ -87,7 +106,7 @@ rule gate_table:
     benchmark:
         f"{RUN}/benchmarks/seed{{seed}}/gates/table.tsv"
     params:
-        **stage("postdiff.gates:gate_table", names=[*gate_names(), "mean"]),
+        **stage("postdiff.method.gates:gate_table", names=[*gate_names(), "mean"]),
     conda:
         ENV
     script:

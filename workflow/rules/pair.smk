@@ -13,7 +13,7 @@ rule pair_info:
         f"{RUN}/benchmarks/pair/info.tsv"
     params:
         **stage(
-            "postdiff.preflight:pair_info",
+            "postdiff.models.preflight:pair_info",
             **model_paths(),
             layers=config["layers"],
         ),
@@ -42,7 +42,7 @@ if not config["toy"]["train"]:
             f"{RUN}/benchmarks/pair/shipped.tsv"
         localrule: True
         params:
-            **stage("postdiff.toy.shipped:install", **TOY),
+            **stage("postdiff.models.toy.shipped:install", **TOY),
         conda:
             ENV
         script:
@@ -61,7 +61,7 @@ rule tokenizer:
         f"{RUN}/benchmarks/pair/tokenizer.tsv"
     params:
         **stage(
-            "postdiff.toy.train:build_tokenizer",
+            "postdiff.models.toy.train:build_tokenizer",
             **TOY,
         ),
     conda:
@@ -85,7 +85,7 @@ rule train_pt:
         **gpu_resources(),
     params:
         **stage(
-            "postdiff.toy.train:train_pt",
+            "postdiff.models.toy.train:train_pt",
             **TOY,
         ),
     conda:
@@ -109,7 +109,7 @@ rule train_it:
         **gpu_resources(),
     params:
         **stage(
-            "postdiff.toy.train:train_it",
+            "postdiff.models.toy.train:train_it",
             **TOY,
         ),
     conda:

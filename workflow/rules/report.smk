@@ -2,6 +2,31 @@
 # seed's Table 1 side by side and the stability of the masks. Once per run: the pair's gap and the
 # reproducibility records.
 
+BOOT = config["bootstrap"]
+TEST_EVALS = [eval_file("test", v) for v in VARIANTS]
+ABLATION = ["FullDelta"] + [v for v in VARIANTS if v.startswith("OneLayer-")]
+QUALITATIVE = config["report"]["qualitative_variants"]
+
+
+def table_outputs(name, caption, root=SEED):
+    """A table's CSV (in the report), Markdown and LaTeX under `root`/tables: by default one seed's."""
+    sub = dict(subcategory="seed {seed}") if root == SEED else {}
+    return {
+        ext: report(f"{root}/tables/{name}.{ext}", caption=f"../report/{caption}", category="Tables", **sub)
+        if ext == "csv" else f"{root}/tables/{name}.{ext}"
+        for ext in ("csv", "md", "tex")
+    }
+
+
+def figure_outputs(name, caption, root=SEED):
+    """A figure's PNG (in the report) and PDF under `root`/figures: by default one seed's."""
+    sub = dict(subcategory="seed {seed}") if root == SEED else {}
+    return {
+        "png": report(f"{root}/figures/{name}.png", caption=f"../report/{caption}", category="Figures", **sub),
+        "pdf": f"{root}/figures/{name}.pdf",
+    }
+
+
 rule table1:
     input:
         evals=TEST_EVALS,
@@ -13,7 +38,7 @@ rule table1:
         f"{RUN}/benchmarks/seed{{seed}}/tables/table1.tsv"
     params:
         **stage(
-            "postdiff.tables:table1",
+            "postdiff.stats.tables:table1",
             pt=variant_label("PT"),
             it=variant_label("IT"),
         ),
@@ -34,7 +59,7 @@ rule table2:
         f"{RUN}/benchmarks/seed{{seed}}/tables/table2.tsv"
     params:
         **stage(
-            "postdiff.tables:table2",
+            "postdiff.stats.tables:table2",
             pt=variant_label("PT"),
             it=variant_label("IT"),
             **BOOT,
@@ -55,7 +80,7 @@ rule r2_table:
     benchmark:
         f"{RUN}/benchmarks/seed{{seed}}/tables/r2.tsv"
     params:
-        **stage("postdiff.tables:r2_table"),
+        **stage("postdiff.stats.tables:r2_table"),
     conda:
         ENV
     script:
@@ -73,7 +98,7 @@ rule figure1:
         f"{RUN}/benchmarks/seed{{seed}}/figures/figure1.tsv"
     params:
         **stage(
-            "postdiff.figures:figure1",
+            "postdiff.stats.figures:figure1",
             **{k: BOOT[k] for k in ("B", "seed", "level")},
         ),
     conda:
@@ -94,7 +119,7 @@ rule figure2:
         f"{RUN}/benchmarks/seed{{seed}}/figures/figure2.tsv"
     params:
         **stage(
-            "postdiff.figures:figure2",
+            "postdiff.stats.figures:figure2",
             **{k: BOOT[k] for k in ("B", "seed", "level")},
         ),
     conda:
@@ -116,7 +141,7 @@ rule qualitative:
         f"{RUN}/benchmarks/seed{{seed}}/qualitative.tsv"
     params:
         **stage(
-            "postdiff.qualitative:qualitative",
+            "postdiff.outputs.qualitative:qualitative",
             variants=[variant_label(v) for v in QUALITATIVE],
             per_slice=config["report"]["qualitative_per_slice"],
             seed=config["report"]["seed"],
@@ -140,7 +165,7 @@ rule pair_gap:
         f"{RUN}/benchmarks/pair_gap.tsv"
     params:
         **stage(
-            "postdiff.gap:pair_gap",
+            "postdiff.stats.gap:pair_gap",
             splits=SPLITS,
         ),
     conda:
@@ -160,7 +185,7 @@ rule seed_table:
     benchmark:
         f"{RUN}/benchmarks/tables/seeds.tsv"
     params:
-        **stage("postdiff.seeds:seed_table", seeds=SEEDS),
+        **stage("postdiff.stats.seeds:seed_table", seeds=SEEDS),
     conda:
         ENV
     script:
@@ -177,7 +202,7 @@ rule seed_figure:
     benchmark:
         f"{RUN}/benchmarks/figures/seeds.tsv"
     params:
-        **stage("postdiff.seeds:seed_figure"),
+        **stage("postdiff.stats.seeds:seed_figure"),
     conda:
         ENV
     script:
@@ -201,7 +226,7 @@ rule mask_stability:
     benchmark:
         f"{RUN}/benchmarks/tables/mask_stability.tsv"
     params:
-        **stage("postdiff.stability:stability", seeds=SEEDS, layers=config["layers"], mask_names=list(STABLE_MASKS)),
+        **stage("postdiff.outputs.stability:stability", seeds=SEEDS, layers=config["layers"], mask_names=list(STABLE_MASKS)),
     conda:
         ENV
     script:
@@ -245,7 +270,7 @@ rule provenance:
         f"{RUN}/benchmarks/provenance.tsv"
     params:
         **stage(
-            "postdiff.provenance:record",
+            "postdiff.outputs.provenance:record",
             config=config,
             code_hash=package_hash(),
             run_dir=lambda wildcards, output: str(Path(output.run_id).parents[1]),  # results/<run>

@@ -2,6 +2,94 @@
 # baseline masks, and the threshold sweep (every cutoff its own target), per surrogate seed.
 # Nothing here reads test.
 
+SELECTOR = dict(
+    variant=f"{SEED}/variants/FullDelta.json",
+    split=f"{RUN}/suite/selector.parquet",
+    teacher=f"{RUN}/teacher/selector.parquet",
+)
+SELECTION_REFERENCES = dict(
+    scores=f"{SEED}/selection/scores.parquet",
+    pt_records=eval_file("selector", "PT"),
+    it_records=eval_file("selector", "IT"),
+)
+SEL = config["selection"]
+
+
+def selection_params(**extra):
+    """A selection's own params; the jobs that evaluate candidates add `model_params()`."""
+    keys = ("lambda", "size_cap", "accept", "min_gain", "fill_to_cap", "max_candidates", "max_new_tokens", "batch_size")
+    # Each accepted step's gain gets an interval from the same paired bootstrap as Table 2.
+    gain_bootstrap = {k: config["bootstrap"][k] for k in ("B", "seed", "level")}
+    return dict(**{k: SEL[k] for k in keys}, gain_bootstrap=gain_bootstrap, **extra)
+
+
+# The two forward selections: where each writes its mask, steps, per-step work and logs.
+SELECTIONS = {
+    "cap": dict(
+        input=dict(**SELECTOR, **SELECTION_REFERENCES, **model_inputs()),
+        mask=f"{SEED}/sweep/verb_exclusion={{exclusion}}/cap_cutoff={{cutoff}}/cap_mask.json",
+        steps=f"{SEED}/sweep/verb_exclusion={{exclusion}}/cap_cutoff={{cutoff}}/steps.parquet",
+        records=f"{SEED}/sweep/verb_exclusion={{exclusion}}/cap_cutoff={{cutoff}}/step_records.parquet",
+        work=f"{SEED}/sweep/verb_exclusion={{exclusion}}/cap_cutoff={{cutoff}}/select",
+        log="seed{seed}/sweep/verb_exclusion={exclusion}/cap_cutoff={cutoff}",
+        params=selection_params(
+            selection="cap",
+            cap_cutoff=lambda wc: float(wc.cutoff),
+            verb_exclusion=lambda wc: float(wc.exclusion),
+        ),
+    ),
+    "vmask": dict(
+        input=dict(**SELECTOR, **SELECTION_REFERENCES, **model_inputs(), full_records=eval_file("selector", "FullDelta")),
+        mask=MASK_FILES["vmask"],
+        steps=f"{SEED}/selection/vmask_steps.parquet",
+        records=f"{SEED}/selection/vmask_step_records.parquet",
+        work=f"{SEED}/selection/vmask",
+        log="seed{seed}/selection/vmask",
+        params=selection_params(selection="vmask", verb_cutoff=SEL["verb_cutoff"]),
+    ),
+}
+
+
+def _filled(pattern, wildcards):
+    return pattern.format(**dict(wildcards.items()))
+
+
+def previous_state(work):
+    """Input function: the selection state after the step before `step` (none before step 1)."""
+    return lambda wc: [] if int(wc.step) == 1 else _filled(f"{work}/step{int(wc.step) - 1}.json", wc)
+
+
+def step_values(work, suffix=""):
+    """Input function: every candidate shard's objective values (or, with `suffix` "_records",
+    its candidates' selector records) of one step."""
+    return lambda wc: [_filled(f"{work}/step{wc.step}/shard{s}{suffix}.parquet", wc) for s in range(SEL["n_shards"])]
+
+
+def last_step(work):
+    """Input functions: the state after the last step and every step's rows."""
+    steps = range(1, SEL["size_cap"] + 1)
+    return dict(
+        state=lambda wc: _filled(f"{work}/step{SEL['size_cap']}.json", wc),
+        steps=lambda wc: [_filled(f"{work}/step{t}.parquet", wc) for t in steps],
+        step_records=lambda wc: [_filled(f"{work}/step{t}_records.parquet", wc) for t in steps],
+    )
+
+
+def sweep_pairs():
+    """The sweep's (verb_exclusion, cap_cutoff) pairs in their path form: every cutoff of the grid
+    under the locked exclusion, and the locked cutoff under the strict one. One pair per
+    selection: `[1, 2, 2.0]` is two selections, not three."""
+    locked, strict = threshold(SEL["verb_exclusion"]), threshold(config["sweep"]["strict_verb_exclusion"])
+    pairs = [(locked, threshold(c)) for c in config["sweep"]["cap_cutoffs"]] + [(strict, threshold(SEL["cap_cutoff"]))]
+    return list(dict.fromkeys(pairs))
+
+
+def sweep_targets(output="mask", seed="{seed}"):
+    """The CapMask files of every sweep pair (or another `output` of the cap selection, e.g.
+    "records"), for `seed` (by default a `{seed}` pattern)."""
+    return [SELECTIONS["cap"][output].format(exclusion=e, cutoff=c, seed=seed) for e, c in sweep_pairs()]
+
+
 rule score_features:
     input:
         **SELECTOR,
@@ -19,7 +107,7 @@ rule score_features:
         **gpu_resources(),
     params:
         **stage(
-            "postdiff.scoring:score_features",
+            "postdiff.method.selection.scoring:score_features",
             **model_params(),
             ridge_alpha=config["scoring"]["ridge_alpha"],
             batch_size=SEL["batch_size"],
@@ -42,7 +130,7 @@ rule scores_plot:
     benchmark:
         f"{RUN}/benchmarks/seed{{seed}}/selection/scores_plot.tsv"
     params:
-        **stage("postdiff.scoring:plot_scores", top_n=config["scoring"]["top_n"]),
+        **stage("postdiff.method.selection.scoring:plot_scores", top_n=config["scoring"]["top_n"]),
     conda:
         ENV
     script:
@@ -80,7 +168,7 @@ for target, sel in SELECTIONS.items():
                 **gpu_resources(),
             params:
                 **stage(
-                    "postdiff.selection:select",
+                    "postdiff.method.selection.jobs:select",
                     **sel["params"],
                     **model_params(),
                 ),
@@ -110,7 +198,7 @@ for target, sel in SELECTIONS.items():
                 **gpu_resources(),
             params:
                 **stage(
-                    "postdiff.selection:select_shard",
+                    "postdiff.method.selection.jobs:select_shard",
                     shard=lambda wc: int(wc.shard),
                     n_shards=SEL["n_shards"],
                     **sel["params"],
@@ -140,7 +228,7 @@ for target, sel in SELECTIONS.items():
                 f"{RUN}/benchmarks/{sel['log']}/step{{step}}.tsv"
             params:
                 **stage(
-                    "postdiff.selection:select_step",
+                    "postdiff.method.selection.jobs:select_step",
                     **sel["params"],
                 ),
             conda:
@@ -165,7 +253,7 @@ for target, sel in SELECTIONS.items():
                 f"{RUN}/benchmarks/{sel['log']}.tsv"
             params:
                 **stage(
-                    "postdiff.selection:select_finish",
+                    "postdiff.method.selection.jobs:select_finish",
                     **sel["params"],
                 ),
             conda:
@@ -188,7 +276,7 @@ rule baseline_masks:
     params:
         # The RandomMask draw follows the surrogate seed (seed 0 draws with baselines.seed itself).
         **stage(
-            "postdiff.selection:baseline_masks",
+            "postdiff.method.selection.baselines:baseline_masks",
             seed=lambda wc: config["baselines"]["seed"] + int(wc.seed),
         ),
     conda:
@@ -210,7 +298,7 @@ rule sweep_summary:
     benchmark:
         f"{RUN}/benchmarks/seed{{seed}}/sweep/summary.tsv"
     params:
-        **stage("postdiff.selection:sweep_summary"),
+        **stage("postdiff.method.selection.sweep:sweep_summary"),
     conda:
         ENV
     script:

@@ -13,7 +13,7 @@ rule suite:
         f"{RUN}/benchmarks/suite.tsv"
     params:
         **stage(
-            "postdiff.suite:build_suite",
+            "postdiff.data.suite:build_suite",
             source=config["suite"]["source"],
             builtin=config["suite"]["builtin"],
             seed=config["suite"]["seed"],
@@ -37,7 +37,7 @@ rule split:
         f"{RUN}/benchmarks/split.tsv"
     params:
         **stage(
-            "postdiff.splits:split_suite",
+            "postdiff.data.splits:split_suite",
             seed=config["suite"]["seed"],
             sizes=config["suite"]["sizes"],
         ),

@@ -31,7 +31,7 @@ rule train_surrogate:
         **gpu_resources(),
     params:
         **stage(
-            "postdiff.surrogate:train_layer",
+            "postdiff.method.surrogate:train_layer",
             **model_params(),
             layer=lambda wc: int(wc.layer),
             layers=config["layers"],
@@ -63,7 +63,7 @@ rule surrogate_metrics:
         **gpu_resources(),
     params:
         **stage(
-            "postdiff.surrogate:layer_metrics",
+            "postdiff.method.surrogate:layer_metrics",
             **model_params(),
             layer=lambda wc: int(wc.layer),
             layers=config["layers"],

@@ -17,7 +17,7 @@ rule teacher:
         **gpu_resources(),
     params:
         **stage(
-            "postdiff.teacher:teacher",
+            "postdiff.method.teacher:teacher",
             **model_params(),
             **config["teacher"],
         ),

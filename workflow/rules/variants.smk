@@ -17,7 +17,7 @@ rule variant_spec:
         f"{RUN}/benchmarks/{{seeddir}}variants/{{variant}}.tsv"
     params:
         **stage(
-            "postdiff.spec:build_spec",
+            "postdiff.method.spec:build_spec",
             surrogate_layers=config["layers"],
             name=lambda wc: variant_label(wc.variant),
             mode=lambda wc: VARIANTS[wc.variant]["mode"],

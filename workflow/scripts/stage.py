@@ -8,6 +8,6 @@ SRC = Path(snakemake.scriptdir).resolve().parents[1] / "src"  # noqa: F821 (inje
 if (SRC / "postdiff" / "__init__.py").is_file():
     sys.path.insert(0, str(SRC))
 
-from postdiff.runtime import run_stage  # noqa: E402
+from postdiff.workflow.runtime import run_stage  # noqa: E402
 
 run_stage(snakemake)  # noqa: F821

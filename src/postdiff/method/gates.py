@@ -1,0 +1,311 @@
+"""Per-layer gates ``alpha_l``, chosen on calib to minimise answer-phase KL(IT || variant) (SPEC §5).
+
+Search: the grid's diagonal first (every layer sharing one alpha), then coordinate rounds, one
+layer at a time from the earliest (later layers see the earlier layers' edits), until a round
+moves nothing or ``max_rounds`` is reached. Starting from the best shared alpha rather than
+from all-0 or all-1 costs one grid sweep and, since each coordinate move must strictly lower
+KL (or keep it and shrink the edit), guarantees the result is no worse than PT (alpha 0), than
+the surrogate as trained (alpha 1), or than any other shared alpha. Ties go to the smaller
+edit, so an edit that only hurts, or does nothing, is gated to 0.
+
+Refinement: a grid's winner can be a near-tie with its neighbour, and another CPU's rounding
+then flips the choice by a whole grid step (0.25 in alpha moved FullDelta's CapRec by 0.2 on the
+embedded pair). So each layer's alpha is then refined off the grid by a bounded 1-D search on
+calib KL (Brent's method within one grid step of the winner), layer by layer, while KL falls.
+The chosen gates are compared, prompt by prompt, with the runner-up (the best measured gates
+at least one grid step away): a paired bootstrap interval over calib prompts whose lower end
+is not above 0 makes the choice a statistical tie, which the log and the report say.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+
+import numpy as np
+import polars as pl
+from scipy.optimize import minimize_scalar
+from torch import Tensor, nn
+
+from postdiff.method import variants as V
+from postdiff.method.evaluate import read_rows
+from postdiff.method.spec import Variant
+from postdiff.method.surrogate import TopKSurrogate
+from postdiff.models.forward import reference_logprobs, variant_kl
+from postdiff.models.loading import load_pair
+from postdiff.stats import bootstrap, metrics
+from postdiff.workflow.io import read_json, write_json, write_parquet, write_text
+from postdiff.workflow.runtime import Job
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+DEFAULT_MAX_ROUNDS = 3
+# The refined alpha's tolerance; alphas are measured on this many decimals, so gate files stay
+# readable and each point is measured once.
+DEFAULT_TOL = 0.01
+DECIMALS = 4
+# IT log-probs of the whole calib split are kept when they fit in this many bytes; beyond it
+# (262k-token vocabularies) IT runs once per batch of each coordinate step instead.
+REFERENCE_BYTES = 2 << 30
+
+Point = tuple[float, ...]
+CURVE_SCHEMA = {
+    "round": pl.Int64,
+    "layer": pl.Int64,
+    "alpha": pl.Float64,
+    "kl": pl.Float64,
+    "shared": pl.Boolean,
+    "refined": pl.Boolean,
+    "gates": pl.String,
+}
+
+
+def check_grid(grid: Sequence[float]) -> list[float]:
+    values = sorted({float(a) for a in grid})
+    if not values or not all(math.isfinite(a) for a in values):
+        raise ValueError(f"gate grid must be a non-empty list of finite numbers, got {list(grid)}")
+    return values
+
+
+def _rank(point: Point, kl: float) -> tuple[float, float]:
+    # A NaN KL (a diverging edit) ranks last; among equal KLs the smaller edit wins.
+    return (math.inf if math.isnan(kl) else kl, sum(abs(a) for a in point))
+
+
+class _Measured:
+    """Every gate vector measured so far (each once), the curve rows, and the best point."""
+
+    def __init__(self, kl: Callable[[list[Point]], list[float]]) -> None:
+        self.kl, self.seen, self.trace = kl, {}, []
+
+    def __call__(self, points: list[Point], round_: int, layers: Sequence[int], shared: bool = False,
+                 refined: bool = False) -> tuple[Point, float]:
+        new = [p for p in dict.fromkeys(points) if p not in self.seen]
+        if new:
+            self.seen.update(zip(new, (float(v) for v in self.kl(new)), strict=True))
+        for p in points:
+            for i in layers:
+                self.trace.append(dict(round=round_, layer=i, alpha=p[i], kl=self.seen[p], shared=shared,
+                                       refined=refined, gates=p))
+        return min(((p, self.seen[p]) for p in points), key=lambda pv: _rank(*pv))
+
+
+def coordinate_search(
+    kl: Callable[[list[Point]], list[float]], n_layers: int, grid: Sequence[float], max_rounds: int = DEFAULT_MAX_ROUNDS,
+    tol: float | None = None,
+) -> tuple[Point, float, list[dict]]:
+    """Best gate vector, its KL, and every measured point as curve rows.
+
+    ``kl`` maps gate vectors to mean KL; each vector is measured once. Curve rows carry the
+    index of the layer moved (every layer for the shared sweep, round 0). With ``tol``, the
+    grid's winner is then refined off the grid (:func:`refine`).
+    """
+    if n_layers < 1:
+        raise ValueError("coordinate_search needs at least one layer")
+    if max_rounds < 0:
+        raise ValueError(f"max_rounds must be >= 0, got {max_rounds}")
+    grid = check_grid(grid)
+    measure = _Measured(kl)
+    best, best_kl = measure([(a,) * n_layers for a in grid], 0, range(n_layers), shared=True)
+    log.info("shared sweep: alpha %s, KL %.5f", best[0], best_kl)
+    # With one layer the shared sweep already covers the whole grid.
+    for round_ in range(1, max_rounds + 1 if n_layers > 1 else 1):
+        moved = False
+        for i in range(n_layers):
+            point, value = measure([best[:i] + (a,) + best[i + 1 :] for a in grid], round_, [i])
+            if _rank(point, value) < _rank(best, best_kl):
+                best, best_kl, moved = point, value, True
+        log.info("round %d: gates %s, KL %.5f", round_, best, best_kl)
+        if not moved:
+            break
+    if tol is not None and len(grid) > 1:
+        best, best_kl = refine(measure, best, best_kl, grid, tol, max(max_rounds, 1))
+    return best, best_kl, measure.trace
+
+
+def refine(measure: _Measured, best: Point, best_kl: float, grid: Sequence[float], tol: float,
+           max_rounds: int) -> tuple[Point, float]:
+    """Each layer's alpha refined by a bounded 1-D search (Brent) within one grid step of its
+    value, inside the grid's range, layer by layer while that lowers KL; rounds stop when no
+    alpha moves by more than ``tol``."""
+    if not tol > 0:
+        raise ValueError(f"gate refinement tolerance must be > 0, got {tol}")
+    step = min(b - a for a, b in zip(grid, grid[1:]))
+    start_round = 1 + max((row["round"] for row in measure.trace), default=0)
+    for round_ in range(start_round, start_round + max_rounds):
+        moved = False
+        for i in range(len(best)):
+            def at(a: float, i: int = i) -> Point:
+                return best[:i] + (round(float(a), DECIMALS),) + best[i + 1 :]
+
+            lo, hi = max(grid[0], best[i] - step), min(grid[-1], best[i] + step)
+            found = minimize_scalar(lambda a: _rank(*measure([at(a)], round_, [i], refined=True))[0],
+                                    bounds=(lo, hi), method="bounded", options={"xatol": tol})
+            point = at(found.x)
+            value = measure.seen[point]
+            if _rank(point, value) < _rank(best, best_kl):
+                moved = moved or abs(point[i] - best[i]) > tol
+                best, best_kl = point, value
+        log.info("refinement round %d: gates %s, KL %.5f", round_, best, best_kl)
+        if not moved:
+            break
+    return best, best_kl
+
+
+def runner_up(trace: Sequence[Mapping], best: Point, step: float) -> Point | None:
+    """The best measured gate vector at least one grid ``step`` away from ``best`` in some layer:
+    the choice that rounding on another machine could have made instead."""
+    seen = {row["gates"]: row["kl"] for row in trace}
+    far = [(p, v) for p, v in seen.items() if max(abs(a - b) for a, b in zip(p, best)) >= step - 1e-9]
+    return min(far, key=lambda pv: _rank(*pv))[0] if far else None
+
+
+def tie_test(chosen: np.ndarray, other: np.ndarray, codes: np.ndarray, B: int, seed: int,
+             level: float) -> dict[str, float | bool]:
+    """Paired, slice-stratified bootstrap of mean KL(other) - mean KL(chosen) over prompts.
+    A lower end not above 0 means the prompts cannot tell the two gate choices apart."""
+    diff = other - chosen
+    idx = bootstrap.stratified_indices(codes, B, np.random.default_rng(seed))
+    lo, hi = bootstrap.percentile_interval(diff[idx].mean(axis=1), level)
+    return {"diff": float(diff.mean()), "lo": lo, "hi": hi, "tie": not lo > 0}
+
+
+def kl_reference(it: nn.Module, pairs: Sequence[tuple[list[int], list[int]]], batch_size: int) -> nn.Module | list[Tensor]:
+    """IT's answer log-probs once for every grid point, or IT itself when they would not fit."""
+    vocab = it.get_output_embeddings().weight.shape[0]
+    need = sum(len(a) for _, a in pairs) * vocab * 4
+    if need > REFERENCE_BYTES:
+        log.info("IT log-probs need %.1f GiB: IT reruns per batch", need / 2**30)
+        return it
+    return reference_logprobs(it, pairs, batch_size)
+
+
+def calibrate_gates(
+    model: nn.Module,
+    pairs: Sequence[tuple[list[int], list[int]]],
+    variant: Variant,
+    modules: Mapping[int, TopKSurrogate],
+    means: Mapping[int, Tensor] | None,
+    grid: Sequence[float],
+    batch_size: int,
+    reference: nn.Module | Sequence[Tensor],
+    max_rounds: int = DEFAULT_MAX_ROUNDS,
+    tol: float | None = DEFAULT_TOL,
+) -> tuple[dict[int, float], pl.DataFrame, dict[Point, np.ndarray]]:
+    """Gates ``{layer: alpha}`` of ``variant``'s layers, the curve (layer ids, not indices) and
+    the per-prompt KL of every measured gate vector."""
+    layers = variant.layers
+    per_prompt: dict[Point, np.ndarray] = {}
+
+    def kl(points: list[Point]) -> list[float]:
+        edits = {
+            str(i): V.edits(replace(variant, gates=dict(zip(layers, p, strict=True))), modules, means)
+            for i, p in enumerate(points)
+        }
+        out = variant_kl(model, pairs, batch_size, edits, reference)
+        per_prompt.update((p, out[str(i)].numpy()) for i, p in enumerate(points))
+        return [float(out[str(i)].mean()) for i in range(len(points))]
+
+    best, _, trace = coordinate_search(kl, len(layers), grid, max_rounds, tol)
+    curve = pl.DataFrame(
+        [
+            {**row, "layer": layers[row["layer"]], "gates": json.dumps(dict(zip(map(str, layers), row["gates"])))}
+            for row in trace
+        ],
+        schema=CURVE_SCHEMA,
+    )
+    return dict(zip(layers, best, strict=True)), curve, per_prompt
+
+
+def choice_report(gates: Mapping[int, float], per_prompt: Mapping[Point, np.ndarray], curve: pl.DataFrame,
+                  grid: Sequence[float], codes: np.ndarray, B: int, seed: int, level: float) -> dict:
+    """The chosen gates' calib KL against the runner-up's, with the paired bootstrap tie test."""
+    best = tuple(gates.values())
+    grid = check_grid(grid)
+    step = min((b - a for a, b in zip(grid, grid[1:])), default=math.inf)
+    trace = [{"gates": tuple(json.loads(g).values()), "kl": v} for g, v in curve.select("gates", "kl").iter_rows()]
+    other = runner_up(trace, best, step)
+    out: dict = {"gates": {str(k): v for k, v in gates.items()}, "kl": float(per_prompt[best].mean()),
+                 "grid_step": step, "level": level, "n_prompts": len(codes)}
+    if other is None:
+        return {**out, "runner_up": None, "runner_up_kl": None, "diff": None, "lo": None, "hi": None, "tie": False}
+    test = tie_test(per_prompt[best], per_prompt[other], codes, B, seed, level)
+    return {**out, "runner_up": dict(zip(out["gates"], other)), "runner_up_kl": float(per_prompt[other].mean()), **test}
+
+
+def calibration_variant(mode: str, layers: int | Sequence[int], surrogates: Sequence[str], standardiser: str | None) -> Variant:
+    """The variant whose gates are searched: ``full`` (surrogates, one per layer) or ``mean``."""
+    if mode not in ("full", "mean"):
+        raise ValueError(f"calibrate: mode must be 'full' or 'mean', got {mode!r}")
+    layers = [int(layer) for layer in (layers if isinstance(layers, (list, tuple)) else [layers])]
+    if len(set(layers)) != len(layers) or not layers:
+        raise ValueError(f"calibrate: layers must be distinct and non-empty, got {layers}")
+    if mode == "full" and len(surrogates) != len(layers):
+        raise ValueError(f"calibrate: {len(surrogates)} surrogate files for {len(layers)} layers {layers}")
+    if mode == "mean" and not standardiser:
+        raise ValueError("calibrate: mode 'mean' needs input 'standardiser'")
+    return Variant(
+        name=f"calibrate_{mode}",
+        mode=mode,
+        gates={layer: 0.0 for layer in layers},
+        surrogates=dict(zip(layers, surrogates, strict=True)) if mode == "full" else {},
+        standardiser=standardiser if mode == "mean" else None,
+    )
+
+
+def calibrate(job: Job) -> None:
+    """Stage: gates for one set of layers.
+
+    input: ``split``, ``teacher`` (calib), ``surrogates`` (list, one per layer; mode full) or
+    ``standardiser`` (mode mean); params: ``mode``, ``layers``, ``grid``, ``max_rounds``,
+    ``refine`` and ``tol``, ``pt``, ``it``, ``dtype``, ``device``, ``batch_size``, ``bootstrap``
+    (``B``, ``seed``, ``level`` of the tie test); output: ``gates`` (JSON), ``curve`` (Parquet)
+    and ``choice`` (JSON: the chosen gates against the runner-up).
+    """
+    p = job.params
+    variant = calibration_variant(
+        p["mode"], p["layers"], job.inputs("surrogates"), job.input.get("standardiser")
+    )
+    grid = check_grid(p.get("grid", DEFAULT_GRID))
+    tol = float(p.get("tol", DEFAULT_TOL)) if p.get("refine", True) else None
+    rows = read_rows(job.input["split"], job.input["teacher"])
+    pair = load_pair(p["pt"], p["it"], p.get("dtype", "auto"), p.get("device", "auto"))
+    modules, means = V.materialise(variant, next(pair.pt.parameters()).device)
+    pairs = list(zip(rows["prefix_ids"].to_list(), rows["token_ids"].to_list(), strict=True))
+    batch_size = job.batch_size()
+    reference = kl_reference(pair.it, pairs, batch_size)
+    gates, curve, per_prompt = calibrate_gates(
+        pair.pt, pairs, variant, modules, means, grid, batch_size, reference,
+        int(p.get("max_rounds", DEFAULT_MAX_ROUNDS)), tol,
+    )
+    boot = p.get("bootstrap", {})
+    codes = rows["slice"].replace_strict(list(metrics.SLICES), list(range(len(metrics.SLICES)))).to_numpy()
+    choice = choice_report(gates, per_prompt, curve, grid, codes, int(boot.get("B", 10_000)), int(boot.get("seed", 0)),
+                           float(boot.get("level", 0.95)))
+    log.info("gates %s, calib KL %.5f", gates, choice["kl"])
+    if choice["tie"]:
+        log.warning("gates %s tie with the runner-up %s on calib KL: %+.5f [%.5f, %.5f]; results that depend "
+                    "on this choice can move on another CPU", gates, choice["runner_up"], choice["diff"],
+                    choice["lo"], choice["hi"])
+    write_parquet(curve, job.output["curve"])
+    write_json(choice, job.output["choice"])
+    write_json({str(layer): alpha for layer, alpha in gates.items()}, job.output["gates"])
+
+
+def gate_table(job: Job) -> None:
+    """Stage: one row per gates file of a seed (input ``choices``, named by params ``names``):
+    the chosen gates, calib KL, the runner-up and the tie test. Output ``csv``."""
+    rows = []
+    for name, path in zip(job.params["names"], job.inputs("choices"), strict=True):
+        c = read_json(path)
+        rows.append({"gates": name, "alpha": json.dumps(c["gates"]), "calib_kl": c["kl"],
+                     "runner_up": None if c["runner_up"] is None else json.dumps(c["runner_up"]),
+                     "runner_up_kl": c["runner_up_kl"], "diff": c["diff"], "lo": c["lo"], "hi": c["hi"],
+                     "tie": c["tie"]})
+    schema = {"gates": pl.String, "alpha": pl.String, "calib_kl": pl.Float64, "runner_up": pl.String,
+              "runner_up_kl": pl.Float64, "diff": pl.Float64, "lo": pl.Float64, "hi": pl.Float64, "tie": pl.Boolean}
+    write_text(pl.DataFrame(rows, schema=schema).write_csv(), job.output["csv"])

@@ -1,0 +1,339 @@
+"""The selection jobs: one whole selection (:func:`select`), or one step sharded over jobs
+(:func:`select_shard`, :func:`select_step`, :func:`select_finish`). Each reads the scores, the
+selector prompts and the references' records, evaluates masks by batched generation with PT
+(every prompt's rows in one batch, so identical edits give identical tokens whatever the batch
+size) and hands the objective values to :mod:`postdiff.method.selection.search`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import polars as pl
+
+from postdiff.method import variants as V
+from postdiff.method.evaluate import RECORD_SCHEMA, check_budget, evaluate_masks, load_pt
+from postdiff.method.selection.maskfile import layer_mask
+from postdiff.method.selection.scoring import aligned_records, selector_inputs
+from postdiff.method.selection.search import (
+    ROLES,
+    RULES,
+    Accept,
+    Mask,
+    Metrics,
+    Pair,
+    Rule,
+    State,
+    admitted,
+    advance,
+    forward_select,
+    gain_interval,
+    gain_rule,
+    selector_metrics,
+    shard_candidates,
+    start,
+    step_gains,
+)
+from postdiff.method.spec import Variant
+from postdiff.workflow.io import read_json, write_json, write_parquet
+from postdiff.workflow.runtime import Job
+
+log = logging.getLogger(__name__)
+
+
+DEFAULTS = {
+    "cap_cutoff": 1.5,
+    "verb_exclusion": 1.0,
+    "verb_cutoff": 1.5,
+    "lambda": 0.5,
+    "size_cap": 5,
+    "max_candidates": 32,
+    "min_gain": 0.0,
+    "accept": "gain",
+    "fill_to_cap": False,
+}
+
+
+ACCEPT_RULES = ("gain", "interval")
+
+STEP_RECORD_SCHEMA = {"step": pl.Int64, "role": pl.String, **RECORD_SCHEMA}
+
+
+def _param(params: Mapping, key: str | None) -> float | None:
+    if key is None:
+        return None
+    value = params.get(key, DEFAULTS.get(key))
+    return None if value is None else float(value)
+
+
+@dataclass
+class Selection:
+    """One selection job's inputs, read and checked: the candidate pool, the base objective,
+    the acceptance rule, and (on demand) the PT model and surrogates that evaluate masks."""
+
+    job: Job
+    rule: Rule
+    cutoff: float | None
+    exclusion: float | None
+    lam: float
+    size_cap: int
+    min_gain: float
+    accept_rule: str
+    fill_to_cap: bool
+    max_candidates: int | None
+    n_admitted: int
+    pool: list[Pair]
+    base: float
+    score_of: Callable[[Metrics], float]
+    rows: pl.DataFrame
+    variant: Variant
+    references: dict[str, pl.DataFrame]  # the references' selector records, in ``rows`` order
+    # Records of every mask of each batched call in this job, call by call: a step's incumbent
+    # and chosen records come from the same call.
+    calls: list[dict[Mask, pl.DataFrame]] = field(default_factory=list)
+
+    @classmethod
+    def read(cls, job: Job, rule: Rule) -> Selection:
+        p = job.params
+        cutoff, exclusion = _param(p, rule.cutoff_key), _param(p, rule.exclusion_key)
+        lam = float(p.get("lambda", DEFAULTS["lambda"]))
+        size_cap = int(p.get("size_cap", DEFAULTS["size_cap"]))
+        min_gain = float(p.get("min_gain", DEFAULTS["min_gain"]))
+        accept_rule = str(p.get("accept", DEFAULTS["accept"]))
+        fill_to_cap = bool(p.get("fill_to_cap", DEFAULTS["fill_to_cap"]))
+        max_candidates = p.get("max_candidates", DEFAULTS["max_candidates"])
+        max_candidates = None if max_candidates is None else int(max_candidates)
+        max_new_tokens = int(p["max_new_tokens"])
+        if size_cap < 0 or (max_candidates is not None and max_candidates < 1) or not min_gain >= 0:
+            raise ValueError(f"selection: need size_cap >= 0, max_candidates >= 1 and min_gain >= 0, "
+                             f"got {size_cap}, {max_candidates}, {min_gain}")
+        if accept_rule not in ACCEPT_RULES:
+            raise ValueError(f"selection.accept must be one of {ACCEPT_RULES}, got {accept_rule!r}")
+        scores = pl.read_parquet(job.input["scores"])
+        needed = ["layer", "feature", rule.score, *([rule.exclude_by] if rule.exclude_by else [])]
+        if missing := [c for c in needed if c not in scores.columns]:
+            raise ValueError(f"{job.input['scores']}: missing columns {missing}")
+        full, rows = selector_inputs(job, "selection")
+        check_budget(rows, max_new_tokens, job.input["teacher"])
+        references = {}
+        for ref in rule.references:
+            path = job.input[f"{ref}_records"]
+            references[ref] = aligned_records(pl.read_parquet(path), rows["id"].to_list(), path)
+            if int(references[ref]["n_tokens"].max()) > max_new_tokens:
+                raise ValueError(f"{path}: records run past max_new_tokens={max_new_tokens}; use the same budget")
+        refs = {ref: selector_metrics(records) for ref, records in references.items()}
+
+        def score_of(m: Metrics) -> float:
+            return float(rule.objective(m, refs, lam))
+
+        everything = admitted(scores, rule, cutoff, exclusion)
+        pool = everything[:max_candidates]
+        log.info("%s: %d features admitted, pool of %d%s, base objective %.5f", rule.name, len(everything), len(pool),
+                 " (the cap binds)" if len(pool) < len(everything) else "", score_of(refs[rule.unmasked]))
+        return cls(job, rule, cutoff, exclusion, lam, size_cap, min_gain, accept_rule, fill_to_cap, max_candidates,
+                   len(everything), pool, score_of(refs[rule.unmasked]), score_of, rows,
+                   Variant(name=f"select_{rule.name}", mode=rule.mode, gates=full.gates, surrogates=full.surrogates),
+                   references)
+
+    def start(self) -> State:
+        return start(self.pool, self.base, self.size_cap)
+
+    @cached_property
+    def pt(self) -> tuple[Any, Any]:
+        """The PT model and tokenizer, loaded on first use (a stopped selection never loads them)."""
+        return load_pt(self.job.params)
+
+    @property
+    def _bootstrap(self) -> tuple[int, int, float]:
+        p = self.job.params.get("gain_bootstrap", {})
+        return int(p.get("B", 10_000)), int(p.get("seed", 0)), float(p.get("level", 0.95))
+
+    def interval(self, incumbent: pl.DataFrame, chosen: pl.DataFrame) -> dict[str, float]:
+        return gain_interval(self.rule, self.lam, self.references, incumbent, chosen, *self._bootstrap)
+
+    def accept(self, records: Callable[[Pair], tuple[pl.DataFrame, pl.DataFrame]]) -> Accept:
+        """The configured rule. ``interval`` reads the step's incumbent and candidate records
+        (``records(candidate)``, both from the call that measured the candidate)."""
+        if self.accept_rule == "gain":
+            return gain_rule(self.min_gain)
+
+        def clears(step: int, candidate: Pair, gain: float) -> bool:
+            test = self.interval(*records(candidate))
+            log.info("step %d: %s gain %.5f [%.5f, %.5f]", step, candidate, test["gain"], test["lo"], test["hi"])
+            return test["lo"] > 0
+
+        return clears
+
+    def objective(self) -> Callable[[list[Mask]], list[float]]:
+        """Scores masks in one batched generation over the selector prompts; every prompt's rows
+        share a batch, so identical edits give identical tokens whatever the batch size."""
+        p = self.job.params
+        model, tokenizer = self.pt
+        modules = V.materialise(self.variant, next(model.parameters()).device)[0]
+
+        def objective(masks: list[Mask]) -> list[float]:
+            if not masks:
+                return []
+            records = evaluate_masks(model, tokenizer, self.rows, self.variant, modules, [layer_mask(m) for m in masks],
+                                     int(p["max_new_tokens"]), self.job.batch_size())
+            call = {mask: records.filter(pl.col("candidate") == c).drop("candidate") for c, mask in enumerate(masks)}
+            self.calls.append(call)
+            return [self.score_of(selector_metrics(call[mask])) for mask in masks]
+
+        return objective
+
+    def latest(self, candidate: Pair) -> tuple[pl.DataFrame, pl.DataFrame]:
+        """The incumbent's and ``candidate``'s records from the last call (its first mask is the incumbent)."""
+        call = self.calls[-1]
+        incumbent = next(iter(call))
+        return call[incumbent], call[incumbent + (candidate,)]
+
+    def step_records(self, mask: Mask) -> pl.DataFrame:
+        """Per taken step, the incumbent's and the chosen mask's records from that step's call."""
+        frames = [self.calls[t - 1][m].with_columns(pl.lit(t, dtype=pl.Int64).alias("step"), pl.lit(role).alias("role"))
+                  for t in range(1, len(mask) + 1) for role, m in zip(ROLES, (mask[: t - 1], mask[:t]))]
+        return pl.concat([f.select(list(STEP_RECORD_SCHEMA)) for f in frames]) if frames else pl.DataFrame(schema=STEP_RECORD_SCHEMA)
+
+    def write(self, mask: Mask, objective: float, steps: pl.DataFrame, records: pl.DataFrame) -> None:
+        """The mask JSON (with each taken step's gain, its interval and whether it passed the
+        rule), the steps' rows and the taken steps' per-prompt records."""
+        out = self.job.output
+        gains = step_gains(self.rule, self.lam, self.references, records, *self._bootstrap)
+        passed = dict(steps.filter("chosen").select("step", "passed").iter_rows())
+        for gain, pair in zip(gains, mask):
+            log.info("step %d: %s gain %.5f [%.5f, %.5f]%s", gain["step"], pair, gain["gain"], gain["lo"], gain["hi"],
+                     "" if passed[gain["step"]] else " (fills the cap)")
+        write_parquet(steps, out["steps"])
+        write_parquet(records, out["records"])
+        write_json(
+            {
+                "step_gains": [{**g, "layer": pair[0], "feature": pair[1], "passed": passed[g["step"]]}
+                               for g, pair in zip(gains, mask)],
+                "rule": self.rule.name,
+                "mask": layer_mask(mask),
+                "order": [list(pair) for pair in mask],
+                "objective": objective,
+                "base_objective": self.base,
+                "cutoff": self.cutoff,
+                "exclusion": self.exclusion,
+                "lambda": self.lam,
+                "size_cap": self.size_cap,
+                "accept": self.accept_rule,
+                "min_gain": self.min_gain,
+                "fill_to_cap": self.fill_to_cap,
+                "max_candidates": self.max_candidates,
+                "n_admitted": self.n_admitted,
+                "n_candidates": len(self.pool),
+                "cap_bound": len(self.pool) < self.n_admitted,
+                "pool": [list(pair) for pair in self.pool],
+            },
+            out["mask"],
+        )
+
+
+def _rule(job: Job) -> Rule:
+    name = job.params.get("selection")
+    if name not in RULES:
+        raise ValueError(f"selection: params.selection must be one of {sorted(RULES)}, got {name!r}")
+    return RULES[name]
+
+
+def select(job: Job) -> None:
+    """Stage: a whole forward selection in one job. params: ``selection`` (``cap`` or ``vmask``),
+    ``lambda``, ``size_cap``, ``accept``, ``min_gain``, ``fill_to_cap``, ``max_candidates``,
+    ``max_new_tokens``, ``batch_size``, ``pt``, ``dtype``, ``device``, ``gain_bootstrap`` and the
+    rule's thresholds (``cap_cutoff`` and ``verb_exclusion``, or ``verb_cutoff``); input:
+    ``variant`` (FullDelta spec), ``split``, ``teacher`` (selector), ``scores`` and the references'
+    records (``pt_records``, ``it_records``, and for VMask ``full_records``); output: ``mask``
+    (JSON), ``steps`` and ``records`` (Parquet)."""
+    sel = Selection.read(job, _rule(job))
+    objective = sel.objective() if sel.pool else None
+    mask, value, steps = forward_select(sel.pool, objective, sel.base, sel.size_cap, sel.accept(sel.latest), sel.fill_to_cap)
+    sel.write(mask, value, steps, sel.step_records(mask))
+
+
+def _previous(job: Job, sel: Selection) -> State:
+    """The state after the previous step: input ``state`` (absent for the first step)."""
+    path = job.input.get("state")
+    if not path:
+        return sel.start()
+    state = State.from_json(read_json(path))
+    if list(state.pool) != sel.pool:
+        raise ValueError(f"{path}: its candidate pool differs from the one these inputs give; rerun its step")
+    return state
+
+
+# A shard's records: its candidates' (layer, feature) and its incumbent's (-1, -1), one call.
+INCUMBENT = (-1, -1)
+
+SHARD_RECORD_SCHEMA = {**RECORD_SCHEMA, "layer": pl.Int64, "feature": pl.Int64}
+
+VALUES_SCHEMA = {"layer": pl.Int64, "feature": pl.Int64, "objective": pl.Float64, "incumbent": pl.Float64}
+
+
+def select_shard(job: Job) -> None:
+    """Stage: one shard of one selection step: the incumbent and this shard's candidates in one
+    batched call. As :func:`select`, plus params ``shard`` and ``n_shards`` and input ``state``
+    (the previous step's, absent for step 1); output ``values`` (Parquet: layer, feature, the
+    candidate's objective and the incumbent's from the same call) and ``records``. A stopped
+    selection evaluates nothing and loads no model."""
+    sel = Selection.read(job, _rule(job))
+    state = _previous(job, sel)
+    tried = shard_candidates(state, int(job.params["shard"]), int(job.params["n_shards"]))
+    incumbent, *values = sel.objective()([state.chosen, *(state.chosen + (c,) for c in tried)]) if tried else [math.nan]
+    write_parquet(pl.DataFrame({"layer": [c[0] for c in tried], "feature": [c[1] for c in tried], "objective": values,
+                                "incumbent": [incumbent] * len(tried)}, schema=VALUES_SCHEMA), job.output["values"])
+    call = sel.calls[-1] if tried else {}
+    records = [call[state.chosen + (c,) if c != INCUMBENT else state.chosen].with_columns(
+        pl.lit(c[0]).alias("layer"), pl.lit(c[1]).alias("feature")) for c in ([INCUMBENT, *tried] if tried else [])]
+    write_parquet(pl.concat([r.select(*SHARD_RECORD_SCHEMA) for r in records]) if records
+                  else pl.DataFrame(schema=SHARD_RECORD_SCHEMA), job.output["records"])
+
+
+def _read_all(paths: str | Sequence[str]) -> list[pl.DataFrame]:
+    return [pl.read_parquet(p) for p in ([paths] if isinstance(paths, str) else paths)]
+
+
+def select_step(job: Job) -> None:
+    """Stage: merge one step's shards into the next state. Input as :func:`select_shard` plus
+    ``values`` and ``records`` (every shard's); output ``state`` (JSON), ``steps`` (this step's
+    rows) and ``records`` (the taken step's incumbent and chosen records, from one shard's call)."""
+    sel = Selection.read(job, _rule(job))
+    state = _previous(job, sel)
+    shards = list(zip(_read_all(job.input["values"]), _read_all(job.input["records"]), strict=True))
+    values = pl.concat([v for v, _ in shards])
+    tried = [(int(a), int(b)) for a, b in values.select("layer", "feature").iter_rows()]
+    shard_of = {c: r for v, r in shards for c in v.select("layer", "feature").iter_rows()}
+
+    def records(candidate: Pair) -> tuple[pl.DataFrame, pl.DataFrame]:
+        frame = shard_of[candidate]
+        return tuple(frame.filter((pl.col("layer") == c[0]) & (pl.col("feature") == c[1])).drop("layer", "feature")
+                     for c in (INCUMBENT, candidate))
+
+    before = len(state.chosen)
+    state, steps = advance(state, tried, values["objective"].to_list(), values["incumbent"].to_list(), sel.size_cap,
+                           sel.accept(records), sel.fill_to_cap)
+    taken = pl.DataFrame(schema=STEP_RECORD_SCHEMA)
+    if len(state.chosen) > before:
+        taken = pl.concat([f.with_columns(pl.lit(state.step, dtype=pl.Int64).alias("step"), pl.lit(role).alias("role"))
+                           .select(list(STEP_RECORD_SCHEMA)) for role, f in zip(ROLES, records(state.chosen[-1]))])
+    write_parquet(steps, job.output["steps"])
+    write_parquet(taken, job.output["records"])
+    write_json(state.to_json(), job.output["state"])
+
+
+def select_finish(job: Job) -> None:
+    """Stage: the mask and steps of a sharded selection. Input as :func:`select_step`, with
+    ``state`` the last step's and ``steps`` every step's rows; output as :func:`select`."""
+    sel = Selection.read(job, _rule(job))
+    steps = pl.concat(_read_all(job.input["steps"]))
+    state = _previous(job, sel)
+    if not state.stopped:
+        raise ValueError(f"{job.input['state']}: selection has not finished after step {state.step}")
+    records = pl.concat(_read_all(job.input["step_records"]))
+    sel.write(state.chosen, state.objective, steps, records.sort("step", maintain_order=True))

@@ -1,0 +1,27 @@
+"""The mask file that every selection writes and later stages read: ``{"mask": {layer: [features]}, ...}``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from postdiff.method.selection.search import Pair
+from postdiff.workflow.io import read_json
+
+
+def layer_mask(mask: Sequence[Pair]) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for layer, feature in mask:
+        out.setdefault(int(layer), []).append(int(feature))
+    return {layer: sorted(features) for layer, features in sorted(out.items())}
+
+
+def read_mask_file(path: str) -> dict:
+    obj = read_json(path)
+    if not isinstance(obj, dict) or not isinstance(obj.get("mask"), dict):
+        raise ValueError(f"{path}: not a mask file (needs an object with a 'mask' object)")
+    return obj
+
+
+def mask_of(obj: Mapping) -> dict[int, list[int]]:
+    """``{layer: sorted features}`` of a mask file's object, empty layers dropped."""
+    return {int(layer): sorted(int(j) for j in f) for layer, f in sorted(obj["mask"].items(), key=lambda kv: int(kv[0])) if f}

@@ -1,0 +1,1 @@
+"""What a run hands people and other tools: feature cards, the qualitative page, exports, mask stability, provenance."""

@@ -1,0 +1,216 @@
+"""A surrogate in the layouts of the tools researchers open dictionaries with: SAELens and
+EleutherAI sparsify.
+
+Both take raw PT hidden states: the standardisation is folded into the encoder,
+``W' = W_enc / sigma``, ``b' = b_enc - W' mu``, so ``W' h + b' = W_enc (h - mu) / sigma + b_enc``
+(computed in float64, stored in float32). The decoder and ``b_dec`` are ours as they are.
+
+- **SAELens** (6.x, ``SAE.load_from_disk``): ``cfg.json``, ``sae_weights.safetensors`` with
+  ``W_enc [d_in, d_sae]``, ``b_enc``, ``W_dec [d_sae, d_out]``, ``b_dec``, and
+  ``sparsity.safetensors`` (``sparsity``: log10 of each feature's firing rate on the train
+  split, as SAELens's trainer writes it). Architecture ``topk``: SAELens's transcoders have a
+  ReLU or JumpReLU activation, none a TopK, and would not compute our ``z``; ``topk``
+  (``topk`` then ReLU, ``apply_b_dec_to_input`` off) computes exactly our ``z`` and
+  ``delta_hat``, because here ``d_out = d_in``. The transcoder's facts (``d_out``, the output
+  hook) are in ``metadata``.
+- **sparsify** (1.3.x, ``SparseCoder.load_from_disk``): ``cfg.json`` and ``sae.safetensors`` with
+  ``encoder.weight [F, d]``, ``encoder.bias``, ``W_dec [F, d]``, ``b_dec``, ``transcode: true``
+  (so no ``b_dec`` is subtracted from the input). Its encoder takes ReLU before TopK, ours TopK
+  before ReLU: the same ``z``, only the indices it reports for zero activations can differ.
+
+The output is not a module's output: it is ``delta_hat``, the change instruction tuning makes to
+PT's residual stream after the block (``h_IT - h_PT``), to be added to PT's. Each config says so
+in its metadata (``postdiff``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from postdiff.method.cache import load_split
+from postdiff.method.surrogate import TopKSurrogate, cache_expect, firing_counts, load
+from postdiff.models.loading import decoder_layers, decoder_layers_path, skeleton
+from postdiff.workflow.io import atomic_path, read_json, write_json
+from postdiff.workflow.runtime import Job
+
+log = logging.getLogger(__name__)
+
+# The cfg.json layout of SAELens 6 (settings at the top, model facts under `metadata`). SAELens
+# reads a config without a version >= 6 as a pre-6 one and renames its keys.
+SAELENS_LAYOUT = "6.0.0"
+# SAELens's floor under a firing rate before log10: a feature that never fires reads -10.
+DENSITY_FLOOR = 1e-10
+LAYOUTS = ("saelens", "sparsify")
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """Where layer ``layer``'s surrogate reads, in each tool's naming."""
+
+    layer: int
+    transformer_lens: str  # blocks.{l}.hook_resid_post: the block's output, as SAELens names it
+    hf: str  # the block's module path from the top model, e.g. model.layers.{l}
+    hookpoint: str  # the same below Hugging Face's base_model, as sparsify names hooks
+
+
+def hooks_of(model: nn.Module, layer: int) -> Hooks:
+    layers = decoder_layers_path(model)
+    base = decoder_layers_path(model, getattr(model, "base_model", model))
+    return Hooks(layer, f"blocks.{layer}.hook_resid_post", f"{layers}.{layer}", f"{base}.{layer}")
+
+
+@torch.no_grad()
+def folded_encoder(module: TopKSurrogate) -> tuple[Tensor, Tensor]:
+    """``(W' [F, d], b' [F])`` with ``W' h + b'`` the pre-activation of raw ``h``."""
+    weight = module.W_enc.detach().double().cpu() / module.sigma.double().cpu()
+    bias = module.b_enc.detach().double().cpu() - weight @ module.mu.double().cpu()
+    return weight.float(), bias.float()
+
+
+def log10_density(counts: Tensor, n_rows: int) -> Tensor:
+    """log10 of each feature's firing rate over ``n_rows`` rows, floored as SAELens does."""
+    if n_rows < 1:
+        raise ValueError(f"log10_density: need at least one row, got {n_rows}")
+    return torch.log10(counts.double() / n_rows + DENSITY_FLOOR).float()
+
+
+def semantics(hooks: Hooks, pt: str, it: str, meta: Mapping[str, Any]) -> dict[str, Any]:
+    """What the export computes, in words and numbers; the same block in both configs."""
+    return {
+        "input": f"PT's residual stream after decoder block {hooks.layer} (the output of {hooks.hf}; "
+                 f"{hooks.transformer_lens}), raw: the standardisation is folded into the encoder",
+        "output": f"delta_hat, the PT-to-IT delta h_IT - h_PT at the same block and position: what instruction "
+                  f"tuning adds to PT's residual stream there. It is not the output of {hooks.hf} or any module; "
+                  f"PT's stream plus delta_hat approximates IT's",
+        "positions": "trained on answer-phase positions only (the IT teacher's answer tokens)",
+        "pt": pt,
+        "it": it,
+        "layer": hooks.layer,
+        "surrogate": {k: meta[k] for k in ("seed", "config", "n_train", "train_r2") if k in meta},
+    }
+
+
+def _check_source(module: TopKSurrogate, meta: Mapping[str, Any], layer: int) -> None:
+    if int(meta.get("layer", layer)) != layer:
+        raise ValueError(f"export of layer {layer}: the surrogate file is layer {meta['layer']}'s")
+    if not math.isfinite(float(module.W_enc.detach().abs().sum())):
+        raise ValueError(f"export of layer {layer}: the surrogate has non-finite encoder weights")
+
+
+def saelens_layout(module: TopKSurrogate, hooks: Hooks, about: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """SAELens's ``cfg.json`` and ``sae_weights.safetensors`` of ``module``."""
+    weight, bias = folded_encoder(module)
+    cfg = {
+        "architecture": "topk",
+        "d_in": module.d,
+        "d_sae": module.n_features,
+        "k": module.k,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": False,  # b_dec lives in the output (delta) space, not the input's
+        "normalize_activations": "none",  # folded into W_enc, b_enc
+        "reshape_activations": "none",
+        "rescale_acts_by_decoder_norm": False,
+        "metadata": {
+            "sae_lens_version": SAELENS_LAYOUT,
+            "model_name": about["pt"],
+            "hook_name": hooks.transformer_lens,
+            "hook_name_out": hooks.transformer_lens,
+            "hf_hook_name": hooks.hf,
+            "hf_hook_name_out": hooks.hf,
+            "d_out": module.d,
+            "hook_head_index": None,
+            "prepend_bos": True,
+            "postdiff": dict(about),
+        },
+    }
+    tensors = {
+        "W_enc": weight.T.contiguous(),
+        "b_enc": bias.contiguous(),
+        "W_dec": module.W_dec.detach().float().cpu().contiguous(),
+        "b_dec": module.b_dec.detach().float().cpu().contiguous(),
+    }
+    return cfg, tensors
+
+
+def sparsify_layout(module: TopKSurrogate, hooks: Hooks, about: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """sparsify's ``cfg.json`` and ``sae.safetensors`` of ``module``."""
+    weight, bias = folded_encoder(module)
+    cfg = {
+        "activation": "topk",
+        "expansion_factor": module.n_features // module.d,
+        "num_latents": module.n_features,
+        "k": module.k,
+        "normalize_decoder": False,  # our decoder rows are not unit norm (SPEC §5 lets them train freely)
+        "multi_topk": False,
+        "skip_connection": False,
+        "transcode": True,
+        "d_in": module.d,
+        # Read by no loader (sparsify drops keys it does not know): for people and other tools.
+        "hookpoint": hooks.hookpoint,
+        "hf_hook_name": hooks.hf,
+        "postdiff": dict(about),
+    }
+    tensors = {
+        "encoder.weight": weight.contiguous(),
+        "encoder.bias": bias.contiguous(),
+        "W_dec": module.W_dec.detach().float().cpu().contiguous(),
+        "b_dec": module.b_dec.detach().float().cpu().contiguous(),
+    }
+    return cfg, tensors
+
+
+def _write(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], cfg_path: str, weights_path: str) -> None:
+    with atomic_path(weights_path) as tmp:
+        save_file(dict(tensors), str(tmp))
+    write_json(cfg, cfg_path)
+
+
+def _prepare(job: Job) -> tuple[TopKSurrogate, Hooks, dict[str, Any]]:
+    """The surrogate, its hooks in the PT model's module tree, and the semantics block."""
+    p = job.params
+    layer = int(p["layer"])
+    module, meta = load(job.input["module"])
+    _check_source(module, meta, layer)
+    model = skeleton(p["pt"])
+    n_blocks, width = len(decoder_layers(model)), model.config.get_text_config().hidden_size
+    if not 0 <= layer < n_blocks or module.d != width:
+        raise ValueError(f"export of layer {layer}: {job.input['module']} (d={module.d}) does not fit {p['pt']!r} "
+                         f"({n_blocks} blocks of width {width})")
+    hooks = hooks_of(model, layer)
+    about = semantics(hooks, p["pt"], p["it"], meta)
+    if "pair" in job.input:
+        about["fingerprints"] = read_json(job.input["pair"])["fingerprints"]
+    log.info("layer %d: d=%d, %d features, k=%d; hooks %s", layer, module.d, module.n_features, module.k, hooks)
+    return module, hooks, about
+
+
+def export_layer(job: Job) -> None:
+    """Stage. input: module, optional pair, and for SAELens shards (the train cache) and optional
+    teacher (train); params: layer, layers (the cache's), pt, it. output: ``saelens_cfg``,
+    ``saelens_weights``, ``saelens_sparsity`` and/or ``sparsify_cfg``, ``sparsify_weights``: the
+    layouts asked for by the outputs present."""
+    layouts = [layout for layout in LAYOUTS if f"{layout}_cfg" in job.output]
+    if not layouts:
+        raise ValueError(f"export: no output names a layout (want {', '.join(f'{x}_cfg' for x in LAYOUTS)})")
+    module, hooks, about = _prepare(job)
+    if "saelens" in layouts:
+        h_pt, _, _ = load_split(list(job.input["shards"]), hooks.layer, cache_expect(job, "teacher"))
+        counts = firing_counts(module, h_pt)
+        log.info("layer %d: %d of %d features never fire on train", hooks.layer, int((counts == 0).sum()), module.n_features)
+        sparsity = {**about, "sparsity": f"log10 of the firing rate (z > 0) on the {h_pt.shape[0]} train positions, plus {DENSITY_FLOOR}"}
+        cfg, tensors = saelens_layout(module, hooks, sparsity)
+        with atomic_path(job.output["saelens_sparsity"]) as tmp:
+            save_file({"sparsity": log10_density(counts, h_pt.shape[0])}, str(tmp))
+        _write(cfg, tensors, job.output["saelens_cfg"], job.output["saelens_weights"])
+    if "sparsify" in layouts:
+        cfg, tensors = sparsify_layout(module, hooks, about)
+        _write(cfg, tensors, job.output["sparsify_cfg"], job.output["sparsify_weights"])

@@ -1,0 +1,130 @@
+"""Figure 1 (main variants) and Figure 2 (one-layer ablation, threshold sweep), drawn with seaborn.
+
+Figures are built on an Agg canvas without pyplot, so no global backend or state is touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import seaborn as sns
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from postdiff.stats import bootstrap, metrics
+from postdiff.workflow.io import atomic_path
+from postdiff.workflow.runtime import Job
+
+log = logging.getLogger(__name__)
+
+FIGURE1_METRICS = ("Cap", "KL", "Len")
+FIGURE2_METRICS = ("KL", "Cap")
+SWEEP_COLUMNS = {"cutoff": pl.Float64, "exclusion": pl.Float64, "strict": pl.Boolean, "objective": pl.Float64,
+                 "mask": pl.String, "same_as_locked": pl.Boolean, "pools_differ": pl.Boolean}
+_LABELS = {"Cap": "Cap (higher is better)", "KL": "KL to IT (lower is better)",
+           "Len": "Len, tokens (lower is better)"}
+
+
+def new_figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _bars(ax: Axes, estimates: pl.DataFrame, metric: str) -> None:
+    """Point estimates as bars, percentile intervals as error bars, variants in row order."""
+    rows = estimates.filter(pl.col("metric") == metric)
+    est, lo, hi = (rows[c].to_numpy() for c in ("estimate", "lo", "hi"))
+    sns.barplot(x=rows["variant"].to_list(), y=est, ax=ax, color=sns.color_palette()[0])
+    # Drawn about the interval's midpoint: a percentile interval need not contain the estimate
+    # (a skewed statistic such as KL, or float noise at a boundary), so est-relative yerr can be < 0.
+    ax.errorbar(np.arange(len(est)), (lo + hi) / 2, yerr=(hi - lo) / 2, fmt="none",
+                ecolor="black", capsize=3, linewidth=1)
+    ax.set_title(_LABELS.get(metric, metric))
+    ax.set_xlabel("")
+    ax.tick_params(axis="x", labelrotation=60)
+
+
+def draw_figure1(estimates: pl.DataFrame) -> Figure:
+    """Cap, KL and Len of the main variants with bootstrap intervals."""
+    fig = new_figure(12, 4)
+    for ax, metric in zip(fig.subplots(1, len(FIGURE1_METRICS)), FIGURE1_METRICS):
+        _bars(ax, estimates, metric)
+    return fig
+
+
+def draw_figure2(estimates: pl.DataFrame, sweep: pl.DataFrame) -> Figure:
+    """Left: KL and Cap of the full surrogate and its one-layer ablations. Right: selector
+    objective per cutoff under the locked exclusion (a line), the strict exclusion as a series of
+    its own, each point marked by whether it reproduces the locked mask; the panel says so when
+    every point had the same candidate pool."""
+    fig = new_figure(13, 4)
+    axes = fig.subplots(1, 3, width_ratios=[1, 1, 1.4])
+    for ax, metric in zip(axes, FIGURE2_METRICS):
+        _bars(ax, estimates, metric)
+    ax = axes[2]
+    sweep = sweep.sort("strict", "cutoff")
+    locked_exclusion = sweep.filter(~pl.col("strict"))
+    sns.lineplot(x=locked_exclusion["cutoff"].to_numpy(), y=locked_exclusion["objective"].to_numpy(), ax=ax,
+                 color="grey", linewidth=1)
+    hue_order = ["reproduces locked mask", "other mask"]
+    hue = np.where(sweep["same_as_locked"].to_numpy(), *hue_order)
+    series = [f"verb. exclusion {e:g}{' (strict)' if strict else ''}"
+              for e, strict in sweep.select("exclusion", "strict").iter_rows()]
+    style_order = list(dict.fromkeys(series))
+    sns.scatterplot(x=sweep["cutoff"].to_numpy(), y=sweep["objective"].to_numpy(), hue=hue, hue_order=hue_order,
+                    style=series, style_order=style_order, markers=["o", "X", "s", "D"][: len(style_order)], s=70, ax=ax)
+    ax.set_xlabel("capability cutoff")
+    ax.set_ylabel("selector objective")
+    title = "Threshold sweep"
+    if not sweep["pools_differ"].any():
+        title += "\n(every point had the same candidate pool: the sweep cannot tell them apart)"
+    ax.set_title(title, fontsize=9 if "\n" in title else None)
+    return fig
+
+
+def read_sweep(path: str | os.PathLike) -> pl.DataFrame:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"threshold sweep summary not found: {path}")
+    df = pl.read_parquet(path)
+    missing = [c for c in SWEEP_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path}: missing columns {missing}; need {list(SWEEP_COLUMNS)}")
+    if df.height == 0:
+        raise ValueError(f"{path}: threshold sweep summary has no rows")
+    return df.select(pl.col(c).cast(t) for c, t in SWEEP_COLUMNS.items())
+
+
+def save(fig: Figure, output: Mapping[str, str]) -> None:
+    for fmt in ("png", "pdf"):
+        with atomic_path(output[fmt]) as tmp:
+            fig.savefig(tmp, format=fmt, dpi=150)
+
+
+def _estimates(job: Job, metric_names: Sequence[str]) -> pl.DataFrame:
+    paths = job.input["evals"]
+    arrays = metrics.align(metrics.read_eval([paths] if isinstance(paths, str) else paths))
+    variants = job.params.get("variants") or arrays.variants
+    return bootstrap.bootstrap_estimates(
+        arrays, variants, metric_names, B=int(job.params.get("B", 10_000)),
+        seed=int(job.params.get("seed", 0)), level=float(job.params.get("level", 0.95)),
+        pt=job.params.get("pt", "PT"), it=job.params.get("it", "IT"))
+
+
+def figure1(job: Job) -> None:
+    """input.evals: eval Parquets; params.variants (default: all, input order), B, seed, level;
+    output.png/pdf."""
+    save(draw_figure1(_estimates(job, FIGURE1_METRICS)), job.output)
+
+
+def figure2(job: Job) -> None:
+    """input.evals: eval Parquets of the full surrogate and its one-layer ablations (plus any
+    references to show); input.sweep: sweep summary Parquet; params as figure1; output.png/pdf."""
+    sweep = read_sweep(job.input["sweep"])
+    save(draw_figure2(_estimates(job, FIGURE2_METRICS), sweep), job.output)
