@@ -79,3 +79,24 @@ def test_every_stage_entry_of_the_rules_is_a_function_of_its_module() -> None:
         assert path is not None, f"{module}:{function}: no module {module}"
         defined = {n.name for n in ast.parse(path.read_text()).body if isinstance(n, ast.FunctionDef)}
         assert function in defined, f"{module}:{function}: {path} defines no {function}"
+
+
+# Public functions that read a job's files for several entries (not method: they return its inputs).
+JOB_READERS = {"postdiff.method.surrogate:cache_expect", "postdiff.method.selection.scoring:selector_inputs",
+               "postdiff.models.preflight:fingerprints"}
+
+
+def test_only_stage_entries_take_a_job() -> None:
+    """The method is functions of arrays and plain values: a public function that takes a ``Job``
+    is a rule's stage entry (reads inputs, calls the method, writes outputs) or a named reader."""
+    text = "\n".join(p.read_text() for p in sorted((REPO / "workflow" / "rules").glob("*.smk")))
+    entries = {f"{m}:{f}" for m, f in re.findall(r'stage\(\s*"(postdiff(?:\.\w+)+):(\w+)"', text)}
+    takers = set()
+    for module in modules():
+        for node in ast.parse(module_file(SRC, module).read_text()).body:
+            if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
+                annotations = [ast.unparse(a.annotation) for a in node.args.args if a.annotation is not None]
+                if "Job" in annotations:
+                    takers.add(f"{module}:{node.name}")
+    assert takers - entries - JOB_READERS == set()
+    assert JOB_READERS <= takers

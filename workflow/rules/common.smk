@@ -1,4 +1,5 @@
 # Paths, parameters and resources shared by every stage.
+import functools
 import os
 import re
 import sys
@@ -38,12 +39,11 @@ wildcard_constraints:
 SRC = Path(workflow.basedir) / "src"
 sys.path.insert(0, str(SRC))
 from postdiff.workflow.codehash import code_hash as _code_hash, tree_hash
-from postdiff.workflow.configcheck import cross_reference_problems, threshold
+from postdiff.workflow.config import (SHARED_GATES, SURROGATE_MODES, cross_reference_problems, seeded as _seeded,
+                                     grown, sweep_pairs as _sweep_pairs, threshold, variant_table)
 
 
-def code_hash(entry):
-    """postdiff.workflow.codehash.code_hash of `entry` ("postdiff.module:function") under SRC."""
-    return _code_hash(SRC, entry)
+code_hash = functools.partial(_code_hash, SRC)  # of an entry "postdiff.module:function"
 
 
 def stage(entry, **params):
@@ -95,13 +95,6 @@ def model_params():
     return {**model_paths(), "dtype": config["pair"]["dtype"], "device": config["pair"]["device"]}
 
 
-def _grows(value, cap=None):
-    """A resource that grows with the attempt (an out-of-memory or time-limit kill asks for more):
-    linear, so a second retry does not ask for four times what a node has, and never past `cap`
-    (None: no cap), so a retry is not refused for asking more than any node has."""
-    return lambda wildcards, attempt: value * attempt if cap is None else min(value * attempt, max(value, cap))
-
-
 def gpu_resources():
     """What a model job requests. Memory (up to `resources.max_mem_mb`) and runtime grow with the
     attempt; `attempt` itself reaches the stage, which halves its batch size on every retry
@@ -110,7 +103,7 @@ def gpu_resources():
     caps = {"mem_mb": config["resources"].get("max_mem_mb")}
     for key in ("mem_mb", "runtime"):
         if key in res:
-            res[key] = _grows(res[key], caps.get(key))
+            res[key] = lambda wildcards, attempt, value=res[key], cap=caps.get(key): grown(value, attempt, cap)
     return {**res, "attempt": lambda wildcards, attempt: attempt}
 
 
@@ -126,19 +119,19 @@ def cache_shards(split):
     return [f"{RUN}/cache/{split}/shard{s}.safetensors" for s in range(n)]
 
 
-def variant_table():
-    """Configured variants, plus a one-layer ablation per layer when the config asks for it."""
-    table = dict(config["variants"])
-    if config["ablation"]["one_layer"] and len(config["layers"]) > 1:
-        for layer in config["layers"]:
-            table[f"OneLayer-L{layer}"] = {"mode": "full", "gates": f"single_L{layer}"}
-    return table
+def gate_params(mode, layers):
+    boot = {k: config["bootstrap"][k] for k in ("B", "seed", "level")}
+    return stage("postdiff.method.gates:calibrate", mode=mode, layers=layers, **model_params(), **config["gates"],
+                 bootstrap=boot)
 
 
-VARIANTS = variant_table()
-SURROGATE_MODES = ("full", "add_mask", "minus_mask", "bdec")
-# Gates that no surrogate calibrates; every other gates file is a seed's.
-SHARED_GATES = ("mean",)
+def gate_names():
+    """A seed's gates files: the joint surrogate's and, with the one-layer ablation, each layer's."""
+    singles = [f"single_L{v.removeprefix('OneLayer-L')}" for v in VARIANTS if v.startswith("OneLayer-L")]
+    return ["full", *singles]
+
+
+VARIANTS = variant_table(config)
 # Per seed (a `{seed}` pattern); the cap mask is the locked cutoff's.
 MASK_FILES = {
     "cap": f"{SEED}/sweep/verb_exclusion={threshold(config['selection']['verb_exclusion'])}/cap_cutoff={threshold(config['selection']['cap_cutoff'])}/cap_mask.json",
@@ -149,10 +142,8 @@ MASK_FILES = {
 
 
 def seeded(name):
-    """Whether variant `name` depends on the surrogate seed: it reads a surrogate, a mask or
-    surrogate-calibrated gates."""
-    entry = VARIANTS[name]
-    return entry["mode"] in SURROGATE_MODES or "mask" in entry or entry.get("gates") not in (None, *SHARED_GATES)
+    """Whether variant `name` depends on the surrogate seed (postdiff.workflow.config.seeded)."""
+    return _seeded(VARIANTS[name])
 
 
 def variant_dir(name, seed="{seed}"):
@@ -195,5 +186,108 @@ def variant_inputs(wildcards):
     return inputs
 
 
+SELECTOR = dict(
+    variant=f"{SEED}/variants/FullDelta.json",
+    split=f"{RUN}/suite/selector.parquet",
+    teacher=f"{RUN}/teacher/selector.parquet",
+)
+SELECTION_REFERENCES = dict(
+    scores=f"{SEED}/selection/scores.parquet",
+    pt_records=eval_file("selector", "PT"),
+    it_records=eval_file("selector", "IT"),
+)
+SEL = config["selection"]
+
+
+def selection_params(**extra):
+    """A selection's own params; the jobs that evaluate candidates add `model_params()`."""
+    keys = ("lambda", "size_cap", "accept", "min_gain", "fill_to_cap", "max_candidates", "max_new_tokens", "batch_size")
+    # Each accepted step's gain gets an interval from the same paired bootstrap as Table 2.
+    gain_bootstrap = {k: config["bootstrap"][k] for k in ("B", "seed", "level")}
+    return dict(**{k: SEL[k] for k in keys}, gain_bootstrap=gain_bootstrap, **extra)
+
+
+# The two forward selections: where each writes its mask, steps, per-step work and logs.
+SELECTIONS = {
+    "cap": dict(
+        input=dict(**SELECTOR, **SELECTION_REFERENCES, **model_inputs()),
+        mask=f"{SEED}/sweep/verb_exclusion={{exclusion}}/cap_cutoff={{cutoff}}/cap_mask.json",
+        steps=f"{SEED}/sweep/verb_exclusion={{exclusion}}/cap_cutoff={{cutoff}}/steps.parquet",
+        records=f"{SEED}/sweep/verb_exclusion={{exclusion}}/cap_cutoff={{cutoff}}/step_records.parquet",
+        work=f"{SEED}/sweep/verb_exclusion={{exclusion}}/cap_cutoff={{cutoff}}/select",
+        log="seed{seed}/sweep/verb_exclusion={exclusion}/cap_cutoff={cutoff}",
+        params=selection_params(
+            selection="cap",
+            cap_cutoff=lambda wc: float(wc.cutoff),
+            verb_exclusion=lambda wc: float(wc.exclusion),
+        ),
+    ),
+    "vmask": dict(
+        input=dict(**SELECTOR, **SELECTION_REFERENCES, **model_inputs(), full_records=eval_file("selector", "FullDelta")),
+        mask=MASK_FILES["vmask"],
+        steps=f"{SEED}/selection/vmask_steps.parquet",
+        records=f"{SEED}/selection/vmask_step_records.parquet",
+        work=f"{SEED}/selection/vmask",
+        log="seed{seed}/selection/vmask",
+        params=selection_params(selection="vmask", verb_cutoff=SEL["verb_cutoff"]),
+    ),
+}
+
+
+def _filled(pattern, wildcards):
+    return pattern.format(**dict(wildcards.items()))
+
+
+def previous_state(work):
+    """Input function: the selection state after the step before `step` (none before step 1)."""
+    return lambda wc: [] if int(wc.step) == 1 else _filled(f"{work}/step{int(wc.step) - 1}.json", wc)
+
+
+def step_values(work, suffix=""):
+    """Input function: every candidate shard's objective values (or, with `suffix` "_records",
+    its candidates' selector records) of one step."""
+    return lambda wc: [_filled(f"{work}/step{wc.step}/shard{s}{suffix}.parquet", wc) for s in range(SEL["n_shards"])]
+
+
+def last_step(work):
+    """Input functions: the state after the last step and every step's rows."""
+    steps = range(1, SEL["size_cap"] + 1)
+    return dict(
+        state=lambda wc: _filled(f"{work}/step{SEL['size_cap']}.json", wc),
+        steps=lambda wc: [_filled(f"{work}/step{t}.parquet", wc) for t in steps],
+        step_records=lambda wc: [_filled(f"{work}/step{t}_records.parquet", wc) for t in steps],
+    )
+
+
+def sweep_pairs():
+    """The sweep's (verb_exclusion, cap_cutoff) pairs in path form (postdiff.workflow.config.sweep_pairs)."""
+    return _sweep_pairs(config)
+
+
+def sweep_targets(output="mask", seed="{seed}"):
+    """The CapMask files of every sweep pair (or another `output` of the cap selection, e.g.
+    "records"), for `seed` (by default a `{seed}` pattern)."""
+    return [SELECTIONS["cap"][output].format(exclusion=e, cutoff=c, seed=seed) for e, c in sweep_pairs()]
+
+
 if _problems := cross_reference_problems(config, VARIANTS):
     raise WorkflowError("postdiff: the config names unknown variants:\n" + "\n".join(_problems))
+
+
+def table_outputs(name, caption, root=SEED):
+    """A table's CSV (in the report), Markdown and LaTeX under `root`/tables: by default one seed's."""
+    sub = dict(subcategory="seed {seed}") if root == SEED else {}
+    return {
+        ext: report(f"{root}/tables/{name}.{ext}", caption=f"../report/{caption}", category="Tables", **sub)
+        if ext == "csv" else f"{root}/tables/{name}.{ext}"
+        for ext in ("csv", "md", "tex")
+    }
+
+
+def figure_outputs(name, caption, root=SEED):
+    """A figure's PNG (in the report) and PDF under `root`/figures: by default one seed's."""
+    sub = dict(subcategory="seed {seed}") if root == SEED else {}
+    return {
+        "png": report(f"{root}/figures/{name}.png", caption=f"../report/{caption}", category="Figures", **sub),
+        "pdf": f"{root}/figures/{name}.pdf",
+    }

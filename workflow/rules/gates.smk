@@ -9,18 +9,6 @@ GATE_INPUTS = dict(
 )
 
 
-def gate_params(mode, layers):
-    boot = {k: config["bootstrap"][k] for k in ("B", "seed", "level")}
-    return stage("postdiff.method.gates:calibrate", mode=mode, layers=layers, **model_params(), **config["gates"],
-                 bootstrap=boot)
-
-
-def gate_names():
-    """A seed's gates files: the joint surrogate's and, with the one-layer ablation, each layer's."""
-    singles = [f"single_L{v.removeprefix('OneLayer-L')}" for v in VARIANTS if v.startswith("OneLayer-L")]
-    return ["full", *singles]
-
-
 rule gates_full:
     input:
         **GATE_INPUTS,

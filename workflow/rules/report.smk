@@ -8,25 +8,6 @@ ABLATION = ["FullDelta"] + [v for v in VARIANTS if v.startswith("OneLayer-")]
 QUALITATIVE = config["report"]["qualitative_variants"]
 
 
-def table_outputs(name, caption, root=SEED):
-    """A table's CSV (in the report), Markdown and LaTeX under `root`/tables: by default one seed's."""
-    sub = dict(subcategory="seed {seed}") if root == SEED else {}
-    return {
-        ext: report(f"{root}/tables/{name}.{ext}", caption=f"../report/{caption}", category="Tables", **sub)
-        if ext == "csv" else f"{root}/tables/{name}.{ext}"
-        for ext in ("csv", "md", "tex")
-    }
-
-
-def figure_outputs(name, caption, root=SEED):
-    """A figure's PNG (in the report) and PDF under `root`/figures: by default one seed's."""
-    sub = dict(subcategory="seed {seed}") if root == SEED else {}
-    return {
-        "png": report(f"{root}/figures/{name}.png", caption=f"../report/{caption}", category="Figures", **sub),
-        "pdf": f"{root}/figures/{name}.pdf",
-    }
-
-
 rule table1:
     input:
         evals=TEST_EVALS,

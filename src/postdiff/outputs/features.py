@@ -329,50 +329,56 @@ def steer(
     return pl.DataFrame(rows, schema=STEERING_SCHEMA)
 
 
-# ---------------------------------------------------------------- the stage
-
-
-def _texts(rows: pl.DataFrame, tokenizer) -> Texts:
-    return Texts(dict(zip(rows["id"], rows["prompt"])), dict(zip(rows["id"], rows["prefix_ids"].to_list())),
-                 dict(zip(rows["id"], rows["token_ids"].to_list())), tokenizer)
-
-
-def _activity_and_contexts(job: Job, cards: pl.DataFrame, modules: Mapping[int, TopKSurrogate],
-                           rows: Mapping[str, pl.DataFrame], tokenizer) -> tuple[pl.DataFrame, pl.DataFrame]:
-    layers = [int(layer) for layer in job.params["layers"]]
+def activity_and_contexts(cards: pl.DataFrame, modules: Mapping[int, TopKSurrogate], layers: Sequence[int],
+                          shards: Mapping[str, Sequence[str]], texts: Mapping[str, Texts],
+                          n_contexts: int) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Activity and top contexts of every card feature on each split (``shards[split]``, the
+    cache of ``layers``), from one streaming pass per split and layer."""
     activity, contexts = [], []
-    for split, split_rows in rows.items():
-        texts = _texts(split_rows, tokenizer)
+    for split, paths in shards.items():
         for layer in layers:
             features = cards.filter(pl.col("layer") == layer)["feature"].to_list()
             index = ShardIndex([], [])
-            chunks = shard_chunks(job.inputs(split), layer, layers, index)
-            run = stream(modules[layer], chunks, features, int(job.params["n_contexts"]))
+            run = stream(modules[layer], shard_chunks(paths, layer, layers, index), features, n_contexts)
             activity += activity_rows(layer, features, split, run)
-            contexts += context_rows(layer, features, split, run, index, texts)
+            contexts += context_rows(layer, features, split, run, index, texts[split])
             log.info("layer %d %s: %d positions, %d card features", layer, split, run.n_rows, len(features))
     return pl.DataFrame(activity, schema=ACTIVITY_SCHEMA), pl.DataFrame(contexts, schema=CONTEXT_SCHEMA)
 
 
-def _lenses(job: Job, cards: pl.DataFrame, modules: Mapping[int, TopKSurrogate], tokenizer) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Each card's ``D_j``, and each layer's mean delta and ``b_dec``, through IT's lens."""
-    p = job.params
-    n = int(p["n_lens_tokens"])
-    it, _ = load_model(p["it"], p.get("dtype", "auto"), p.get("device", "auto"))
-    lens = Lens.of(it, len(tokenizer))
+def lenses(lens: Lens, cards: pl.DataFrame, modules: Mapping[int, TopKSurrogate], delta_means: Mapping[int, Tensor],
+           tokenizer, n: int) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Each card's ``D_j``, and each layer's mean delta and ``b_dec``, through ``lens`` (top ``n`` tokens)."""
     keys = list(cards.select("layer", "feature").iter_rows(named=True))
     directions = [modules[k["layer"]].W_dec[k["feature"]].detach().cpu() for k in keys]
     card_lens = pl.DataFrame(lens_rows(lens.top(torch.stack(directions), n), keys, tokenizer) if keys else [],
                              schema={"layer": pl.Int64, "feature": pl.Int64, **LENS_SCHEMA})
     layer_keys, vectors = [], []
     for layer in modules:
-        delta_mean = load_standardiser(job.input["standardiser"], layer).delta_mean
-        for name, vector in (("delta_mean", delta_mean), ("b_dec", modules[layer].b_dec.detach())):
+        for name, vector in (("delta_mean", delta_means[layer]), ("b_dec", modules[layer].b_dec.detach())):
             layer_keys.append({"layer": layer, "vector": name, "norm": float(vector.norm())})
             vectors.append(vector.float().cpu())
     layer_lens = pl.DataFrame(lens_rows(lens.top(torch.stack(vectors), n), layer_keys, tokenizer),
                               schema={"layer": pl.Int64, "vector": pl.String, "norm": pl.Float64, **LENS_SCHEMA})
     return card_lens, layer_lens
+
+
+def steering_cards(cards: pl.DataFrame, activity: pl.DataFrame, modules: Mapping[int, TopKSurrogate],
+                   gates: Mapping[int, float]) -> list[tuple[int, int, float, float, Tensor]]:
+    """:func:`steer`'s cards: every card feature that fires on the selector split (a silent one has
+    no mean activation), with its layer's gate, its mean activation there and its decoder row."""
+    z = activity.filter(pl.col("split") == "selector").select("layer", "feature", "mean_active")
+    return [(layer, j, gates[layer], zbar, modules[layer].W_dec[j].detach())
+            for layer, j, zbar in cards.join(z, on=["layer", "feature"], how="left").select("layer", "feature", "mean_active").iter_rows()
+            if zbar is not None]
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def _texts(rows: pl.DataFrame, tokenizer) -> Texts:
+    return Texts(dict(zip(rows["id"], rows["prompt"])), dict(zip(rows["id"], rows["prefix_ids"].to_list())),
+                 dict(zip(rows["id"], rows["token_ids"].to_list())), tokenizer)
 
 
 def feature_data(job: Job) -> None:
@@ -394,32 +400,25 @@ def feature_data(job: Job) -> None:
     rows = {split: read_rows(job.input[f"{split}_suite"], job.input[f"{split}_teacher"]) for split in SPLITS}
 
     start = time.perf_counter()
-    activity, contexts = _activity_and_contexts(job, cards, modules, rows, tokenizer)
+    texts = {split: _texts(split_rows, tokenizer) for split, split_rows in rows.items()}
+    activity, contexts = activity_and_contexts(cards, modules, layers, {split: job.inputs(split) for split in rows}, texts,
+                                               int(p["n_contexts"]))
     log.info("streaming pass: %.2f s", time.perf_counter() - start)
     start = time.perf_counter()
-    card_lens, layer_lens = _lenses(job, cards, modules, tokenizer)
+    it, _ = load_model(p["it"], p.get("dtype", "auto"), p.get("device", "auto"))
+    delta_means = {layer: load_standardiser(job.input["standardiser"], layer).delta_mean for layer in modules}
+    card_lens, layer_lens = lenses(Lens.of(it, len(tokenizer)), cards, modules, delta_means, tokenizer, int(p["n_lens_tokens"]))
     log.info("lens (IT loaded): %.2f s", time.perf_counter() - start)
     steering = pl.DataFrame(schema=STEERING_SCHEMA)
     if p["steer"]:
         start = time.perf_counter()
         gates = {int(k): float(v) for k, v in read_json(job.input["gates"]).items()}
-        steering = _steering(job, cards, activity, modules, gates, rows["selector"])
+        pt, pt_tokenizer = load_model(p["pt"], p.get("dtype", "auto"), p.get("device", "auto"), partner=p["it"])
+        steering = steer(pt, pt_tokenizer, steering_prompts(rows["selector"], int(p["n_prompts"])),
+                         steering_cards(cards, activity, modules, gates), int(p["max_new_tokens"]), job.batch_size())
         log.info("steering (PT loaded, %d generations): %.2f s", steering.height, time.perf_counter() - start)
 
     outputs = dict(cards=cards, masks=masks_frame(masks), activity=activity, contexts=contexts, lens=card_lens,
                    layer_lens=layer_lens, steering=steering)
     for name, frame in outputs.items():
         write_parquet(frame, job.output[name])
-
-
-def _steering(job: Job, cards: pl.DataFrame, activity: pl.DataFrame, modules: Mapping[int, TopKSurrogate],
-              gates: Mapping[int, float], selector: pl.DataFrame) -> pl.DataFrame:
-    """Steer every card feature that fires on the selector split (a silent one has no mean activation)."""
-    p = job.params
-    z = activity.filter(pl.col("split") == "selector").select("layer", "feature", "mean_active")
-    plan = [(layer, j, gates[layer], zbar, modules[layer].W_dec[j].detach())
-            for layer, j, zbar in cards.join(z, on=["layer", "feature"], how="left").select("layer", "feature", "mean_active").iter_rows()
-            if zbar is not None]
-    prompts = steering_prompts(selector, int(p["n_prompts"]))
-    pt, pt_tokenizer = load_model(p["pt"], p.get("dtype", "auto"), p.get("device", "auto"), partner=p["it"])
-    return steer(pt, pt_tokenizer, prompts, plan, int(p["max_new_tokens"]), job.batch_size())

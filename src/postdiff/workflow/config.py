@@ -1,0 +1,77 @@
+"""What the workflow derives from a config beyond its schema: the one path form of a threshold,
+the variant table, which variants depend on the surrogate seed, the sweep's selections, and names
+that one part of the config uses for another. Standard library only: the Snakemake process
+imports it while it parses the rules."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+
+def threshold(value: float | int | str) -> str:
+    """The one form of a threshold in paths: ``cap_cutoff=2.0`` whether the config says 2 or 2.0."""
+    text = repr(float(value))
+    if not re.fullmatch(r"-?\d+\.\d+", text):
+        raise ValueError(f"threshold {value!r}: use a plain decimal number (got {text} as a float)")
+    return text
+
+
+def grown(value: int, attempt: int, cap: int | None = None) -> int:
+    """A resource request on Snakemake's ``attempt`` (an out-of-memory or time-limit kill asks for
+    more): linear, so a second retry does not ask for four times what a node has, and never past
+    ``cap`` (None: no cap), so a retry is not refused for asking more than any node has."""
+    return value * attempt if cap is None else min(value * attempt, max(value, cap))
+
+
+# Variant modes that read the surrogate; gates that no surrogate calibrates (every other gates
+# file is a seed's).
+SURROGATE_MODES = ("full", "add_mask", "minus_mask", "bdec")
+SHARED_GATES = ("mean",)
+
+
+def variant_table(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Configured variants, plus a one-layer ablation per layer when the config asks for it."""
+    table = dict(config["variants"])
+    if config["ablation"]["one_layer"] and len(config["layers"]) > 1:
+        for layer in config["layers"]:
+            table[f"OneLayer-L{layer}"] = {"mode": "full", "gates": f"single_L{layer}"}
+    return table
+
+
+def seeded(entry: Mapping[str, Any]) -> bool:
+    """Whether a variant (its table entry) depends on the surrogate seed: it reads a surrogate, a
+    mask or surrogate-calibrated gates."""
+    return entry["mode"] in SURROGATE_MODES or "mask" in entry or entry.get("gates") not in (None, *SHARED_GATES)
+
+
+def sweep_pairs(config: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The sweep's (verb_exclusion, cap_cutoff) pairs in their path form: every cutoff of the grid
+    under the locked exclusion, and the locked cutoff under the strict one. One pair per
+    selection: cutoffs ``[1, 2, 2.0]`` are two selections, not three."""
+    selection, sweep = config["selection"], config["sweep"]
+    locked, strict = threshold(selection["verb_exclusion"]), threshold(sweep["strict_verb_exclusion"])
+    pairs = [(locked, threshold(c)) for c in sweep["cap_cutoffs"]] + [(strict, threshold(selection["cap_cutoff"]))]
+    return list(dict.fromkeys(pairs))
+
+
+def cross_reference_problems(config: Mapping[str, Any], variants: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Comparison labels must be variant labels, report lists must be variant keys (of ``variants``,
+    the configured variants with the ablation's). One line per problem, naming the config key."""
+    labels = {name: entry.get("label", name) for name, entry in variants.items()}
+    problems = []
+    for i, comparison in enumerate(config["bootstrap"]["comparisons"]):
+        for side in ("a", "b"):
+            name = comparison[side]
+            if name not in labels.values():
+                hint = f" (a key; its label is {labels[name]!r})" if name in variants else ""
+                problems.append(f"bootstrap.comparisons[{i}].{side}: {name!r} is no variant label{hint}; "
+                                f"labels: {', '.join(labels.values())}")
+    for key in ("figure1_variants", "qualitative_variants"):
+        for name in config["report"][key]:
+            if name not in variants:
+                hint = f" (a label; the key is {next(v for v, lab in labels.items() if lab == name)!r})" \
+                    if name in labels.values() else ""
+                problems.append(f"report.{key}: {name!r} is no variant key{hint}; keys: {', '.join(variants)}")
+    return problems
