@@ -45,7 +45,6 @@ from postdiff.workflow.runtime import Job
 
 log = logging.getLogger(__name__)
 
-
 DEFAULTS = {
     "cap_cutoff": 1.5,
     "verb_exclusion": 1.0,

@@ -9,6 +9,7 @@ from postdiff.workflow.io import read_json
 
 
 def layer_mask(mask: Sequence[Pair]) -> dict[int, list[int]]:
+    """A mask's (layer, feature) pairs as the file's ``{layer: sorted features}``."""
     out: dict[int, list[int]] = {}
     for layer, feature in mask:
         out.setdefault(int(layer), []).append(int(feature))
