@@ -21,6 +21,12 @@ def modules() -> list[str]:
                   for p in (SRC / "postdiff").rglob("*.py"))
 
 
+def rule_entries() -> list[tuple[str, str]]:
+    """(module, function) of every ``stage("postdiff.module:function", ...)`` in the rule files."""
+    text = "\n".join(p.read_text() for p in sorted((REPO / "workflow" / "rules").glob("*.smk")))
+    return sorted(set(re.findall(r'stage\(\s*"(postdiff(?:\.\w+)+):(\w+)"', text)))
+
+
 def layer(module: str) -> int:
     return next((i for i, name in enumerate(LAYERS) if module == name or module.startswith(name + ".")), -1)
 
@@ -71,8 +77,7 @@ def test_the_circle_check_finds_one() -> None:
 
 
 def test_every_stage_entry_of_the_rules_is_a_function_of_its_module() -> None:
-    text = "\n".join(p.read_text() for p in sorted((REPO / "workflow" / "rules").glob("*.smk")))
-    entries = sorted(set(re.findall(r'stage\(\s*"(postdiff(?:\.\w+)+):(\w+)"', text)))
+    entries = rule_entries()
     assert len(entries) >= 30
     for module, function in entries:
         path = module_file(SRC, module)
@@ -89,8 +94,7 @@ JOB_READERS = {"postdiff.method.surrogate:cache_expect", "postdiff.method.select
 def test_only_stage_entries_take_a_job() -> None:
     """The method is functions of arrays and plain values: a public function that takes a ``Job``
     is a rule's stage entry (reads inputs, calls the method, writes outputs) or a named reader."""
-    text = "\n".join(p.read_text() for p in sorted((REPO / "workflow" / "rules").glob("*.smk")))
-    entries = {f"{m}:{f}" for m, f in re.findall(r'stage\(\s*"(postdiff(?:\.\w+)+):(\w+)"', text)}
+    entries = {f"{m}:{f}" for m, f in rule_entries()}
     takers = set()
     for module in modules():
         for node in ast.parse(module_file(SRC, module).read_text()).body:
