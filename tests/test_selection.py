@@ -15,7 +15,7 @@ from postdiff.method import variants as V
 from postdiff.method.evaluate import evaluate, evaluate_masks, read_rows, teacher_records
 from postdiff.method.selection.baselines import baseline_masks, mass_mask, random_mask
 from postdiff.method.selection.jobs import STEP_RECORD_SCHEMA, select, select_finish, select_shard, select_step
-from postdiff.method.selection.maskfile import layer_mask
+from postdiff.method.selection.maskfile import forced, layer_mask
 from postdiff.method.selection.search import (
     RULES,
     STEP_SCHEMA,
@@ -208,17 +208,18 @@ def test_baseline_and_sweep_stages(tmp_path):
                        params={"seed": 1}))
     assert json.loads((tmp_path / "m.json").read_text())["mask"] == {"0": [1], "1": [0]}
     assert {k: len(v) for k, v in json.loads((tmp_path / "r.json").read_text())["mask"].items()} == {"0": 1, "1": 1}
-    points = [(1.0, 1.0, {"0": [0], "1": [0]}, 0.3, [[1, 0], [0, 0], [1, 1]], 5),
-              (2.0, 1.0, {"1": [0], "0": [0]}, 0.3, [[1, 0], [0, 0]], 2),
-              (2.5, 1.0, {"1": [0]}, 0.2, [[1, 0]], 1),
-              (1.5, 1.0, {"0": [0], "1": [0], "2": []}, 0.3, [[1, 0], [0, 0], [1, 1]], 3),
-              (1.5, 0.0, {"1": [0]}, 0.1, [[1, 0], [0, 0], [1, 1]], 4)]
+    # The strict point's pool is the locked one in another score order: its mask is not its top.
+    points = [(1.0, 1.0, {"0": [0], "1": [0]}, 0.3, [[1, 0], [0, 0], [1, 1]], 5, [False, False]),
+              (2.0, 1.0, {"1": [0], "0": [0]}, 0.3, [[1, 0], [0, 0]], 2, [True, False]),
+              (2.5, 1.0, {"1": [0]}, 0.2, [[1, 0]], 1, [False]),
+              (1.5, 1.0, {"0": [0], "1": [0], "2": []}, 0.3, [[1, 0], [0, 0], [1, 1]], 3, [False, False]),
+              (1.5, 0.0, {"1": [0]}, 0.1, [[0, 0], [1, 0], [1, 1]], 4, [False])]
     paths = []
-    for i, (cutoff, exclusion, mask, obj, pool, n_admitted) in enumerate(points):
+    for i, (cutoff, exclusion, mask, obj, pool, n_admitted, passed) in enumerate(points):
         paths.append(str(tmp_path / f"sweep{i}.json"))
         (tmp_path / f"sweep{i}.json").write_text(json.dumps(
             {**locked, "cutoff": cutoff, "exclusion": exclusion, "mask": mask, "objective": obj, "pool": pool,
-             "n_admitted": n_admitted, "cap_bound": n_admitted > len(pool)}))
+             "n_admitted": n_admitted, "cap_bound": n_admitted > len(pool), "step_gains": gains(*passed)}))
     sweep_summary(Job(input={"masks": paths, "locked": str(tmp_path / "cap.json")},
                       output={"summary": str(tmp_path / "sweep.parquet"), "csv": str(tmp_path / "sweep.csv")}))
     table = pl.read_parquet(tmp_path / "sweep.parquet")
@@ -231,8 +232,53 @@ def test_baseline_and_sweep_stages(tmp_path):
     assert table["cap_bound"].to_list() == [True, False, False, False, True]
     assert table["pool_jaccard"].to_list() == pytest.approx([1.0, 1.0, 2 / 3, 1 / 3, 1.0])
     assert table["mask_jaccard"].to_list() == pytest.approx([1.0, 1.0, 1.0, 0.5, 0.5])
+    assert table["forced"].to_list() == [True, True, False, True, False]
     assert table["pools_differ"].all()
     assert pl.read_csv(tmp_path / "sweep.csv").height == 5
+
+
+def gains(*passed: bool) -> list[dict]:
+    """A mask file's ``step_gains``, one per taken step, with whether it passed."""
+    return [{"step": i + 1, "gain": 0.01 if p else 0.0, "passed": p} for i, p in enumerate(passed)]
+
+
+def test_a_mask_is_forced_when_no_step_passed_and_it_is_its_pools_top():
+    pool = [[1, 4], [0, 2], [1, 0], [0, 7]]
+    filled = {"mask": {"0": [2], "1": [4]}, "pool": pool, "step_gains": gains(False, False)}
+    assert forced(filled)
+    # One step passed: selection chose at least that feature.
+    assert not forced({**filled, "step_gains": gains(True, False)})
+    # No step passed, yet the mask is not the top two by score: the gains ordered it.
+    assert not forced({**filled, "mask": {"0": [2, 7]}})
+    assert not forced({"mask": {}, "pool": pool, "step_gains": []})
+    with pytest.raises(ValueError, match="1 step gains for 2 features"):
+        forced({**filled, "step_gains": gains(False)})
+
+
+def test_a_strict_point_with_another_pool_does_not_make_pools_differ(tmp_path, caplog):
+    """Three cutoffs under the locked exclusion share one pool, every mask forced; the strict
+    exclusion's pool differs. The summary and the log say the sweep had no power."""
+    pool = [[0, 3], [1, 1], [0, 5]]
+    objs = [{"rule": "cap", "cutoff": c, "exclusion": 1.0, "mask": {"0": [3], "1": [1]}, "objective": 0.0,
+             "pool": pool, "n_admitted": 3, "cap_bound": False, "step_gains": gains(False, False)}
+            for c in (4.0, 5.0, 6.0)]
+    objs.append({**objs[1], "exclusion": 0.0, "pool": pool[1:], "mask": {"0": [5], "1": [1]}})
+    table = sweep_table(objs, objs[1])
+    assert table["strict"].to_list() == [False, False, False, True]
+    assert table["n_pool"].to_list() == [3, 3, 3, 2] and not table["pools_differ"].any()
+    assert table["forced"].all()
+    paths = []
+    for i, obj in enumerate(objs):
+        paths.append(str(tmp_path / f"m{i}.json"))
+        (tmp_path / f"m{i}.json").write_text(json.dumps(obj))
+    with caplog.at_level("WARNING"):
+        sweep_summary(Job(input={"masks": paths, "locked": paths[1]}, output={"summary": str(tmp_path / "s.parquet")}))
+    assert "cannot tell its cutoffs apart (pool of 3" in caplog.text
+    assert "every locked-exclusion sweep point is forced" in caplog.text and "top 2 by score" in caplog.text
+    # With a locked-exclusion point of another pool, the pools differ; no sweep without the locked exclusion.
+    assert sweep_table([*objs, {**objs[0], "cutoff": 7.0, "pool": pool[:2]}], objs[1])["pools_differ"].all()
+    with pytest.raises(ValueError, match="no point has the locked mask's exclusion 1.0"):
+        sweep_table(objs[3:], objs[1])
 
 
 def test_a_sweep_whose_cap_always_binds_says_it_cannot_tell_the_cutoffs_apart(tmp_path, caplog):
@@ -245,7 +291,8 @@ def test_a_sweep_whose_cap_always_binds_says_it_cannot_tell_the_cutoffs_apart(tm
         everything = [list(p) for p in candidates(scores, RULES["cap"], cutoff, 1.0, None)]
         pool = [list(p) for p in candidates(scores, RULES["cap"], cutoff, 1.0, 4)]
         objs.append({"rule": "cap", "cutoff": cutoff, "exclusion": 1.0, "mask": {"0": [0, 1]}, "objective": 0.1,
-                     "pool": pool, "n_admitted": len(everything), "cap_bound": len(everything) > len(pool)})
+                     "pool": pool, "n_admitted": len(everything), "cap_bound": len(everything) > len(pool),
+                     "step_gains": gains(False, True)})
     table = sweep_table(objs, objs[1])
     assert table["cap_bound"].all() and (table["n_admitted"] > table["n_pool"]).all()
     assert table["pool_jaccard"].to_list() == [1.0] * 3 and table["same_as_locked"].all()
@@ -256,7 +303,7 @@ def test_a_sweep_whose_cap_always_binds_says_it_cannot_tell_the_cutoffs_apart(tm
         (tmp_path / f"m{i}.json").write_text(json.dumps(obj))
     with caplog.at_level("WARNING"):
         sweep_summary(Job(input={"masks": paths, "locked": paths[1]}, output={"summary": str(tmp_path / "s.parquet")}))
-    assert "cannot tell its cutoffs apart" in caplog.text
+    assert "cannot tell its cutoffs apart" in caplog.text and "is forced" not in caplog.text
     assert jaccard([], []) == 1.0 and jaccard([A], []) == 0.0
 
 

@@ -26,3 +26,16 @@ def read_mask_file(path: str) -> dict:
 def mask_of(obj: Mapping) -> dict[int, list[int]]:
     """``{layer: sorted features}`` of a mask file's object, empty layers dropped."""
     return {int(layer): sorted(int(j) for j in f) for layer, f in sorted(obj["mask"].items(), key=lambda kv: int(kv[0])) if f}
+
+
+def forced(obj: Mapping) -> bool:
+    """Whether a selection's mask was forced rather than selected: no taken step passed the
+    acceptance rule (the fill rule took every feature) and the mask is the first ``n`` of its
+    pool in score order, as taking the top ``n`` by score would give. Agreement between such
+    masks, or with the locked mask, is by construction. An empty mask is not forced."""
+    pairs = {(layer, f) for layer, fs in mask_of(obj).items() for f in fs}
+    gains = obj["step_gains"]
+    if len(gains) != len(pairs):
+        raise ValueError(f"mask file: {len(gains)} step gains for {len(pairs)} features")
+    top = {(int(layer), int(f)) for layer, f in obj["pool"][: len(pairs)]}
+    return bool(pairs) and not any(g["passed"] for g in gains) and pairs == top
