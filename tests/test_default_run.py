@@ -20,6 +20,9 @@ import pytest
 import yaml
 from workflow_utils import copy_workflow, snakemake
 
+from postdiff.method.selection.maskfile import forced, read_mask_file
+from postdiff.workflow.config import threshold
+
 pytestmark = pytest.mark.slow
 DATA = Path(__file__).parent / "data"
 RUN = "results/default"
@@ -92,9 +95,18 @@ def test_masks_are_size_matched_non_empty_and_move_pt(default_run: Path) -> None
 
 
 def test_the_sweep_selects_from_pools_that_differ(default_run: Path) -> None:
-    summary = pl.read_csv(default_run / f"{RUN}/seed0/sweep/summary.csv")
-    assert summary["pools_differ"].all() and summary["n_pool"].n_unique() > 1
+    """The locked exclusion's cutoffs (the strict point's pool differs by its exclusion) select
+    from pools that differ; whether each mask was forced is read back from its mask file (every
+    gain is 0 on this pair, so the masks need not differ)."""
+    seed = default_run / f"{RUN}/seed0/sweep"
+    summary = pl.read_csv(seed / "summary.csv")
+    cutoffs = summary.filter(~pl.col("strict"))
+    assert cutoffs.height > 1 and cutoffs["pools_differ"].all() and cutoffs["n_pool"].n_unique() > 1
     assert (summary["n_pool"] <= summary["n_admitted"]).all()
+    for row in summary.iter_rows(named=True):
+        point = f"verb_exclusion={threshold(row['exclusion'])}/cap_cutoff={threshold(row['cutoff'])}"
+        obj = read_mask_file(str(seed / point / "cap_mask.json"))
+        assert row["forced"] == forced(obj), row
 
 
 def test_gate_choices_are_reported(default_run: Path) -> None:

@@ -100,7 +100,7 @@ def test_figures_are_written(evals, tmp_path):
                                 "objective": [0.1, 0.12, 0.12, 0.08, 0.05],
                                 "mask": ["a", "b", "b", "c", "d"],
                                 "same_as_locked": [False, True, True, False, False],
-                                "pools_differ": [True] * 5}), sweep)
+                                "forced": [False, True, True, False, False], "pools_differ": [True] * 5}), sweep)
     out1, out2 = (_outputs(tmp_path, s, ("png", "pdf")) for s in ("fig1", "fig2"))
     params = {"B": 200, "seed": 0}
     figures.figure1(Job(input={"evals": evals}, output=out1,
@@ -117,25 +117,48 @@ def test_figure2_draws_the_strict_exclusion_apart_and_says_when_pools_never_diff
     averaged with the locked cutoff), and a sweep whose pools never differ says so."""
     sweep = pl.DataFrame({"cutoff": [1.0, 1.5, 1.5], "exclusion": [1.0, 1.0, 0.0], "strict": [False, False, True],
                           "objective": [0.2, 0.3, 0.1], "mask": ["a", "a", "b"],
-                          "same_as_locked": [True, True, False], "pools_differ": [False] * 3})
-    estimates = figures._estimates(Job(input={"evals": [evals[2], evals[6]]}, output={}, params={"B": 50}), figures.FIGURE2_METRICS)
-    ax = figures.draw_figure2(estimates, sweep).axes[2]
+                          "same_as_locked": [True, True, False], "forced": [False] * 3, "pools_differ": [False] * 3})
+    ax = figures.draw_figure2(figure2_estimates(evals), sweep).axes[2]
     line = ax.lines[0].get_xydata()
     assert line.tolist() == [[1.0, 0.2], [1.5, 0.3]]  # the locked exclusion alone
     points = np.concatenate([c.get_offsets() for c in ax.collections if isinstance(c, PathCollection)])
     assert sorted(map(tuple, points.tolist())) == [(1.0, 0.2), (1.5, 0.1), (1.5, 0.3)]
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert "verb. exclusion 0 (strict)" in labels and "verb. exclusion 1" in labels
-    assert "cannot tell them apart" in ax.get_title()
-    differ = figures.draw_figure2(estimates, sweep.with_columns(pl.lit(True).alias("pools_differ"))).axes[2]
+    assert figures.FORCED_LABEL not in labels
+    assert "cannot tell them apart" in ax.get_title() and "forced" not in ax.get_title()
+    differ = figures.draw_figure2(figure2_estimates(evals), sweep.with_columns(pl.lit(True).alias("pools_differ"))).axes[2]
     assert "cannot tell" not in differ.get_title()
+
+
+def figure2_estimates(evals):
+    return figures._estimates(Job(input={"evals": [evals[2], evals[6]]}, output={}, params={"B": 50}), figures.FIGURE2_METRICS)
+
+
+def test_figure2_rings_forced_points_and_says_when_every_cutoff_is_forced(evals):
+    """Forced points get a ring of their own (a legend entry says what it means); the title
+    says so only when every cutoff under the locked exclusion was forced."""
+    sweep = pl.DataFrame({"cutoff": [4.0, 5.0, 6.0, 5.0], "exclusion": [1.0, 1.0, 1.0, 0.0],
+                          "strict": [False, False, False, True], "objective": [0.0, 0.0, 0.0, 0.1],
+                          "mask": ["a", "a", "a", "b"], "same_as_locked": [True, True, True, False],
+                          "forced": [True, True, True, False], "pools_differ": [True] * 4})
+    ax = figures.draw_figure2(figure2_estimates(evals), sweep).axes[2]
+    rings = [c for c in ax.collections if c.get_label() == figures.FORCED_LABEL]
+    assert len(rings) == 1 and sorted(rings[0].get_offsets()[:, 0].tolist()) == [4.0, 5.0, 6.0]
+    assert figures.FORCED_LABEL in [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "verb. exclusion 0 (strict)" in [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "every cutoff's mask forced" in ax.get_title() and "cannot tell" not in ax.get_title()
+    one = figures.draw_figure2(figure2_estimates(evals), sweep.with_columns(
+        forced=pl.Series([False, True, False, False]))).axes[2]
+    rings = [c for c in one.collections if c.get_label() == figures.FORCED_LABEL]
+    assert rings[0].get_offsets().tolist() == [[5.0, 0.0]] and "forced" not in one.get_title()
 
 
 def test_sweep_summary_is_checked(tmp_path):
     path = tmp_path / "sweep.parquet"
     write_parquet(pl.DataFrame({"cutoff": [1.0], "objective": [0.1], "exclusion": [1.0], "strict": [False],
                                 "pools_differ": [True]}), path)
-    missing = r"sweep.parquet: missing columns \['mask', 'same_as_locked'\]"
+    missing = r"sweep.parquet: missing columns \['mask', 'same_as_locked', 'forced'\]"
     with pytest.raises(ValueError, match=missing):
         figures.read_sweep(path)
     with pytest.raises(FileNotFoundError, match="absent.parquet"):

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 FIGURE1_METRICS = ("Cap", "KL", "Len")
 FIGURE2_METRICS = ("KL", "Cap")
 SWEEP_COLUMNS = {"cutoff": pl.Float64, "exclusion": pl.Float64, "strict": pl.Boolean, "objective": pl.Float64,
-                 "mask": pl.String, "same_as_locked": pl.Boolean, "pools_differ": pl.Boolean}
+                 "mask": pl.String, "same_as_locked": pl.Boolean, "forced": pl.Boolean, "pools_differ": pl.Boolean}
+FORCED_LABEL = "forced: no step passed, the pool's top by score"
 _LABELS = {"Cap": "Cap (higher is better)", "KL": "KL to IT (lower is better)",
            "Len": "Len, tokens (lower is better)"}
 
@@ -62,8 +63,9 @@ def draw_figure1(estimates: pl.DataFrame) -> Figure:
 def draw_figure2(estimates: pl.DataFrame, sweep: pl.DataFrame) -> Figure:
     """Left: KL and Cap of the full surrogate and its one-layer ablations. Right: selector
     objective per cutoff under the locked exclusion (a line), the strict exclusion as a series of
-    its own, each point marked by whether it reproduces the locked mask; the panel says so when
-    every point had the same candidate pool."""
+    its own, each point marked by whether it reproduces the locked mask and ringed when its mask
+    was forced; the title says so when the locked exclusion's cutoffs all had one candidate pool
+    or were all forced, since then reproducing the locked mask is by construction."""
     fig = new_figure(13, 4)
     axes = fig.subplots(1, 3, width_ratios=[1, 1, 1.4])
     for ax, metric in zip(axes, FIGURE2_METRICS):
@@ -80,12 +82,19 @@ def draw_figure2(estimates: pl.DataFrame, sweep: pl.DataFrame) -> Figure:
     style_order = list(dict.fromkeys(series))
     sns.scatterplot(x=sweep["cutoff"].to_numpy(), y=sweep["objective"].to_numpy(), hue=hue, hue_order=hue_order,
                     style=series, style_order=style_order, markers=["o", "X", "s", "D"][: len(style_order)], s=70, ax=ax)
+    forced = sweep.filter("forced")
+    if forced.height:
+        ax.scatter(forced["cutoff"].to_numpy(), forced["objective"].to_numpy(), s=240, facecolors="none",
+                   edgecolors="black", linewidths=1.2, label=FORCED_LABEL)
+        ax.legend(*ax.get_legend_handles_labels(), fontsize=8)
     ax.set_xlabel("capability cutoff")
     ax.set_ylabel("selector objective")
-    title = "Threshold sweep"
+    notes = []
     if not sweep["pools_differ"].any():
-        title += "\n(every point had the same candidate pool: the sweep cannot tell them apart)"
-    ax.set_title(title, fontsize=9 if "\n" in title else None)
+        notes.append("every cutoff had the same candidate pool: the sweep cannot tell them apart")
+    if locked_exclusion["forced"].all():
+        notes.append("every cutoff's mask forced: its pool's top by score, not selected")
+    ax.set_title("\n".join(["Threshold sweep", *(f"({n})" for n in notes)]), fontsize=9 if notes else None)
     return fig
 
 
