@@ -20,6 +20,7 @@ import pytest
 import yaml
 from workflow_utils import copy_workflow, snakemake
 
+from postdiff.method.gates import TESTED_ON
 from postdiff.method.selection.maskfile import forced, read_mask_file
 from postdiff.workflow.config import threshold
 
@@ -112,4 +113,5 @@ def test_the_sweep_selects_from_pools_that_differ(default_run: Path) -> None:
 def test_gate_choices_are_reported(default_run: Path) -> None:
     gates = pl.read_csv(default_run / f"{RUN}/seed0/tables/gates.csv")
     assert gates["gates"].to_list() == ["full", "single_L1", "single_L2", "mean"]
-    assert (gates["calib_kl"] <= gates["runner_up_kl"]).all()
+    assert (gates["n_compared"] > 0).all() and (gates["calib_kl"] <= gates["closest_kl"]).all()
+    assert (gates["tested_on"] == TESTED_ON).all()

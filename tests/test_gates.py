@@ -14,13 +14,16 @@ from postdiff.method import variants as V
 from postdiff.method.gates import (
     CURVE_SCHEMA,
     DEFAULT_GRID,
+    TESTED_ON,
     calibrate,
     calibrate_gates,
     check_grid,
     choice_report,
+    contenders,
     coordinate_search,
     gate_table,
-    runner_up,
+    grid_winner,
+    neighbours,
     tie_test,
 )
 from postdiff.method.spec import Variant
@@ -169,11 +172,22 @@ def test_refinement_finds_an_off_grid_minimum_within_tolerance():
     assert best == (0.0, 0.0)
 
 
-def test_runner_up_is_a_grid_step_away_and_the_tie_test_is_paired():
-    trace = [{"gates": (0.5, 1.0), "kl": 1.0}, {"gates": (0.52, 1.0), "kl": 0.9}, {"gates": (0.25, 1.0), "kl": 1.1},
-             {"gates": (0.5, 0.75), "kl": 1.05}]
-    assert runner_up(trace, (0.52, 1.0), 0.25) == (0.5, 0.75)  # (0.5, 1.0) is within a step
-    assert runner_up(trace[:2], (0.52, 1.0), 0.25) is None
+def test_the_grid_winner_and_its_neighbours_are_the_contenders():
+    grid = [0.0, 0.25, 0.5, 0.75]
+    trace = [{"gates": (0.25, 0.5), "kl": 1.0, "refined": False}, {"gates": (0.5, 0.5), "kl": 1.01, "refined": False},
+             {"gates": (0.3, 0.5), "kl": 0.9, "refined": True}]
+    assert grid_winner(trace) == (0.25, 0.5)
+    # The edge of the grid has one neighbour.
+    assert neighbours((0.0, 0.5), grid) == [(0.25, 0.5), (0.0, 0.25), (0.0, 0.75)]
+    assert [p for _, p in contenders((0.25, 0.5), (0.3, 0.5), grid)] == \
+        [(0.25, 0.5), (0.0, 0.5), (0.5, 0.5), (0.25, 0.25), (0.25, 0.75)]
+    # Refinement that stayed on the winner: the winner is the choice, not a contender.
+    assert [role for role, _ in contenders((0.25, 0.5), (0.25, 0.5), grid)] == ["grid neighbour"] * 4
+    with pytest.raises(ValueError, match=r"alphas \[0.3\] are not on the grid"):
+        neighbours((0.3, 0.5), grid)
+
+
+def test_tie_test_is_paired():
     codes = np.repeat(np.arange(3), 20)
     rng = np.random.default_rng(0)
     chosen = rng.uniform(0, 1, 60)
@@ -194,17 +208,66 @@ def test_calibrate_writes_the_choice_and_the_seed_table(world, tmp_path):
     calibrate(job)
     choice = json.loads((tmp_path / "choice.json").read_text())
     assert choice["gates"] == {"0": 0.0, "1": 0.0} and choice["kl"] < 1e-6
-    assert max(abs(a) for a in choice["runner_up"].values()) >= 0.5 and choice["runner_up_kl"] > choice["kl"]
-    assert choice["lo"] > 0 and choice["tie"] is False
+    assert choice["grid_winner"] == choice["gates"] and choice["tested_on"] == TESTED_ON
+    # Each layer's one neighbour (0.5), both measured by the coordinate rounds, both clearly worse.
+    assert [c["gates"] for c in choice["compared"]] == [{"0": 0.5, "1": 0.0}, {"0": 0.0, "1": 0.5}]
+    assert all(c["lo"] > 0 and c["kl"] > choice["kl"] for c in choice["compared"]) and choice["tie"] is False
+    assert choice["not_measured"] == [] and choice["closest"] in choice["compared"]
     assert pl.read_parquet(tmp_path / "curve.parquet")["refined"].any()
     gate_table(Job(input={"choices": [str(tmp_path / "choice.json")] * 2}, output={"csv": str(tmp_path / "g.csv")},
                    params={"names": ["full", "mean"]}))
     table = pl.read_csv(tmp_path / "g.csv")
     assert table["gates"].to_list() == ["full", "mean"] and not table["tie"].any()
-    assert table["calib_kl"][0] == pytest.approx(choice["kl"])
+    assert table["calib_kl"][0] == pytest.approx(choice["kl"]) and table["n_compared"].to_list() == [2, 2]
+    assert table["closest_kl"][0] == pytest.approx(choice["closest"]["kl"]) and table["lo"][0] > 0
+    assert table["tested_on"][0] == TESTED_ON and table["n_tied"][0] == choice["n_tied"]
 
 
-def test_choice_report_without_a_runner_up():
-    curve = pl.DataFrame({"gates": [json.dumps({"1": 0.0})], "kl": [0.3]})
-    report = choice_report({1: 0.0}, {(0.0,): np.array([0.2, 0.4])}, curve, [0.0, 0.5], np.array([0, 1]), 10, 0, 0.95)
-    assert report["runner_up"] is None and report["tie"] is False and report["kl"] == pytest.approx(0.3)
+def curve_of(points: dict[tuple[float, ...], np.ndarray], refined: set) -> pl.DataFrame:
+    return pl.DataFrame({"gates": [json.dumps({"1": p[0], "2": p[1]}) for p in points],
+                         "kl": [float(v.mean()) for v in points.values()], "refined": [p in refined for p in points]})
+
+
+def test_a_near_tied_neighbour_and_the_grid_winner_are_reported_as_ties():
+    """Refinement moved from the grid's winner (0.25, 0.5) to (0.3, 0.5). The winner and the
+    neighbour (0.5, 0.5) are within noise of the choice, both less than a grid step from it;
+    the other measured neighbours are clearly worse; (0.25, 0.75) was never measured; a far
+    point within noise is listed among the ties without being a contender."""
+    codes = np.repeat(np.arange(3), 20)
+    rng = np.random.default_rng(0)
+    best = rng.uniform(0.5, 1.0, 60)
+    swing = np.where(np.arange(60) % 2 == 0, 0.1, -0.1)
+    per_prompt = {(0.3, 0.5): best, (0.25, 0.5): best + 0.002 + swing, (0.5, 0.5): best + 0.005 - swing,
+                  (0.0, 0.5): best + 0.2 + rng.normal(0, 0.01, 60), (0.25, 0.25): best + 0.3,
+                  (0.75, 0.0): best + 0.01 + swing, (0.75, 0.75): best + 0.5}
+    report = choice_report({1: 0.3, 2: 0.5}, per_prompt, curve_of(per_prompt, {(0.3, 0.5)}), [0.0, 0.25, 0.5, 0.75],
+                           codes, 500, 0, 0.95)
+    assert report["grid_winner"] == {"1": 0.25, "2": 0.5} and report["tested_on"] == TESTED_ON
+    compared = {(c["role"], tuple(c["gates"].values())): c["tie"] for c in report["compared"]}
+    assert compared == {("grid winner", (0.25, 0.5)): True, ("grid neighbour", (0.5, 0.5)): True,
+                        ("grid neighbour", (0.0, 0.5)): False, ("grid neighbour", (0.25, 0.25)): False}
+    assert report["tie"] is True and report["not_measured"] == [{"1": 0.25, "2": 0.75}]
+    assert [tuple(t["gates"].values()) for t in report["tied"]] == [(0.25, 0.5), (0.5, 0.5), (0.75, 0.0)]
+    assert report["n_tied"] == 3 and report["n_measured"] == 6
+    assert report["closest"]["gates"] == {"1": 0.25, "2": 0.5} and report["closest"]["diff"] == pytest.approx(0.002)
+    worse = next(c for c in report["compared"] if c["gates"] == {"1": 0.0, "2": 0.5})
+    assert worse["lo"] > 0.19 and worse["kl"] == pytest.approx(per_prompt[(0.0, 0.5)].mean())
+
+
+def test_a_clear_choice_on_the_grid_has_no_tie():
+    codes = np.repeat(np.arange(2), 10)
+    best = np.linspace(0.1, 0.3, 20)
+    per_prompt = {(0.5,): best, (0.0,): best + 0.1, (1.0,): best + 0.05}
+    report = choice_report({1: 0.5}, per_prompt, pl.DataFrame({"gates": [json.dumps({"1": p[0]}) for p in per_prompt],
+                                                               "kl": [float(v.mean()) for v in per_prompt.values()],
+                                                               "refined": [False] * 3}),
+                           [0.0, 0.5, 1.0], codes, 200, 0, 0.95)
+    assert [c["role"] for c in report["compared"]] == ["grid neighbour"] * 2 and report["tie"] is False
+    assert report["tied"] == [] and report["closest"]["gates"] == {"1": 1.0}
+
+
+def test_choice_report_with_nothing_to_compare():
+    curve = pl.DataFrame({"gates": [json.dumps({"1": 0.0})], "kl": [0.3], "refined": [False]})
+    report = choice_report({1: 0.0}, {(0.0,): np.array([0.2, 0.4])}, curve, [0.0], np.array([0, 1]), 10, 0, 0.95)
+    assert report["compared"] == [] and report["closest"] is None and report["tie"] is False
+    assert report["kl"] == pytest.approx(0.3) and report["n_tied"] == 0

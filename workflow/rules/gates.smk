@@ -1,6 +1,6 @@
 # Per-layer gates alpha_l, calibrated on calib over a KL grid and refined off it: each seed's joint
 # surrogate and each of its layers on its own (the one-layer ablation), and the MeanDiff baseline
-# (no seed). Each writes its choice against the runner-up, tie test included.
+# (no seed). Each writes its choice against the grid winner and its neighbours, tie tests included.
 
 GATE_INPUTS = dict(
     split=f"{RUN}/suite/calib.parquet",

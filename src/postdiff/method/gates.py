@@ -12,9 +12,14 @@ Refinement: a grid's winner can be a near-tie with its neighbour, and another CP
 then flips the choice by a whole grid step (0.25 in alpha moved FullDelta's CapRec by 0.2 on the
 embedded pair). So each layer's alpha is then refined off the grid by a bounded 1-D search on
 calib KL (Brent's method within one grid step of the winner), layer by layer, while KL falls.
-The chosen gates are compared, prompt by prompt, with the runner-up (the best measured gates
-at least one grid step away): a paired bootstrap interval over calib prompts whose lower end
-is not above 0 makes the choice a statistical tie, which the log and the report say.
+The chosen gates are compared, prompt by prompt, with the choices that rounding could have
+made instead: the grid's winner (when refinement moved off it) and each of its grid neighbours
+(one layer's alpha one grid step down or up). A paired bootstrap interval over calib prompts
+whose lower end is not above 0 makes the choice a statistical tie, which the log and the report
+say; every other measured gate vector is tested the same way, so the report lists all that the
+prompts cannot tell from the choice. Only measured points have per-prompt KL: a neighbour the
+search never measured is listed as such, not compared. The calib prompts that chose the gates
+also test them, so a tie is, if anything, understated.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ DECIMALS = 4
 # IT log-probs of the whole calib split are kept when they fit in this many bytes; beyond it
 # (262k-token vocabularies) IT runs once per batch of each coordinate step instead.
 REFERENCE_BYTES = 2 << 30
+TESTED_ON = "calib (the prompts that chose the gates)"
 
 Point = tuple[float, ...]
 CURVE_SCHEMA = {
@@ -156,12 +162,25 @@ def refine(measure: _Measured, best: Point, best_kl: float, grid: Sequence[float
     return best, best_kl
 
 
-def runner_up(trace: Sequence[Mapping], best: Point, step: float) -> Point | None:
-    """The best measured gate vector at least one grid ``step`` away from ``best`` in some layer:
-    the choice that rounding on another machine could have made instead."""
-    seen = {row["gates"]: row["kl"] for row in trace}
-    far = [(p, v) for p, v in seen.items() if max(abs(a - b) for a, b in zip(p, best)) >= step - 1e-9]
-    return min(far, key=lambda pv: _rank(*pv))[0] if far else None
+def grid_winner(trace: Sequence[Mapping]) -> Point:
+    """The coordinate search's choice: the best measured point before refinement."""
+    return min(((row["gates"], row["kl"]) for row in trace if not row["refined"]), key=lambda pv: _rank(*pv))[0]
+
+
+def neighbours(point: Point, grid: Sequence[float]) -> list[Point]:
+    """``point`` with one layer's alpha one grid step down or up (inside the grid)."""
+    index = {a: j for j, a in enumerate(grid)}
+    if missing := [a for a in point if a not in index]:
+        raise ValueError(f"gates {point}: alphas {missing} are not on the grid {list(grid)}")
+    return [point[:i] + (grid[k],) + point[i + 1 :] for i, a in enumerate(point) for k in (index[a] - 1, index[a] + 1)
+            if 0 <= k < len(grid)]
+
+
+def contenders(winner: Point, best: Point, grid: Sequence[float]) -> list[tuple[str, Point]]:
+    """The gate vectors that another CPU's rounding could have chosen instead of ``best``: the
+    grid's winner when refinement moved off it, and each of the winner's grid neighbours."""
+    roles = [("grid winner", winner), *(("grid neighbour", p) for p in neighbours(winner, grid))]
+    return [(role, p) for role, p in roles if p != best]
 
 
 def tie_test(chosen: np.ndarray, other: np.ndarray, codes: np.ndarray, B: int, seed: int,
@@ -223,18 +242,31 @@ def calibrate_gates(
 
 def choice_report(gates: Mapping[int, float], per_prompt: Mapping[Point, np.ndarray], curve: pl.DataFrame,
                   grid: Sequence[float], codes: np.ndarray, B: int, seed: int, level: float) -> dict:
-    """The chosen gates' calib KL against the runner-up's, with the paired bootstrap tie test."""
+    """The chosen gates' calib KL against the grid's winner and its neighbours (``compared``;
+    ``tie`` when any is not clearly worse), ``not_measured`` neighbours, and ``tied``: every
+    measured gate vector whose paired interval against the choice has a lower end not above 0."""
     best = tuple(gates.values())
     grid = check_grid(grid)
-    step = min((b - a for a, b in zip(grid, grid[1:])), default=math.inf)
-    trace = [{"gates": tuple(json.loads(g).values()), "kl": v} for g, v in curve.select("gates", "kl").iter_rows()]
-    other = runner_up(trace, best, step)
-    out: dict = {"gates": {str(k): v for k, v in gates.items()}, "kl": float(per_prompt[best].mean()),
-                 "grid_step": step, "level": level, "n_prompts": len(codes)}
-    if other is None:
-        return {**out, "runner_up": None, "runner_up_kl": None, "diff": None, "lo": None, "hi": None, "tie": False}
-    test = tie_test(per_prompt[best], per_prompt[other], codes, B, seed, level)
-    return {**out, "runner_up": dict(zip(out["gates"], other)), "runner_up_kl": float(per_prompt[other].mean()), **test}
+    names = [str(k) for k in gates]
+    trace = [{"gates": tuple(json.loads(g).values()), "kl": v, "refined": r}
+             for g, v, r in curve.select("gates", "kl", "refined").iter_rows()]
+
+    def against(point: Point) -> dict:
+        test = tie_test(per_prompt[best], per_prompt[point], codes, B, seed, level)
+        return {"gates": dict(zip(names, point)), "kl": float(per_prompt[point].mean()), **test}
+
+    winner = grid_winner(trace)
+    wanted = contenders(winner, best, grid)
+    compared = [{"role": role, **against(p)} for role, p in wanted if p in per_prompt]
+    tied = sorted((t for t in map(against, (p for p in per_prompt if p != best)) if t["tie"]), key=lambda t: t["kl"])
+    return {
+        "gates": dict(zip(names, best)), "kl": float(per_prompt[best].mean()), "tested_on": TESTED_ON,
+        "grid_step": min((b - a for a, b in zip(grid, grid[1:])), default=math.inf), "level": level,
+        "n_prompts": len(codes), "grid_winner": dict(zip(names, winner)), "compared": compared,
+        "not_measured": [dict(zip(names, p)) for _, p in wanted if p not in per_prompt],
+        "closest": min(compared, key=lambda c: c["diff"], default=None),
+        "tie": any(c["tie"] for c in compared), "n_measured": len(per_prompt) - 1, "tied": tied, "n_tied": len(tied),
+    }
 
 
 def calibration_variant(mode: str, layers: int | Sequence[int], surrogates: Sequence[str], standardiser: str | None) -> Variant:
@@ -264,7 +296,7 @@ def calibrate(job: Job) -> None:
     ``standardiser`` (mode mean); params: ``mode``, ``layers``, ``grid``, ``max_rounds``,
     ``refine`` and ``tol``, ``pt``, ``it``, ``dtype``, ``device``, ``batch_size``, ``bootstrap``
     (``B``, ``seed``, ``level`` of the tie test); output: ``gates`` (JSON), ``curve`` (Parquet)
-    and ``choice`` (JSON: the chosen gates against the runner-up).
+    and ``choice`` (JSON: :func:`choice_report`).
     """
     p = job.params
     variant = calibration_variant(
@@ -286,26 +318,37 @@ def calibrate(job: Job) -> None:
     codes = rows["slice"].replace_strict(list(metrics.SLICES), list(range(len(metrics.SLICES)))).to_numpy()
     choice = choice_report(gates, per_prompt, curve, grid, codes, int(boot.get("B", 10_000)), int(boot.get("seed", 0)),
                            float(boot.get("level", 0.95)))
-    log.info("gates %s, calib KL %.5f", gates, choice["kl"])
-    if choice["tie"]:
-        log.warning("gates %s tie with the runner-up %s on calib KL: %+.5f [%.5f, %.5f]; results that depend "
-                    "on this choice can move on another CPU", gates, choice["runner_up"], choice["diff"],
-                    choice["lo"], choice["hi"])
+    log.info("gates %s, calib KL %.5f (grid winner %s); %d of %d other measured gate vectors tie with it on %s",
+             gates, choice["kl"], choice["grid_winner"], choice["n_tied"], choice["n_measured"], TESTED_ON)
+    if choice["not_measured"]:
+        log.info("grid neighbours %s were never measured, so not compared", choice["not_measured"])
+    for c in (c for c in choice["compared"] if c["tie"]):
+        log.warning("gates %s tie with the %s %s on calib KL: %+.5f [%.5f, %.5f]; results that depend on this "
+                    "choice can move on another CPU", gates, c["role"], c["gates"], c["diff"], c["lo"], c["hi"])
     write_parquet(curve, job.output["curve"])
     write_json(choice, job.output["choice"])
     write_json({str(layer): alpha for layer, alpha in gates.items()}, job.output["gates"])
 
 
+GATE_TABLE_SCHEMA = {"gates": pl.String, "alpha": pl.String, "calib_kl": pl.Float64, "tested_on": pl.String,
+                     "grid_winner": pl.String, "n_compared": pl.Int64, "n_not_measured": pl.Int64,
+                     "closest": pl.String, "closest_kl": pl.Float64, "diff": pl.Float64, "lo": pl.Float64,
+                     "hi": pl.Float64, "tie": pl.Boolean, "n_tied": pl.Int64, "tied": pl.String}
+
+
 def gate_table(job: Job) -> None:
     """Stage: one row per gates file of a seed (input ``choices``, named by params ``names``):
-    the chosen gates, calib KL, the runner-up and the tie test. Output ``csv``."""
+    the chosen gates, calib KL, the grid's winner, the compared gates (winner and neighbours)
+    closest in KL with its tie test, whether any compared gates tie, and every measured gate
+    vector that ties. Output ``csv``."""
     rows = []
     for name, path in zip(job.params["names"], job.inputs("choices"), strict=True):
         c = read_json(path)
-        rows.append({"gates": name, "alpha": json.dumps(c["gates"]), "calib_kl": c["kl"],
-                     "runner_up": None if c["runner_up"] is None else json.dumps(c["runner_up"]),
-                     "runner_up_kl": c["runner_up_kl"], "diff": c["diff"], "lo": c["lo"], "hi": c["hi"],
-                     "tie": c["tie"]})
-    schema = {"gates": pl.String, "alpha": pl.String, "calib_kl": pl.Float64, "runner_up": pl.String,
-              "runner_up_kl": pl.Float64, "diff": pl.Float64, "lo": pl.Float64, "hi": pl.Float64, "tie": pl.Boolean}
-    write_text(pl.DataFrame(rows, schema=schema).write_csv(), job.output["csv"])
+        closest = c["closest"] or {}
+        rows.append({"gates": name, "alpha": json.dumps(c["gates"]), "calib_kl": c["kl"], "tested_on": c["tested_on"],
+                     "grid_winner": json.dumps(c["grid_winner"]), "n_compared": len(c["compared"]),
+                     "n_not_measured": len(c["not_measured"]),
+                     "closest": json.dumps(closest["gates"]) if closest else None, "closest_kl": closest.get("kl"),
+                     **{k: closest.get(k) for k in ("diff", "lo", "hi")}, "tie": c["tie"], "n_tied": c["n_tied"],
+                     "tied": json.dumps([t["gates"] for t in c["tied"]])})
+    write_text(pl.DataFrame(rows, schema=GATE_TABLE_SCHEMA).write_csv(), job.output["csv"])
