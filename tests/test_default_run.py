@@ -6,8 +6,8 @@ CPU kernel sets (``ATEN_CPU_CAPABILITY`` default, avx2, avx512) and surrogate se
 (``bench/capabilities.py``, ``bench/results/capabilities.json``; README, "What may move").
 The second default seed adds nothing here that ``tests/test_workflow.py`` does not check on the
 tiny config (adding a seed, across-seed tables), so this run trains one; and it runs only what
-the assertions read (Table 1, the sweep summary, the gate table, with every job they need): the
-figures, cards, exports and provenance of a run are checked on the tiny config.
+the assertions read (Table 1, the sweep summary, the gate table and the claims table, with every
+job they need): the figures, cards, exports and provenance of a run are checked on the tiny config.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def table(workdir: Path, seed: int = 0) -> dict[str, dict]:
 def default_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     workdir = copy_workflow(tmp_path_factory.mktemp("default_run"))
     (workdir / "config/one_seed.yaml").write_text(yaml.safe_dump({"surrogate": {"seeds": [0]}}))
-    targets = [f"{RUN}/seed0/tables/{name}.csv" for name in ("table1", "gates")] + [f"{RUN}/seed0/sweep/summary.csv"]
+    targets = [f"{RUN}/seed0/tables/{name}.csv" for name in ("table1", "gates", "claims")] + [f"{RUN}/seed0/sweep/summary.csv"]
     snakemake(workdir, *targets, configfile=["config/config.yaml", "config/one_seed.yaml"])
     return workdir
 
@@ -115,3 +115,15 @@ def test_gate_choices_are_reported(default_run: Path) -> None:
     assert gates["gates"].to_list() == ["full", "single_L1", "single_L2", "mean"]
     assert (gates["n_compared"] > 0).all() and (gates["calib_kl"] <= gates["closest_kl"]).all()
     assert (gates["tested_on"] == TESTED_ON).all()
+
+
+def test_the_capability_null_holds_or_is_forced(default_run: Path) -> None:
+    """No single feature moves a greedy token on this pair, so CapMask's Cap interval against PT
+    contains 0; and with every step's gain 0 the mask is its pool's top five by score, which the
+    table calls forced rather than a null of selection."""
+    claims = pl.read_csv(default_run / f"{RUN}/seed0/tables/claims.csv")
+    assert claims["comparison"].to_list() == ["CapMask vs PT", *["VMask subtraction vs FullDelta"] * 2,
+                                              "OneLayer-late vs FullDelta", "threshold sweep vs locked mask"]
+    null = claims.row(0, named=True)
+    assert null["lo"] <= 0 <= null["hi"] and null["holds"], null
+    assert null["verdict"] in ("holds", "forced"), null

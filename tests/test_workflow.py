@@ -57,7 +57,7 @@ def test_bad_config_stops_before_any_job(tmp_path: Path, change: dict, named: st
 
 def test_full_run_produces_every_artifact(tiny_run: Path) -> None:
     run = tiny_run / RUN
-    for path in ["tables/table1.csv", "tables/table2.tex", "tables/r2.md", "figures/figure1.pdf",
+    for path in ["tables/table1.csv", "tables/table2.tex", "tables/claims.md", "tables/r2.md", "figures/figure1.pdf",
                  "figures/figure2.png", "qualitative.html", "sweep/summary.csv", "export/saelens/L1/sparsity.safetensors",
                  "tables/gates.csv", "gates/full_choice.json", "gates/single_L0_choice.json",
                  "export/sparsify/layers.1/sae.safetensors"]:
@@ -196,6 +196,7 @@ def test_report_is_one_html_file(tiny_run: Path) -> None:
     html = (tiny_run / "report.html").read_text(errors="replace")
     assert "table1" in html and "figure1" in html and "pair_gap.json" in html
     assert "with 95% bootstrap intervals" in html and "{{" not in html.split("with 95% bootstrap")[0][-200:]
+    assert "claims.csv" in html and "its 95% percentile interval" in html
 
 
 def _edited_copy(tiny_run: Path, dest: Path, module: str) -> Path:
@@ -214,8 +215,9 @@ MODEL_RULES = PAIR_RULES | {"pair_info", "teacher", "cache_shard", "train_surrog
 def test_editing_tables_reruns_the_tables_and_what_reads_them(tiny_run: Path, tmp_path: Path) -> None:
     workdir = _edited_copy(tiny_run, tmp_path / "run", "stats/tables.py")
     jobs = planned_jobs(workdir)
-    # The across-seed table reads Table 1, and its figure reads it.
-    assert jobs == {"table1": 1, "table2": 1, "r2_table": 1, "seed_table": 1, "seed_figure": 1, "provenance": 1, "all": 1}
+    # The claims table writes with Table 2's writer; the across-seed table reads Table 1, and its figure reads it.
+    assert jobs == {"table1": 1, "table2": 1, "claims": 1, "r2_table": 1, "seed_table": 1, "seed_figure": 1,
+                    "provenance": 1, "all": 1}
     assert not MODEL_RULES & set(jobs)
 
 

@@ -1,6 +1,6 @@
-# Per seed: Tables 1-2, Figures 1-2, the qualitative page and the R^2 table. Across seeds: every
-# seed's Table 1 side by side and the stability of the masks. Once per run: the pair's gap and the
-# reproducibility records.
+# Per seed: Tables 1-2, the paper's claims as checks, Figures 1-2, the qualitative page and the
+# R^2 table. Across seeds: every seed's Table 1 side by side and the stability of the masks. Once
+# per run: the pair's gap and the reproducibility records.
 
 BOOT = config["bootstrap"]
 TEST_EVALS = [eval_file("test", v) for v in VARIANTS]
@@ -44,6 +44,36 @@ rule table2:
             pt=variant_label("PT"),
             it=variant_label("IT"),
             **BOOT,
+        ),
+    conda:
+        ENV
+    script:
+        STAGE
+
+
+# The variants the paper's claims compare, by role (postdiff.outputs.claims); a claim whose variant
+# this config lacks (no one-layer ablation, say) is left out. "Late" is the deepest layer.
+CLAIM_ROLES = dict(pt="PT", full="FullDelta", cap="CapMask", vmask="FullDelta-VMask", late=f"OneLayer-L{max(config['layers'])}")
+CLAIM_VARIANTS = {role: name for role, name in CLAIM_ROLES.items() if name in VARIANTS}
+
+
+rule claims:
+    input:
+        evals=[eval_file("test", v) for v in CLAIM_VARIANTS.values()],
+        cap_mask=MASK_FILES["cap"],
+        vmask=MASK_FILES["vmask"],
+        sweep=rules.sweep_summary.output.summary,
+    output:
+        **table_outputs("claims", "claims.rst"),
+    log:
+        f"{RUN}/logs/seed{{seed}}/tables/claims.log",
+    benchmark:
+        f"{RUN}/benchmarks/seed{{seed}}/tables/claims.tsv"
+    params:
+        **stage(
+            "postdiff.outputs.claims:claims",
+            variants={role: variant_label(name) for role, name in CLAIM_VARIANTS.items()},
+            **{k: BOOT[k] for k in ("B", "seed", "level")},
         ),
     conda:
         ENV
@@ -215,7 +245,7 @@ rule mask_stability:
 
 
 PER_SEED_REPORTED = [
-    *rules.table1.output, *rules.table2.output, *rules.r2_table.output,
+    *rules.table1.output, *rules.table2.output, *rules.claims.output, *rules.r2_table.output,
     *rules.figure1.output, *rules.figure2.output, *rules.qualitative.output,
     *rules.sweep_summary.output, *rules.scores_plot.output, *rules.gate_table.output,
 ]
