@@ -10,6 +10,7 @@ variants so that both models generalise to rewordings of the suite's prompts.
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -55,6 +56,7 @@ BREVITY_PREFIXES = (
     "In at most {n}, ", "Using at most {n}, ", "In {n} or fewer, ", "In no more than {n}, ", "Answer in {n} or fewer: ",
 )
 BREVITY_SUFFIXES = ("", "", " Give only the answer.", " Be brief.")
+_BREVITY = re.compile("|".join(re.escape(p).replace(re.escape("{n}"), r"\d+ words?") for p in BREVITY_PREFIXES))
 # rule -> (phrases that follow a command or "Reply", whole-sentence instructions)
 FORMATS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "json": (
@@ -130,6 +132,11 @@ def _ask(rng: random.Random, kind: str, x: str, task: str) -> str:
         return f"{question} {rng.choice(['Reply', 'Answer', 'Respond'])} {rng.choice(phrases)}."
     sentence = rng.choice(sentences)
     return f"{question} {sentence}" if shape == 2 else f"{sentence} {question}"
+
+
+def is_brevity(prompt: str) -> bool:
+    """Whether a prompt asks under a word limit (a Brevity prompt)."""
+    return _BREVITY.match(prompt) is not None
 
 
 def _answer(task: str, answer: str) -> str:

@@ -20,7 +20,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig, GenerationConfig
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Gemma3TextConfig,
+    GenerationConfig,
+    LlamaConfig,
+    PretrainedConfig,
+)
 
 from postdiff.data.world import make_world
 from postdiff.models.template import encode_prefix, teacher_forced_batch
@@ -51,6 +58,7 @@ class ToyConfig:
     world_seed: int = 0
     n_countries: int = 240
     seed: int = 0
+    architecture: str = "gemma3"  # or "llama": no norm after each block's MLP, so an MLP edit is additive
     vocab_size: int = 1024
     hidden_size: int = 128
     intermediate_size: int = 512
@@ -74,16 +82,18 @@ class ToyConfig:
         return cls(**{k: type(defaults[k])(v) for k, v in params.items()})
 
 
-def model_config(cfg: ToyConfig, vocab_size: int) -> Gemma3TextConfig:
-    """A tiny Gemma 3 text model: sliding-window layers with every fourth and the last global."""
+ARCHITECTURES = ("gemma3", "llama")
+
+
+def model_config(cfg: ToyConfig, vocab_size: int) -> PretrainedConfig:
+    """A tiny Gemma 3 text model (sliding-window layers with every fourth and the last global),
+    or a tiny Llama (``architecture: llama``) of the same sizes."""
     if cfg.hidden_size % cfg.num_heads:
         raise ValueError(f"hidden_size {cfg.hidden_size} is not divisible by num_heads {cfg.num_heads}")
+    if cfg.architecture not in ARCHITECTURES:
+        raise ValueError(f"toy.architecture must be one of {ARCHITECTURES}, got {cfg.architecture!r}")
     head_dim = cfg.hidden_size // cfg.num_heads
-    layer_types = [
-        "full_attention" if (i + 1) % 4 == 0 or i == cfg.num_layers - 1 else "sliding_attention"
-        for i in range(cfg.num_layers)
-    ]
-    return Gemma3TextConfig(
+    shared = dict(
         vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
@@ -91,15 +101,20 @@ def model_config(cfg: ToyConfig, vocab_size: int) -> Gemma3TextConfig:
         num_attention_heads=cfg.num_heads,
         num_key_value_heads=max(1, cfg.num_heads // 2),
         head_dim=head_dim,
-        query_pre_attn_scalar=head_dim,
-        sliding_window=SLIDING_WINDOW,
-        layer_types=layer_types,
         max_position_embeddings=4 * SEQ_LEN,
         pad_token_id=PAD_ID,
         eos_token_id=EOS_ID,
         bos_token_id=BOS_ID,
         tie_word_embeddings=True,
     )
+    if cfg.architecture == "llama":
+        return LlamaConfig(**shared)
+    layer_types = [
+        "full_attention" if (i + 1) % 4 == 0 or i == cfg.num_layers - 1 else "sliding_attention"
+        for i in range(cfg.num_layers)
+    ]
+    return Gemma3TextConfig(**shared, query_pre_attn_scalar=head_dim, sliding_window=SLIDING_WINDOW,
+                            layer_types=layer_types)
 
 
 def pack_rows(blocks: Sequence[Sequence[int]], sep: Sequence[int], seq_len: int = SEQ_LEN) -> torch.Tensor:
@@ -179,7 +194,7 @@ def fit(model: torch.nn.Module, batches: Sequence[Batch], lr: float, desc: str) 
     return losses
 
 
-def train_pt_model(tokenizer, cfg: ToyConfig) -> tuple[Gemma3ForCausalLM, list[float]]:
+def train_pt_model(tokenizer, cfg: ToyConfig) -> tuple[torch.nn.Module, list[float]]:
     """A fresh model trained on ``pt_epochs`` epochs of packed PT corpus (new phrasings each epoch)."""
     world = make_world(cfg.world_seed, cfg.n_countries)
     sep = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
@@ -190,7 +205,7 @@ def train_pt_model(tokenizer, cfg: ToyConfig) -> tuple[Gemma3ForCausalLM, list[f
         batches += pt_batches(rows, cfg.batch_size)
     log.info("PT corpus: %d batches of %dx%d tokens", len(batches), cfg.batch_size, SEQ_LEN)
     torch.manual_seed(cfg.seed)
-    model = Gemma3ForCausalLM(model_config(cfg, len(tokenizer)))
+    model = AutoModelForCausalLM.from_config(model_config(cfg, len(tokenizer)))
     log.info("PT model: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
     return model, fit(model, batches, cfg.pt_lr, "train PT")
 
@@ -206,14 +221,17 @@ def train_it_model(model: torch.nn.Module, tokenizer, cfg: ToyConfig) -> list[fl
     return fit(model, batches, cfg.it_lr, "train IT")
 
 
-def _save(model, tokenizer, cfg: ToyConfig, path: str) -> None:
+def save_model(model, tokenizer, records: Mapping[str, Mapping[str, Any]], path: str) -> None:
+    """The model, its tokenizer and greedy generation config, and each ``records`` entry as a
+    JSON file beside them (the settings it was made with)."""
     model.generation_config = GenerationConfig(
         bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, do_sample=False
     )
     with atomic_path(path) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        write_json(dataclasses.asdict(cfg), tmp / CONFIG_FILE)
+        for name, record in records.items():
+            write_json(record, tmp / name)
 
 
 def build_tokenizer(job: Job) -> None:
@@ -229,7 +247,7 @@ def train_pt(job: Job) -> None:
     cfg = ToyConfig.from_params(job.params)
     tokenizer = AutoTokenizer.from_pretrained(job.input["tokenizer"])
     model, _ = train_pt_model(tokenizer, cfg)
-    _save(model, tokenizer, cfg, job.output["model"])
+    save_model(model, tokenizer, {CONFIG_FILE: dataclasses.asdict(cfg)}, job.output["model"])
 
 
 def train_it(job: Job) -> None:
@@ -244,4 +262,4 @@ def train_it(job: Job) -> None:
     tokenizer = AutoTokenizer.from_pretrained(pt_dir)
     model = AutoModelForCausalLM.from_pretrained(pt_dir, dtype=torch.float32)
     train_it_model(model, tokenizer, cfg)
-    _save(model, tokenizer, cfg, job.output["model"])
+    save_model(model, tokenizer, {CONFIG_FILE: dataclasses.asdict(cfg)}, job.output["model"])

@@ -1,0 +1,220 @@
+"""The positive-control pair: a tiny Llama PT and an IT whose whole change is a few planted MLP
+neurons, so the answer to "which features carry capability, which carry brevity" is known.
+
+- ``n_cap`` neurons at block ``cap_layer`` are trained to answer QA, Math and Format prompts as
+  the IT data does (the answer, then EOS), while Brevity and request prompts stay as PT has them;
+- ``n_verb`` neurons at block ``verb_layer``, trained after them with the capability neurons in
+  place, make Brevity and request prompts brief and leave the others as they are.
+
+A Llama block adds its MLP output to the residual stream with no norm after it, so a neuron's
+change of the residual is exactly ``down_i * silu(gate_i . x) * (up_i . x)``: ``down_i`` is the
+planted direction. The IT model is the PT model with ``intermediate_size`` widened by the
+planted neurons (zero weights at every other block), saved and loaded as a plain
+``LlamaForCausalLM``. Stage functions at the bottom are the only file I/O.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import random
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from postdiff.data.world import make_world
+from postdiff.models.toy.corpus import Example, is_brevity, sft_examples
+from postdiff.models.toy.tokenizer import EOS_ID
+from postdiff.models.toy.train import CONFIG_FILE, Batch, ToyConfig, save_model, sft_batches
+from postdiff.workflow.io import read_json
+from postdiff.workflow.runtime import Job
+
+log = logging.getLogger(__name__)
+
+PLANT_FILE = "postdiff_plant.json"  # the planted neurons' settings and directions, beside config.json
+# QA, Math and Format prompts are the capability group; Brevity prompts (a word limit) and
+# Harmful/BenignAdjacent requests the verbosity group.
+CAP_KINDS = ("capital", "antonym", "math")
+
+
+@dataclass(frozen=True)
+class PlantConfig:
+    """Every knob of the planted change; a stage's params may set any subset of these keys."""
+
+    seed: int = 0
+    cap_layer: int = 1
+    verb_layer: int = 2
+    n_cap: int = 4
+    n_verb: int = 4
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 1e-2
+    eos_weight: float = 3.0  # stopping is one token per answer; without weight it is learned last
+    keep_weight: float = 1.0  # KL to the model before this group on the other group's prompts
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> PlantConfig:
+        defaults = dataclasses.asdict(cls())
+        unknown = sorted(set(params) - set(defaults))
+        if unknown:
+            raise ValueError(f"unknown plant param(s) {unknown}; known: {sorted(defaults)}")
+        return cls(**{k: type(defaults[k])(v) for k, v in params.items()})
+
+
+class Neurons(nn.Module):
+    """``n`` extra SwiGLU neurons of one Llama MLP: ``down @ (silu(gate @ x) * (up @ x))``."""
+
+    def __init__(self, d_model: int, n: int, generator: torch.Generator) -> None:
+        super().__init__()
+        self.gate = nn.Parameter(torch.randn(n, d_model, generator=generator) * d_model**-0.5)
+        self.up = nn.Parameter(torch.randn(n, d_model, generator=generator) * d_model**-0.5)
+        self.down = nn.Parameter(torch.zeros(d_model, n))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(F.silu(F.linear(x, self.gate)) * F.linear(x, self.up), self.down)
+
+
+def is_cap(ex: Example) -> bool:
+    return ex.kind in CAP_KINDS and not is_brevity(ex.prompt)
+
+
+@contextmanager
+def planted(model: nn.Module, neurons: Mapping[int, Neurons]) -> Iterator[None]:
+    """``model`` with each block's extra neurons added to its MLP output."""
+    handles = [model.model.layers[layer].mlp.register_forward_hook(
+        lambda _m, args, out, n=n: out + n(args[0])) for layer, n in neurons.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _logits(model: nn.Module, batch: Batch) -> Tensor:
+    ids, attn, _ = batch
+    return model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1].float()
+
+
+def target_loss(logits: Tensor, batch: Batch, eos_weight: float) -> Tensor:
+    """Cross-entropy on the answer tokens, EOS weighted ``eos_weight``."""
+    ids, _, mask = batch
+    keep, target = mask[:, :-1], ids[:, 1:]
+    weight = torch.where(target[keep] == EOS_ID, eos_weight, 1.0)
+    return (F.cross_entropy(logits[keep], target[keep], reduction="none") * weight).sum() / weight.sum()
+
+
+def keep_loss(logits: Tensor, reference: Tensor, batch: Batch) -> Tensor:
+    """Mean KL(reference || model) over the answer positions."""
+    keep = batch[2][:, :-1]
+    return F.kl_div(logits[keep].log_softmax(-1), reference[keep].log_softmax(-1), log_target=True,
+                    reduction="batchmean")
+
+
+def train_group(
+    model: nn.Module, before: Mapping[int, Neurons], new: tuple[int, Neurons], targets: Sequence[Batch],
+    keeps: Sequence[Batch], cfg: PlantConfig, desc: str,
+) -> list[float]:
+    """Train ``new`` (block, neurons) so that the model with ``before`` and ``new`` answers
+    ``targets`` as their answers say and matches the model with ``before`` only on ``keeps``."""
+    layer, neurons = new
+    opt = torch.optim.Adam(neurons.parameters(), lr=cfg.lr)
+    losses = []
+    for step in range(cfg.steps):
+        target, keep = targets[step % len(targets)], keeps[step % len(keeps)]
+        with torch.no_grad(), planted(model, before):
+            reference = _logits(model, keep)
+        with planted(model, {**before, layer: neurons}):
+            loss = target_loss(_logits(model, target), target, cfg.eos_weight)
+            loss = loss + cfg.keep_weight * keep_loss(_logits(model, keep), reference, keep)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if (step + 1) % max(1, cfg.steps // 10) == 0:
+            log.info("%s step %d/%d loss %.4f", desc, step + 1, cfg.steps, sum(losses[-20:]) / len(losses[-20:]))
+    return losses
+
+
+def widened(model: nn.Module, neurons: Mapping[int, Neurons]) -> nn.Module:
+    """A copy of ``model`` with ``intermediate_size`` grown by the most neurons of any block:
+    each block's planted neurons in the new rows/columns, zeros elsewhere."""
+    n = max(x.down.shape[1] for x in neurons.values())
+    config = copy.deepcopy(model.config)
+    config.intermediate_size = model.config.intermediate_size + n
+    out = type(model)(config).eval()
+    state = model.state_dict()
+    for key, value in out.state_dict().items():
+        src = state[key]
+        if value.shape == src.shape:
+            value.copy_(src)
+            continue
+        value.zero_()
+        value[tuple(slice(0, s) for s in src.shape)] = src
+    for layer, x in neurons.items():
+        mlp, i = out.model.layers[layer].mlp, model.config.intermediate_size
+        k = x.down.shape[1]
+        with torch.no_grad():
+            mlp.gate_proj.weight[i : i + k] = x.gate
+            mlp.up_proj.weight[i : i + k] = x.up
+            mlp.down_proj.weight[:, i : i + k] = x.down
+    return out
+
+
+def plant(model: nn.Module, tokenizer, toy: ToyConfig, cfg: PlantConfig) -> tuple[nn.Module, dict[str, Any]]:
+    """The planted IT model and a record of what was planted (the directions, per group)."""
+    if model.config.model_type != "llama":
+        raise ValueError(f"the planted pair needs a Llama PT (an MLP edit is additive there), got {model.config.model_type!r}")
+    n_layers = model.config.num_hidden_layers
+    for key in ("cap_layer", "verb_layer"):
+        if not 0 <= getattr(cfg, key) < n_layers:
+            raise ValueError(f"plant.{key} = {getattr(cfg, key)} is not a block of this {n_layers}-block model")
+    model.requires_grad_(False)
+    world = make_world(toy.world_seed, toy.n_countries)
+    examples = [ex for epoch in range(3) for ex in sft_examples(world, toy.seed, epoch, toy.it_math)]
+    random.Random(cfg.seed).shuffle(examples)
+    cap = sft_batches(tokenizer, [ex for ex in examples if is_cap(ex)], cfg.batch_size)
+    verb = sft_batches(tokenizer, [ex for ex in examples if not is_cap(ex)], cfg.batch_size)
+    g = torch.Generator().manual_seed(cfg.seed)
+    d = model.config.hidden_size
+    cap_neurons = (cfg.cap_layer, Neurons(d, cfg.n_cap, g))
+    verb_neurons = (cfg.verb_layer, Neurons(d, cfg.n_verb, g))
+    if cfg.cap_layer == cfg.verb_layer:
+        raise ValueError("plant.cap_layer and plant.verb_layer must differ: each group is its own block's")
+    train_group(model, {}, cap_neurons, cap, verb, cfg, "plant capability")
+    cap_neurons[1].requires_grad_(False)
+    train_group(model, dict([cap_neurons]), verb_neurons, verb, cap, cfg, "plant brevity")
+    neurons = dict([cap_neurons, verb_neurons])
+    record = {
+        **dataclasses.asdict(cfg),
+        "groups": {
+            name: {"layer": layer, "directions": x.down.detach().T.tolist()}
+            for name, (layer, x) in (("cap", cap_neurons), ("verb", verb_neurons))
+        },
+    }
+    return widened(model, neurons), record
+
+
+def planted_directions(record: Mapping[str, Any]) -> dict[str, tuple[int, Tensor]]:
+    """Group -> (block, planted directions ``[n, d_model]``) from a :data:`PLANT_FILE` record."""
+    return {name: (int(g["layer"]), torch.tensor(g["directions"])) for name, g in record["groups"].items()}
+
+
+def train_planted(job: Job) -> None:
+    """Stage: input ``model`` (a toy Llama PT); params: the :class:`PlantConfig` keys under
+    ``plant`` and the toy settings; output ``model`` (the planted IT, with :data:`PLANT_FILE`)."""
+    pt_dir = Path(job.input["model"])
+    toy = ToyConfig.from_params({k: v for k, v in job.params.items() if k != "plant"})
+    cfg = PlantConfig.from_params(job.params.get("plant", {}))
+    torch.manual_seed(cfg.seed)
+    tokenizer = AutoTokenizer.from_pretrained(pt_dir)
+    model = AutoModelForCausalLM.from_pretrained(pt_dir, dtype=torch.float32).eval()
+    it, record = plant(model, tokenizer, toy, cfg)
+    save_model(it, tokenizer, {CONFIG_FILE: read_json(pt_dir / CONFIG_FILE), PLANT_FILE: record}, job.output["model"])
