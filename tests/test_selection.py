@@ -14,7 +14,14 @@ from postdiff.method import surrogate
 from postdiff.method import variants as V
 from postdiff.method.evaluate import evaluate, evaluate_masks, read_rows, teacher_records
 from postdiff.method.selection.baselines import baseline_masks, mass_mask, random_mask
-from postdiff.method.selection.jobs import STEP_RECORD_SCHEMA, select, select_finish, select_shard, select_step
+from postdiff.method.selection.jobs import (
+    STEP_RECORD_SCHEMA,
+    halves,
+    select,
+    select_finish,
+    select_shard,
+    select_step,
+)
 from postdiff.method.selection.maskfile import forced, layer_mask
 from postdiff.method.selection.search import (
     RULES,
@@ -362,7 +369,8 @@ def test_selection_stages_pick_the_feature_that_makes_the_gold_answers(world, tm
         inputs = {"variant": world.write_variant(full), "split": split_path, "teacher": world.teacher,
                   "scores": str(tmp_path / "scores.parquet"), **paths}
         params = {**world.model_params, **params, "selection": rule, "lambda": 0.5, "size_cap": 2, "max_candidates": 4,
-                  "max_new_tokens": NEW, "batch_size": 16, "gain_bootstrap": {"B": 500, "seed": 0, "level": 0.95}}
+                  "max_new_tokens": NEW, "batch_size": 16, "gain_bootstrap": {"B": 500, "seed": 0, "level": 0.95},
+                  "fill_to_cap": False, "evidence": "same"}
         select(Job(input=inputs, output=out, params=params))
         # The same selection as a cluster runs it: two candidate shards per step, merged.
         state, step_rows, step_records = [], [], []
@@ -457,8 +465,8 @@ def twin_selection(tmp_path_factory):
               "teacher": str(root / "teacher.parquet"), "scores": str(root / "scores.parquet"),
               "pt_records": str(root / "pt.parquet"), "it_records": str(root / "it.parquet")}
     return root, inputs, {**params, "selection": "cap", "cap_cutoff": 1.0, "verb_exclusion": 1.0, "lambda": 0.5,
-                          "size_cap": 2, "max_candidates": 3, "max_new_tokens": 8,
-                          "gain_bootstrap": {"B": 500, "seed": 0, "level": 0.95}}
+                          "size_cap": 2, "max_candidates": 3, "max_new_tokens": 8, "fill_to_cap": False,
+                          "evidence": "same", "gain_bootstrap": {"B": 500, "seed": 0, "level": 0.95}}
 
 
 @pytest.mark.parametrize("accept", ["gain", "interval"])
@@ -479,3 +487,38 @@ def test_a_zero_decoder_candidate_is_never_accepted_in_bf16(twin_selection, acce
         # The other candidates do edit PT: the test has power to see a change.
         assert (steps.filter(pl.col("step") == 1, pl.col("feature") != 0)["gain"] != 0.0).any()
         assert [1, 0] not in json.loads(Path(out["mask"]).read_text())["order"]
+
+
+def test_halves_split_each_slice_in_two_by_seed():
+    slices = ["QA"] * 7 + ["Math"] * 4 + ["Format"] * 1
+    choose = halves(slices, 0)
+    assert [int(choose[np.asarray(slices) == s].sum()) for s in ("QA", "Math", "Format")] == [3, 2, 0]
+    assert (halves(slices, 0) == choose).all() and not (halves(slices, 1) == choose).all()
+
+
+def test_split_evidence_picks_on_one_half_and_judges_on_the_other(twin_selection, tmp_path):
+    """Each step's pass/fail is its gain on the judge half alone, recomputed here from the
+    step's records; the passed prefix is the leading run of passed steps."""
+    root, inputs, params = twin_selection
+    out = {k: str(tmp_path / f"{k}.{ext}") for k, ext in (("mask", "json"), ("steps", "parquet"), ("records", "parquet"))}
+    params = {**params, "evidence": "split", "split_seed": 3, "fill_to_cap": True, "batch_size": 64}
+    select(Job(input=inputs, output=out, params=params))
+    result = json.loads(Path(out["mask"]).read_text())
+    split = pl.read_parquet(inputs["split"])
+    choose = halves(split["slice"].to_list(), 3)
+    judge_ids = set(split.filter(pl.Series(~choose))["id"])
+    assert result["evidence"] == "split" and result["n_prompts"] == {"choose": int(choose.sum()), "judge": len(judge_ids)}
+    records = pl.read_parquet(out["records"]).filter(pl.col("id").is_in(judge_ids))
+    refs = {k: pl.read_parquet(inputs[f"{k}_records"]).filter(pl.col("id").is_in(judge_ids)) for k in ("pt", "it")}
+    ref_metrics = {k: selector_metrics(v) for k, v in refs.items()}
+    passed = []
+    for g in result["step_gains"]:
+        at = records.filter(pl.col("step") == g["step"])
+        value = {role: RULES["cap"].objective(selector_metrics(at.filter(pl.col("role") == role)), ref_metrics, 0.5)
+                 for role in ("incumbent", "chosen")}
+        assert g["gain"] == pytest.approx(value["chosen"] - value["incumbent"], abs=1e-12)
+        assert g["passed"] == (g["gain"] > 0)
+        passed.append(g["passed"])
+    assert len(result["order"]) == 2  # filled to size_cap whatever passed
+    n_passed = next((t for t, p in enumerate(passed) if not p), len(passed))
+    assert result["passed_order"] == result["order"][:n_passed]

@@ -21,6 +21,7 @@ rule variant_spec:
             surrogate_layers=config["layers"],
             name=lambda wc: variant_label(wc.variant),
             mode=lambda wc: VARIANTS[wc.variant]["mode"],
+            mask_key=lambda wc: VARIANTS[wc.variant].get("mask_key", "mask"),
         ),
     conda:
         ENV

@@ -78,7 +78,8 @@ class Variant:
 def build_spec(job: Job) -> None:
     """Stage: write one variant's spec from its config entry and the files it names.
 
-    params: ``name``, ``mode``; input (each optional, by mode): ``gates`` (JSON ``{layer: alpha}``),
+    params: ``name``, ``mode``, ``mask_key`` (which mask of the mask JSON: ``mask`` or
+    ``passed_mask``); input (each optional, by mode): ``gates`` (JSON ``{layer: alpha}``),
     ``surrogates`` (module files of the layers ``params.surrogate_layers``, in that order), ``mask`` (a mask JSON),
     ``standardiser``; output: ``spec``."""
     name, mode = job.params["name"], job.params["mode"]
@@ -91,7 +92,8 @@ def build_spec(job: Job) -> None:
         if missing:
             raise ValueError(f"variant {name!r}: no surrogate for gated layers {missing} among {sorted(by_layer)}")
         surrogates = {layer: str(by_layer[layer]) for layer in layers}
-    mask = {int(k): list(v) for k, v in read_json(job.input["mask"])["mask"].items()} if "mask" in job.input else {}
+    key = job.params.get("mask_key", "mask")
+    mask = {int(k): list(v) for k, v in read_json(job.input["mask"])[key].items()} if "mask" in job.input else {}
     variant = Variant(
         name=name,
         mode=mode,

@@ -3,6 +3,12 @@
 selector prompts and the references' records, evaluates masks by batched generation with PT
 (every prompt's rows in one batch, so identical edits give identical tokens whatever the batch
 size) and hands the objective values to :mod:`postdiff.method.selection.search`.
+
+Evidence (``evidence: split``, the default): the selector prompts are halved, stratified by
+slice and seeded; each step picks its best candidate by the gains on the ``choose`` half and
+judges whether that step passed by the gain on the ``judge`` half, so the test of a step is not
+taken on the prompts that made it the best of many candidates. ``evidence: same`` picks and
+judges on every selector prompt.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from postdiff.method import variants as V
@@ -54,11 +61,27 @@ DEFAULTS = {
     "max_candidates": 32,
     "min_gain": 0.0,
     "accept": "gain",
-    "fill_to_cap": False,
+    "fill_to_cap": True,
+    "evidence": "split",
+    "split_seed": 0,
 }
 
 
 ACCEPT_RULES = ("gain", "interval")
+EVIDENCE = ("split", "same")
+HALVES = ("choose", "judge")
+
+
+def halves(slices: Sequence[str], seed: int) -> np.ndarray:
+    """``True`` for the prompts of the ``choose`` half: half of each slice (the odd one to
+    ``judge``), drawn with ``seed``."""
+    slices = np.asarray(slices)
+    choose = np.zeros(len(slices), dtype=bool)
+    rng = np.random.default_rng(seed)
+    for name in sorted(set(slices.tolist())):
+        rows = np.flatnonzero(slices == name)
+        choose[rng.permutation(rows)[: len(rows) // 2]] = True
+    return choose
 
 STEP_RECORD_SCHEMA = {"step": pl.Int64, "role": pl.String, **RECORD_SCHEMA}
 
@@ -84,14 +107,15 @@ class Selection:
     min_gain: float
     accept_rule: str
     fill_to_cap: bool
+    evidence: str
     max_candidates: int | None
     n_admitted: int
     pool: list[Pair]
     base: float
-    score_of: Callable[[Metrics], float]
     rows: pl.DataFrame
     variant: Variant
     references: dict[str, pl.DataFrame]  # the references' selector records, in ``rows`` order
+    ids: dict[str, list[str]]  # prompt ids of each half (both every prompt with ``evidence: same``)
     # Records of every mask of each batched call in this job, call by call: a step's incumbent
     # and chosen records come from the same call.
     calls: list[dict[Mask, pl.DataFrame]] = field(default_factory=list)
@@ -105,6 +129,9 @@ class Selection:
         min_gain = float(p.get("min_gain", DEFAULTS["min_gain"]))
         accept_rule = str(p.get("accept", DEFAULTS["accept"]))
         fill_to_cap = bool(p.get("fill_to_cap", DEFAULTS["fill_to_cap"]))
+        evidence = str(p.get("evidence", DEFAULTS["evidence"]))
+        if evidence not in EVIDENCE:
+            raise ValueError(f"selection.evidence must be one of {EVIDENCE}, got {evidence!r}")
         max_candidates = p.get("max_candidates", DEFAULTS["max_candidates"])
         max_candidates = None if max_candidates is None else int(max_candidates)
         max_new_tokens = int(p["max_new_tokens"])
@@ -125,19 +152,35 @@ class Selection:
             references[ref] = aligned_records(pl.read_parquet(path), rows["id"].to_list(), path)
             if int(references[ref]["n_tokens"].max()) > max_new_tokens:
                 raise ValueError(f"{path}: records run past max_new_tokens={max_new_tokens}; use the same budget")
-        refs = {ref: selector_metrics(records) for ref, records in references.items()}
-
-        def score_of(m: Metrics) -> float:
-            return float(rule.objective(m, refs, lam))
-
         everything = admitted(scores, rule, cutoff, exclusion)
         pool = everything[:max_candidates]
-        log.info("%s: %d features admitted, pool of %d%s, base objective %.5f", rule.name, len(everything), len(pool),
-                 " (the cap binds)" if len(pool) < len(everything) else "", score_of(refs[rule.unmasked]))
-        return cls(job, rule, cutoff, exclusion, lam, size_cap, min_gain, accept_rule, fill_to_cap, max_candidates,
-                   len(everything), pool, score_of(refs[rule.unmasked]), score_of, rows,
-                   Variant(name=f"select_{rule.name}", mode=rule.mode, gates=full.gates, surrogates=full.surrogates),
-                   references)
+        all_ids = rows["id"].to_list()
+        if evidence == "split":
+            choose = halves(rows["slice"].to_list(), int(p.get("split_seed", DEFAULTS["split_seed"])))
+            ids = {"choose": [i for i, c in zip(all_ids, choose) if c],
+                   "judge": [i for i, c in zip(all_ids, choose) if not c]}
+        else:
+            ids = {"choose": all_ids, "judge": all_ids}
+        sel = cls(job, rule, cutoff, exclusion, lam, size_cap, min_gain, accept_rule, fill_to_cap, evidence,
+                  max_candidates, len(everything), pool, math.nan, rows,
+                  Variant(name=f"select_{rule.name}", mode=rule.mode, gates=full.gates, surrogates=full.surrogates),
+                  references, ids)
+        sel.base = sel.score(references[rule.unmasked], "choose")
+        log.info("%s: %d features admitted, pool of %d%s, base objective %.5f (%s half of %d prompts)", rule.name,
+                 len(everything), len(pool), " (the cap binds)" if len(pool) < len(everything) else "", sel.base,
+                 "choose" if evidence == "split" else "every one", len(ids["choose"]))
+        return sel
+
+    def half(self, records: pl.DataFrame, name: str) -> pl.DataFrame:
+        return records.filter(pl.col("id").is_in(self.ids[name]))
+
+    @cached_property
+    def _refs(self) -> dict[str, dict[str, Metrics]]:
+        return {name: {ref: selector_metrics(self.half(r, name)) for ref, r in self.references.items()} for name in HALVES}
+
+    def score(self, records: pl.DataFrame, name: str) -> float:
+        """The objective of one mask's records on one half of the selector prompts."""
+        return float(self.rule.objective(selector_metrics(self.half(records, name)), self._refs[name], self.lam))
 
     def start(self) -> State:
         return start(self.pool, self.base, self.size_cap)
@@ -152,18 +195,29 @@ class Selection:
         p = self.job.params.get("gain_bootstrap", {})
         return int(p.get("B", 10_000)), int(p.get("seed", 0)), float(p.get("level", 0.95))
 
-    def interval(self, incumbent: pl.DataFrame, chosen: pl.DataFrame) -> dict[str, float]:
-        return gain_interval(self.rule, self.lam, self.references, incumbent, chosen, *self._bootstrap)
+    def interval(self, incumbent: pl.DataFrame, chosen: pl.DataFrame, name: str = "judge") -> dict[str, float]:
+        """The gain of ``chosen`` over ``incumbent`` on one half, with its paired interval."""
+        refs = {k: self.half(v, name) for k, v in self.references.items()}
+        return gain_interval(self.rule, self.lam, refs, self.half(incumbent, name), self.half(chosen, name),
+                             *self._bootstrap)
 
     def accept(self, records: Callable[[Pair], tuple[pl.DataFrame, pl.DataFrame]]) -> Accept:
-        """The configured rule. ``interval`` reads the step's incumbent and candidate records
-        (``records(candidate)``, both from the call that measured the candidate)."""
-        if self.accept_rule == "gain":
+        """The configured rule, on the ``judge`` half of the step's incumbent and candidate records
+        (``records(candidate)``, both from the call that measured the candidate); ``gain`` reads
+        the gain the caller measured when both halves are every prompt."""
+        if self.accept_rule == "gain" and self.evidence == "same":
             return gain_rule(self.min_gain)
 
         def clears(step: int, candidate: Pair, gain: float) -> bool:
-            test = self.interval(*records(candidate))
-            log.info("step %d: %s gain %.5f [%.5f, %.5f]", step, candidate, test["gain"], test["lo"], test["hi"])
+            incumbent, chosen = records(candidate)
+            if self.accept_rule == "gain":
+                judged = self.score(chosen, "judge") - self.score(incumbent, "judge")
+                log.info("step %d: %s gain %.5f on the choose half, %.5f on the judge half", step, candidate, gain,
+                         judged)
+                return judged > self.min_gain
+            test = self.interval(incumbent, chosen)
+            log.info("step %d: %s gain %.5f [%.5f, %.5f] on the judge half", step, candidate, test["gain"],
+                     test["lo"], test["hi"])
             return test["lo"] > 0
 
         return clears
@@ -182,7 +236,7 @@ class Selection:
                                      int(p["max_new_tokens"]), self.job.batch_size())
             call = {mask: records.filter(pl.col("candidate") == c).drop("candidate") for c, mask in enumerate(masks)}
             self.calls.append(call)
-            return [self.score_of(selector_metrics(call[mask])) for mask in masks]
+            return [self.score(call[mask], "choose") for mask in masks]
 
         return objective
 
@@ -202,11 +256,16 @@ class Selection:
         """The mask JSON (with each taken step's gain, its interval and whether it passed the
         rule), the steps' rows and the taken steps' per-prompt records."""
         out = self.job.output
-        gains = step_gains(self.rule, self.lam, self.references, records, *self._bootstrap)
+        judged = step_gains(self.rule, self.lam, {k: self.half(v, "judge") for k, v in self.references.items()},
+                            self.half(records, "judge"), *self._bootstrap)
+        chosen = dict(steps.filter("chosen").select("step", "gain").iter_rows())
         passed = dict(steps.filter("chosen").select("step", "passed").iter_rows())
+        gains = [{**g, "choose_gain": chosen[g["step"]]} for g in judged]
         for gain, pair in zip(gains, mask):
-            log.info("step %d: %s gain %.5f [%.5f, %.5f]%s", gain["step"], pair, gain["gain"], gain["lo"], gain["hi"],
+            log.info("step %d: %s gain %.5f on the choose half; %.5f [%.5f, %.5f] on the judge half%s", gain["step"],
+                     pair, gain["choose_gain"], gain["gain"], gain["lo"], gain["hi"],
                      "" if passed[gain["step"]] else " (fills the cap)")
+        prefix = mask[: next((t for t, g in enumerate(gains) if not passed[g["step"]]), len(mask))]
         write_parquet(steps, out["steps"])
         write_parquet(records, out["records"])
         write_json(
@@ -216,6 +275,10 @@ class Selection:
                 "rule": self.rule.name,
                 "mask": layer_mask(mask),
                 "order": [list(pair) for pair in mask],
+                "passed_mask": layer_mask(prefix),
+                "passed_order": [list(pair) for pair in prefix],
+                "evidence": self.evidence,
+                "n_prompts": {name: len(v) for name, v in self.ids.items()},
                 "objective": objective,
                 "base_objective": self.base,
                 "cutoff": self.cutoff,
