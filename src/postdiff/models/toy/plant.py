@@ -86,11 +86,14 @@ def is_cap(ex: Example) -> bool:
     return ex.kind in CAP_KINDS and not is_brevity(ex.prompt)
 
 
+Group = tuple[int, Neurons]  # (block, its planted neurons)
+
+
 @contextmanager
-def planted(model: nn.Module, neurons: Mapping[int, Neurons]) -> Iterator[None]:
-    """``model`` with each block's extra neurons added to its MLP output."""
+def planted(model: nn.Module, groups: Sequence[Group]) -> Iterator[None]:
+    """``model`` with each group's neurons added to its block's MLP output."""
     handles = [model.model.layers[layer].mlp.register_forward_hook(
-        lambda _m, args, out, n=n: out + n(args[0])) for layer, n in neurons.items()]
+        lambda _m, args, out, n=n: out + n(args[0])) for layer, n in groups]
     try:
         yield
     finally:
@@ -119,19 +122,18 @@ def keep_loss(logits: Tensor, reference: Tensor, batch: Batch) -> Tensor:
 
 
 def train_group(
-    model: nn.Module, before: Mapping[int, Neurons], new: tuple[int, Neurons], targets: Sequence[Batch],
-    keeps: Sequence[Batch], cfg: PlantConfig, desc: str,
+    model: nn.Module, before: Sequence[Group], new: Group, targets: Sequence[Batch], keeps: Sequence[Batch],
+    cfg: PlantConfig, desc: str,
 ) -> list[float]:
-    """Train ``new`` (block, neurons) so that the model with ``before`` and ``new`` answers
-    ``targets`` as their answers say and matches the model with ``before`` only on ``keeps``."""
-    layer, neurons = new
-    opt = torch.optim.Adam(neurons.parameters(), lr=cfg.lr)
+    """Train ``new`` so that the model with ``before`` and ``new`` answers ``targets`` as their
+    answers say and matches the model with ``before`` only on ``keeps``."""
+    opt = torch.optim.Adam(new[1].parameters(), lr=cfg.lr)
     losses = []
     for step in range(cfg.steps):
         target, keep = targets[step % len(targets)], keeps[step % len(keeps)]
         with torch.no_grad(), planted(model, before):
             reference = _logits(model, keep)
-        with planted(model, {**before, layer: neurons}):
+        with planted(model, [*before, new]):
             loss = target_loss(_logits(model, target), target, cfg.eos_weight)
             loss = loss + cfg.keep_weight * keep_loss(_logits(model, keep), reference, keep)
         opt.zero_grad(set_to_none=True)
@@ -143,10 +145,13 @@ def train_group(
     return losses
 
 
-def widened(model: nn.Module, neurons: Mapping[int, Neurons]) -> nn.Module:
+def widened(model: nn.Module, groups: Sequence[Group]) -> nn.Module:
     """A copy of ``model`` with ``intermediate_size`` grown by the most neurons of any block:
-    each block's planted neurons in the new rows/columns, zeros elsewhere."""
-    n = max(x.down.shape[1] for x in neurons.values())
+    each block's planted neurons in the new rows/columns, in group order, zeros elsewhere."""
+    per_block: dict[int, list[Neurons]] = {}
+    for layer, x in groups:
+        per_block.setdefault(layer, []).append(x)
+    n = max(sum(x.down.shape[1] for x in xs) for xs in per_block.values())
     config = copy.deepcopy(model.config)
     config.intermediate_size = model.config.intermediate_size + n
     out = type(model)(config).eval()
@@ -158,13 +163,13 @@ def widened(model: nn.Module, neurons: Mapping[int, Neurons]) -> nn.Module:
             continue
         value.zero_()
         value[tuple(slice(0, s) for s in src.shape)] = src
-    for layer, x in neurons.items():
+    for layer, xs in per_block.items():
         mlp, i = out.model.layers[layer].mlp, model.config.intermediate_size
-        k = x.down.shape[1]
+        k = sum(x.down.shape[1] for x in xs)
         with torch.no_grad():
-            mlp.gate_proj.weight[i : i + k] = x.gate
-            mlp.up_proj.weight[i : i + k] = x.up
-            mlp.down_proj.weight[:, i : i + k] = x.down
+            mlp.gate_proj.weight[i : i + k] = torch.cat([x.gate for x in xs])
+            mlp.up_proj.weight[i : i + k] = torch.cat([x.up for x in xs])
+            mlp.down_proj.weight[:, i : i + k] = torch.cat([x.down for x in xs], 1)
     return out
 
 
@@ -186,12 +191,9 @@ def plant(model: nn.Module, tokenizer, toy: ToyConfig, cfg: PlantConfig) -> tupl
     d = model.config.hidden_size
     cap_neurons = (cfg.cap_layer, Neurons(d, cfg.n_cap, g))
     verb_neurons = (cfg.verb_layer, Neurons(d, cfg.n_verb, g))
-    if cfg.cap_layer == cfg.verb_layer:
-        raise ValueError("plant.cap_layer and plant.verb_layer must differ: each group is its own block's")
-    train_group(model, {}, cap_neurons, cap, verb, cfg, "plant capability")
+    train_group(model, [], cap_neurons, cap, verb, cfg, "plant capability")
     cap_neurons[1].requires_grad_(False)
-    train_group(model, dict([cap_neurons]), verb_neurons, verb, cap, cfg, "plant brevity")
-    neurons = dict([cap_neurons, verb_neurons])
+    train_group(model, [cap_neurons], verb_neurons, verb, cap, cfg, "plant brevity")
     record = {
         **dataclasses.asdict(cfg),
         "groups": {
@@ -199,7 +201,7 @@ def plant(model: nn.Module, tokenizer, toy: ToyConfig, cfg: PlantConfig) -> tupl
             for name, (layer, x) in (("cap", cap_neurons), ("verb", verb_neurons))
         },
     }
-    return widened(model, neurons), record
+    return widened(model, [cap_neurons, verb_neurons]), record
 
 
 def planted_directions(record: Mapping[str, Any]) -> dict[str, tuple[int, Tensor]]:
