@@ -70,13 +70,22 @@ class PlantConfig:
 
 
 class Neurons(nn.Module):
-    """``n`` extra SwiGLU neurons of one Llama MLP: ``down @ (silu(gate @ x) * (up @ x))``."""
+    """``n`` extra SwiGLU neurons of one Llama MLP: ``down @ (silu(gate @ x) * (up @ x))``.
 
-    def __init__(self, d_model: int, n: int, generator: torch.Generator) -> None:
+    With ``avoid`` (orthonormal columns ``[d, m]``), ``down`` is kept orthogonal to their span:
+    the brevity neurons write where the capability neurons do not, so the two groups are apart
+    in the residual stream and a feature of one cannot carry the other."""
+
+    def __init__(self, d_model: int, n: int, generator: torch.Generator, avoid: Tensor | None = None) -> None:
         super().__init__()
         self.gate = nn.Parameter(torch.randn(n, d_model, generator=generator) * d_model**-0.5)
         self.up = nn.Parameter(torch.randn(n, d_model, generator=generator) * d_model**-0.5)
-        self.down = nn.Parameter(torch.zeros(d_model, n))
+        self.raw_down = nn.Parameter(torch.zeros(d_model, n))
+        self.register_buffer("avoid", torch.zeros(d_model, 0) if avoid is None else avoid)
+
+    @property
+    def down(self) -> Tensor:
+        return self.raw_down - self.avoid @ (self.avoid.T @ self.raw_down)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(F.silu(F.linear(x, self.gate)) * F.linear(x, self.up), self.down)
@@ -127,7 +136,7 @@ def train_group(
 ) -> list[float]:
     """Train ``new`` so that the model with ``before`` and ``new`` answers ``targets`` as their
     answers say and matches the model with ``before`` only on ``keeps``."""
-    opt = torch.optim.Adam(new[1].parameters(), lr=cfg.lr)
+    opt = torch.optim.Adam([p for p in new[1].parameters() if p.requires_grad], lr=cfg.lr)
     losses = []
     for step in range(cfg.steps):
         target, keep = targets[step % len(targets)], keeps[step % len(keeps)]
@@ -169,7 +178,7 @@ def widened(model: nn.Module, groups: Sequence[Group]) -> nn.Module:
         with torch.no_grad():
             mlp.gate_proj.weight[i : i + k] = torch.cat([x.gate for x in xs])
             mlp.up_proj.weight[i : i + k] = torch.cat([x.up for x in xs])
-            mlp.down_proj.weight[:, i : i + k] = torch.cat([x.down for x in xs], 1)
+            mlp.down_proj.weight[:, i : i + k] = torch.cat([x.down.detach() for x in xs], 1)
     return out
 
 
@@ -190,9 +199,9 @@ def plant(model: nn.Module, tokenizer, toy: ToyConfig, cfg: PlantConfig) -> tupl
     g = torch.Generator().manual_seed(cfg.seed)
     d = model.config.hidden_size
     cap_neurons = (cfg.cap_layer, Neurons(d, cfg.n_cap, g))
-    verb_neurons = (cfg.verb_layer, Neurons(d, cfg.n_verb, g))
     train_group(model, [], cap_neurons, cap, verb, cfg, "plant capability")
     cap_neurons[1].requires_grad_(False)
+    verb_neurons = (cfg.verb_layer, Neurons(d, cfg.n_verb, g, avoid=torch.linalg.qr(cap_neurons[1].down.detach()).Q))
     train_group(model, [cap_neurons], verb_neurons, verb, cap, cfg, "plant brevity")
     record = {
         **dataclasses.asdict(cfg),
