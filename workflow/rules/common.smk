@@ -12,6 +12,8 @@ SPLITS = ["train", "calib", "selector", "test"]
 STAGE = "../scripts/stage.py"
 ENV = "../../envs/postdiff.yaml"
 BUILTIN = "builtin"
+# The positive control: the embedded pair with planted neurons instead of fine-tuning (toy.plant).
+PLANTED = config["pair"]["it"] == BUILTIN and config["toy"].get("plant") is not None
 PAIR_INFO = f"{RUN}/pair/info.json"
 # Each surrogate seed has its own surrogates, gates, selections, evaluations and tables under
 # results/<run>/seed<N>/; what no surrogate touches (suite, teacher, caches, PT, IT, MeanDiff)

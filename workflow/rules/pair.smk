@@ -23,8 +23,8 @@ rule pair_info:
         STAGE
 
 
-TOY = {**{k: v for k, v in config["toy"].items() if k not in ("threads", "train")}, "world_seed": config["world"]["seed"], "n_countries": config["world"]["n_countries"]}
-SHIPPED = "workflow/resources/embedded_pair"
+TOY = {**{k: v for k, v in config["toy"].items() if k not in ("threads", "train", "shipped", "plant")}, "world_seed": config["world"]["seed"], "n_countries": config["world"]["n_countries"]}
+PLANT = config["toy"].get("plant")
 
 
 # By default the pair is the shipped one (the same on every machine); `toy.train: true` trains it.
@@ -32,7 +32,7 @@ if not config["toy"]["train"]:
 
     rule shipped_pair:
         input:
-            shipped=SHIPPED,
+            shipped=config["toy"]["shipped"],
         output:
             pt=directory(f"{RUN}/pair/pt"),
             it=directory(f"{RUN}/pair/it"),
@@ -42,7 +42,7 @@ if not config["toy"]["train"]:
             f"{RUN}/benchmarks/pair/shipped.tsv"
         localrule: True
         params:
-            **stage("postdiff.models.toy.shipped:install", **TOY),
+            **stage("postdiff.models.toy.shipped:install", **TOY, plant=PLANT),
         conda:
             ENV
         script:
@@ -108,9 +108,11 @@ rule train_it:
     resources:
         **gpu_resources(),
     params:
-        **stage(
-            "postdiff.models.toy.train:train_it",
-            **TOY,
+        # The positive control's IT is PT plus planted neurons; the default's, PT fine-tuned.
+        **(
+            stage("postdiff.models.toy.plant:train_planted", **TOY, plant=PLANT)
+            if PLANT is not None
+            else stage("postdiff.models.toy.train:train_it", **TOY)
         ),
     conda:
         ENV

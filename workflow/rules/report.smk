@@ -81,6 +81,31 @@ rule claims:
         STAGE
 
 
+# On a planted pair (config/control.yaml), how far each mask's features sit on the planted neurons.
+PLANTED_MASKS = {"CapMask": MASK_FILES["cap"], "VMask": MASK_FILES["vmask"], "RandomMask": MASK_FILES["random"],
+                 "ActivationMassMask": MASK_FILES["mass"]}
+
+
+rule planted_alignment:
+    input:
+        it=model_spec("it"),
+        surrogates=expand(f"{SEED}/surrogate/L{{layer}}.safetensors", layer=config["layers"], allow_missing=True),
+        masks=list(PLANTED_MASKS.values()),
+    output:
+        parquet=f"{SEED}/tables/planted.parquet",
+        csv=report(f"{SEED}/tables/planted.csv", caption="../report/planted.rst", category="Tables", subcategory="seed {seed}"),
+    log:
+        f"{RUN}/logs/seed{{seed}}/tables/planted.log",
+    benchmark:
+        f"{RUN}/benchmarks/seed{{seed}}/tables/planted.tsv"
+    params:
+        **stage("postdiff.outputs.planted:planted_table", layers=config["layers"], masks=list(PLANTED_MASKS)),
+    conda:
+        ENV
+    script:
+        STAGE
+
+
 rule r2_table:
     input:
         metrics=expand(f"{SEED}/surrogate/L{{layer}}_metrics.parquet", layer=config["layers"], allow_missing=True),
@@ -248,6 +273,7 @@ PER_SEED_REPORTED = [
     *rules.table1.output, *rules.table2.output, *rules.claims.output, *rules.r2_table.output,
     *rules.figure1.output, *rules.figure2.output, *rules.qualitative.output,
     *rules.sweep_summary.output, *rules.scores_plot.output, *rules.gate_table.output,
+    *(rules.planted_alignment.output if PLANTED else []),
 ]
 REPORTED = [
     *expand(PER_SEED_REPORTED, seed=SEEDS), *rules.pair_gap.output,

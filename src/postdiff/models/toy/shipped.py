@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from postdiff.models.toy.plant import PLANT_FILE, PlantConfig
 from postdiff.models.toy.train import CONFIG_FILE, ToyConfig
 from postdiff.workflow.io import atomic_path, read_json, sha256_file, write_text
 from postdiff.workflow.runtime import Job
@@ -59,20 +60,33 @@ def verify(root: Path) -> None:
             raise ValueError(f"{root / name}: sha256 differs from {sums_path}; restore it or rerun with toy.train: true")
 
 
-def toy_mismatch(params: Mapping[str, Any], shipped: Mapping[str, Any]) -> list[str]:
-    """Config keys whose value differs from the settings the shipped pair was trained with."""
+def toy_mismatch(params: Mapping[str, Any], shipped: Mapping[str, Any], plant: Mapping[str, Any] | None = None,
+                 shipped_plant: Mapping[str, Any] | None = None) -> list[str]:
+    """Config keys whose value differs from the settings the shipped pair was made with: the
+    toy settings, and the planted neurons' (``toy.plant``) when either side has them."""
     wanted = dataclasses.asdict(ToyConfig.from_params(params))
     keys = {"world_seed": "world.seed", "n_countries": "world.n_countries"}
-    return [f"{keys.get(k, f'toy.{k}')}: {wanted[k]!r} (shipped pair: {shipped.get(k)!r})"
-            for k in sorted(wanted) if wanted[k] != shipped.get(k)]
+    out = [f"{keys.get(k, f'toy.{k}')}: {wanted[k]!r} (shipped pair: {shipped.get(k)!r})"
+           for k in sorted(wanted) if wanted[k] != shipped.get(k)]
+    if (plant is None) != (shipped_plant is None):
+        return [*out, f"toy.plant: {'set' if plant is not None else 'null'} (shipped pair: "
+                      f"{'planted' if shipped_plant is not None else 'fine-tuned'})"]
+    if plant is not None:
+        want = dataclasses.asdict(PlantConfig.from_params(plant))
+        out += [f"toy.plant.{k}: {want[k]!r} (shipped pair: {shipped_plant.get(k)!r})"
+                for k in sorted(want) if want[k] != shipped_plant.get(k)]
+    return out
 
 
 def install(job: Job) -> None:
     """Stage: check the shipped pair (input ``shipped``) against its sums and the config's ``toy``
-    settings (params), then copy it to outputs ``pt`` and ``it``."""
+    settings (params; ``plant`` the planted neurons' or None), then copy it to outputs ``pt`` and ``it``."""
     root = Path(job.input["shipped"])
     verify(root)
-    differ = toy_mismatch(job.params, read_json(root / "pt" / CONFIG_FILE))
+    planted = root / "it" / PLANT_FILE
+    toy = {k: v for k, v in job.params.items() if k != "plant"}
+    differ = toy_mismatch(toy, read_json(root / "pt" / CONFIG_FILE), job.params.get("plant"),
+                          read_json(planted) if planted.is_file() else None)
     if differ:
         raise ValueError("the shipped embedded pair was trained with other settings; set toy.train: true to train "
                          "one with these, or restore them: " + "; ".join(differ))
