@@ -14,6 +14,7 @@ from postdiff.models.toy import corpus
 from postdiff.models.toy.plant import Neurons, PlantConfig, is_cap, planted, widened
 from postdiff.models.toy.shipped import toy_mismatch
 from postdiff.models.toy.train import ToyConfig, model_config
+from postdiff.outputs.planted import alignment, mask_alignment
 
 D = 16
 
@@ -99,3 +100,15 @@ def test_a_shipped_pair_names_what_was_planted():
     assert toy_mismatch(toy, shipped, {"steps": 400}, record) == []
     assert toy_mismatch(toy, shipped, {"steps": 300}, record) == ["toy.plant.steps: 300 (shipped pair: 400)"]
     assert toy_mismatch(toy, shipped, None, record) == ["toy.plant: null (shipped pair: planted)"]
+
+
+def test_alignment_of_decoder_directions_with_planted_ones():
+    directions = torch.tensor([[1.0, 0, 0, 0], [0, 2.0, 0, 0]])  # a group of two neurons
+    # [d, F]: on a neuron's direction, a mix of both, off the group, off it and scaled
+    D = torch.tensor([[3.0, 0, 0, 0], [1.0, 1.0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 5.0]]).T
+    max_cos, in_span = alignment(D, directions)
+    torch.testing.assert_close(max_cos, torch.tensor([1.0, 0.5**0.5, 0, 0], dtype=torch.float64))
+    torch.testing.assert_close(in_span, torch.tensor([1.0, 1.0, 0, 0], dtype=torch.float64))
+    table = mask_alignment({"CapMask": {1: [0, 1]}, "RandomMask": {0: [3]}}, {1: D, 0: D}, {"cap": (1, directions)})
+    assert table.rows() == [("CapMask", 1, 0, "cap", 1.0, 1.0), ("CapMask", 1, 1, "cap", pytest.approx(0.5**0.5), 1.0),
+                            ("RandomMask", 0, 3, None, None, None)]
