@@ -13,7 +13,7 @@ from test_evaluate import NEW, F, World, split_frame
 from postdiff.method import surrogate
 from postdiff.method import variants as V
 from postdiff.method.evaluate import evaluate, evaluate_masks, read_rows, teacher_records
-from postdiff.method.selection.baselines import baseline_masks, mass_mask, random_mask
+from postdiff.method.selection.baselines import baseline_masks, mass_mask, random_mask, score_mask
 from postdiff.method.selection.jobs import (
     STEP_RECORD_SCHEMA,
     halves,
@@ -211,9 +211,13 @@ def test_baseline_and_sweep_stages(tmp_path):
               "pool": [[1, 0], [0, 0], [1, 1]], "n_admitted": 3, "cap_bound": False}
     (tmp_path / "cap.json").write_text(json.dumps(locked))
     baseline_masks(Job(input={"cap_mask": str(tmp_path / "cap.json"), "scores": str(tmp_path / "scores.parquet")},
-                       output={"random": str(tmp_path / "r.json"), "mass": str(tmp_path / "m.json")},
+                       output={"random": str(tmp_path / "r.json"), "mass": str(tmp_path / "m.json"),
+                               "score": str(tmp_path / "s.json")},
                        params={"seed": 1}))
     assert json.loads((tmp_path / "m.json").read_text())["mask"] == {"0": [1], "1": [0]}
+    assert json.loads((tmp_path / "s.json").read_text())["mask"] == {"0": [0], "1": [0]}
+    # Without forward selection: the pool's first n, whatever the selection chose.
+    assert score_mask([[1, 1], [0, 3], [1, 0]], 2) == {0: [3], 1: [1]}
     assert {k: len(v) for k, v in json.loads((tmp_path / "r.json").read_text())["mask"].items()} == {"0": 1, "1": 1}
     # The strict point's pool is the locked one in another score order: its mask is not its top.
     points = [(1.0, 1.0, {"0": [0], "1": [0]}, 0.3, [[1, 0], [0, 0], [1, 1]], 5, [False, False]),

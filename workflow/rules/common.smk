@@ -140,6 +140,7 @@ MASK_FILES = {
     "vmask": f"{SEED}/selection/vmask.json",
     "random": f"{SEED}/selection/random_mask.json",
     "mass": f"{SEED}/selection/mass_mask.json",
+    "score": f"{SEED}/selection/score_mask.json",
 }
 
 

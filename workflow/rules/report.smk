@@ -83,7 +83,7 @@ rule claims:
 
 # On a planted pair (config/control.yaml), how far each mask's features sit on the planted neurons.
 PLANTED_MASKS = {"CapMask": MASK_FILES["cap"], "VMask": MASK_FILES["vmask"], "RandomMask": MASK_FILES["random"],
-                 "ActivationMassMask": MASK_FILES["mass"]}
+                 "ActivationMassMask": MASK_FILES["mass"], "ScoreMask": MASK_FILES["score"]}
 
 
 rule planted_alignment:

@@ -181,6 +181,7 @@ rule baseline_masks:
     output:
         random=MASK_FILES["random"],
         mass=MASK_FILES["mass"],
+        score=MASK_FILES["score"],
     log:
         f"{RUN}/logs/seed{{seed}}/selection/baselines.log",
     benchmark:

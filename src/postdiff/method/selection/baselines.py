@@ -1,8 +1,9 @@
-"""Size-matched baselines of CapMask: uniformly random features and the largest activation mass."""
+"""Size-matched baselines of CapMask: uniformly random features, the largest activation mass, and
+the top of CapMask's own candidate pool by score (what CapMask is without forward selection)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import polars as pl
@@ -32,10 +33,20 @@ def mass_mask(sizes: Mapping[int, int], scores: pl.DataFrame) -> dict[int, list[
     return out
 
 
+def score_mask(pool: Sequence[Sequence[int]], size: int) -> dict[int, list[int]]:
+    """The first ``size`` features of a candidate pool (best score first), by layer."""
+    out: dict[int, list[int]] = {}
+    for layer, feature in pool[:size]:
+        out.setdefault(int(layer), []).append(int(feature))
+    return {layer: sorted(features) for layer, features in sorted(out.items())}
+
+
 def baseline_masks(job: Job) -> None:
     """Stage: size-matched baselines of CapMask. input: ``cap_mask`` (JSON), ``scores``;
-    params: ``seed``; output: ``random``, ``mass`` (mask JSONs)."""
-    cap = mask_of(read_mask_file(job.input["cap_mask"]))
+    params: ``seed``; output: ``random``, ``mass`` and ``score`` (mask JSONs). ``score`` has
+    CapMask's size in all (its per-layer sizes are the pool's)."""
+    cap_file = read_mask_file(job.input["cap_mask"])
+    cap = mask_of(cap_file)
     scores = pl.read_parquet(job.input["scores"])
     n_features = {int(k): int(v) for k, v in scores.group_by("layer").agg(pl.len()).iter_rows()}
     unknown = sorted(set(cap) - set(n_features))
@@ -45,3 +56,5 @@ def baseline_masks(job: Job) -> None:
     seed = int(job.params.get("seed", 0))
     write_json({"rule": "random", "mask": random_mask(sizes, n_features, seed), "seed": seed}, job.output["random"])
     write_json({"rule": "activation_mass", "mask": mass_mask(sizes, scores)}, job.output["mass"])
+    size = sum(sizes.values())
+    write_json({"rule": "score", "mask": score_mask(cap_file["pool"], size), "size": size}, job.output["score"])
