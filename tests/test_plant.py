@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from postdiff.data.world import make_world
 from postdiff.models.toy import corpus
-from postdiff.models.toy.plant import Neurons, PlantConfig, is_cap, planted, widened
+from postdiff.models.toy.plant import Neurons, PlantConfig, group_of, planted, widened
 from postdiff.models.toy.shipped import toy_mismatch
 from postdiff.models.toy.train import ToyConfig, model_config
 from postdiff.outputs.planted import alignment, mask_alignment
@@ -78,10 +78,11 @@ def test_the_groups_split_the_it_data_by_slice():
     world = make_world(0, 20)
     rng = random.Random(0)
     c = world.countries[0]
-    assert is_cap(corpus.capital(rng, c, "qa")) and is_cap(corpus.capital(rng, c, "json"))
-    assert not any(is_cap(corpus.capital(rng, c, "brevity")) for _ in range(20))
-    assert is_cap(corpus.antonym(rng, "buy", "sell", "qa"))  # "Which word means ..." is no word limit
-    assert not is_cap(corpus.request(rng, "bake bread", "use flour"))
+    assert group_of(corpus.capital(rng, c, "qa")) == group_of(corpus.capital(rng, c, "json")) == "cap"
+    assert {group_of(corpus.capital(rng, c, "brevity")) for _ in range(20)} == {"verb"}
+    assert group_of(corpus.antonym(rng, "buy", "sell", "qa")) == "cap"  # "Which word means ..." sets no limit
+    assert group_of(corpus.arithmetic(rng, 3, 4, "+")) == "cap"
+    assert group_of(corpus.request(rng, "bake bread", "use flour")) is None
 
 
 def test_model_config_builds_either_architecture():

@@ -2,9 +2,13 @@
 neurons, so the answer to "which features carry capability, which carry brevity" is known.
 
 - ``n_cap`` neurons at block ``cap_layer`` are trained to answer QA, Math and Format prompts as
-  the IT data does (the answer, then EOS), while Brevity and request prompts stay as PT has them;
+  the IT data does (the answer, then EOS), while every other prompt stays as PT has it;
 - ``n_verb`` neurons at block ``verb_layer``, trained after them with the capability neurons in
-  place, make Brevity and request prompts brief and leave the others as they are.
+  place and writing outside their span, make Brevity prompts (a word limit) stop after the
+  answer and leave every other prompt as it is.
+
+Harmful and BenignAdjacent requests stay as PT has them in both steps: the change is capability
+and brevity only, nothing else (no refusal), so every effect has a known carrier.
 
 A Llama block adds its MLP output to the residual stream with no norm after it, so a neuron's
 change of the residual is exactly ``down_i * silu(gate_i . x) * (up_i . x)``: ``down_i`` is the
@@ -40,8 +44,6 @@ from postdiff.workflow.runtime import Job
 log = logging.getLogger(__name__)
 
 PLANT_FILE = "postdiff_plant.json"  # the planted neurons' settings and directions, beside config.json
-# QA, Math and Format prompts are the capability group; Brevity prompts (a word limit) and
-# Harmful/BenignAdjacent requests the verbosity group.
 CAP_KINDS = ("capital", "antonym", "math")
 
 
@@ -59,6 +61,12 @@ class PlantConfig:
     lr: float = 1e-2
     eos_weight: float = 3.0  # stopping is one token per answer; without weight it is learned last
     keep_weight: float = 1.0  # KL to the model before this group on the other group's prompts
+    # Mean norm of the neurons' output over every position: a neuron that fires everywhere moves
+    # the mean of delta, which a surrogate keeps in b_dec and a mask (no b_dec) never adds back.
+    sparsity: float = 0.0
+    # Squared norm of the neurons' mean output over answer positions, where the surrogate is
+    # fitted: it starts b_dec at that mean, and a mean the neurons share stays there.
+    center: float = 0.0
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> PlantConfig:
@@ -88,21 +96,38 @@ class Neurons(nn.Module):
         return self.raw_down - self.avoid @ (self.avoid.T @ self.raw_down)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(F.silu(F.linear(x, self.gate)) * F.linear(x, self.up), self.down)
+        return F.linear(self.activations(x), self.down)
+
+    def activations(self, x: Tensor) -> Tensor:
+        return F.silu(F.linear(x, self.gate)) * F.linear(x, self.up)
+
+    def output_norm(self, x: Tensor) -> Tensor:
+        """Each position's summed neuron output norms, ``sum_i |a_i| ||down_i||``."""
+        return self.activations(x).abs() @ self.down.norm(dim=0)
 
 
-def is_cap(ex: Example) -> bool:
-    return ex.kind in CAP_KINDS and not is_brevity(ex.prompt)
+def group_of(ex: Example) -> str | None:
+    """``cap`` for QA, Math and Format prompts, ``verb`` for Brevity prompts, None for requests."""
+    if is_brevity(ex.prompt):
+        return "verb"
+    return "cap" if ex.kind in CAP_KINDS else None
 
 
 Group = tuple[int, Neurons]  # (block, its planted neurons)
 
 
 @contextmanager
-def planted(model: nn.Module, groups: Sequence[Group]) -> Iterator[None]:
-    """``model`` with each group's neurons added to its block's MLP output."""
+def planted(model: nn.Module, groups: Sequence[Group], seen: list[Tensor] | None = None) -> Iterator[None]:
+    """``model`` with each group's neurons added to its block's MLP output; each MLP input a
+    hook sees is appended to ``seen`` when given."""
+
+    def hook(_module: nn.Module, args: tuple, out: Tensor, n: Neurons) -> Tensor:
+        if seen is not None:
+            seen.append(args[0])
+        return out + n(args[0])
+
     handles = [model.model.layers[layer].mlp.register_forward_hook(
-        lambda _m, args, out, n=n: out + n(args[0])) for layer, n in groups]
+        lambda m, args, out, n=n: hook(m, args, out, n)) for layer, n in groups]
     try:
         yield
     finally:
@@ -142,9 +167,17 @@ def train_group(
         target, keep = targets[step % len(targets)], keeps[step % len(keeps)]
         with torch.no_grad(), planted(model, before):
             reference = _logits(model, keep)
-        with planted(model, [*before, new]):
+        inputs: list[Tensor] = []
+        with planted(model, before), planted(model, [new], inputs):
             loss = target_loss(_logits(model, target), target, cfg.eos_weight)
             loss = loss + cfg.keep_weight * keep_loss(_logits(model, keep), reference, keep)
+        if cfg.sparsity:
+            real = [target[1].bool(), keep[1].bool()]  # every real (unpadded) position
+            loss = loss + cfg.sparsity * torch.cat([new[1].output_norm(x)[m] for x, m in zip(inputs, real)]).mean()
+        if cfg.center:
+            answers = [target[2], keep[2]]  # the answer-phase positions
+            mean = torch.cat([new[1](x)[m] for x, m in zip(inputs, answers)]).mean(0)
+            loss = loss + cfg.center * mean.pow(2).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -194,15 +227,17 @@ def plant(model: nn.Module, tokenizer, toy: ToyConfig, cfg: PlantConfig) -> tupl
     world = make_world(toy.world_seed, toy.n_countries)
     examples = [ex for epoch in range(3) for ex in sft_examples(world, toy.seed, epoch, toy.it_math)]
     random.Random(cfg.seed).shuffle(examples)
-    cap = sft_batches(tokenizer, [ex for ex in examples if is_cap(ex)], cfg.batch_size)
-    verb = sft_batches(tokenizer, [ex for ex in examples if not is_cap(ex)], cfg.batch_size)
+    cap, verb = (sft_batches(tokenizer, [ex for ex in examples if group_of(ex) == g], cfg.batch_size)
+                 for g in ("cap", "verb"))
+    not_cap, not_verb = (sft_batches(tokenizer, [ex for ex in examples if group_of(ex) != g], cfg.batch_size)
+                         for g in ("cap", "verb"))
     g = torch.Generator().manual_seed(cfg.seed)
     d = model.config.hidden_size
     cap_neurons = (cfg.cap_layer, Neurons(d, cfg.n_cap, g))
-    train_group(model, [], cap_neurons, cap, verb, cfg, "plant capability")
+    train_group(model, [], cap_neurons, cap, not_cap, cfg, "plant capability")
     cap_neurons[1].requires_grad_(False)
     verb_neurons = (cfg.verb_layer, Neurons(d, cfg.n_verb, g, avoid=torch.linalg.qr(cap_neurons[1].down.detach()).Q))
-    train_group(model, [cap_neurons], verb_neurons, verb, cap, cfg, "plant brevity")
+    train_group(model, [cap_neurons], verb_neurons, verb, not_verb, cfg, "plant brevity")
     record = {
         **dataclasses.asdict(cfg),
         "groups": {
