@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from postdiff.models.toy.plant import PLANT_FILE
 from postdiff.models.toy.shipped import SUMS, install, ship, toy_mismatch, verify
 from postdiff.models.toy.train import CONFIG_FILE
 from postdiff.workflow.io import read_json
@@ -17,17 +18,27 @@ REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "workflow/resources/embedded_pair"
 
 
-def default_toy_params() -> dict:
-    """The params the shipped_pair rule passes: config.yaml's toy settings and world."""
+def toy_params(overlay: str | None = None) -> tuple[dict, dict | None, Path]:
+    """The params the shipped_pair rule passes (config.yaml's toy settings and world, under
+    ``overlay``'s), the planted neurons' settings and the shipped pair's directory."""
     config = yaml.safe_load((REPO / "config/config.yaml").read_text())
-    toy = {k: v for k, v in config["toy"].items() if k not in ("threads", "train")}
-    return {**toy, "world_seed": config["world"]["seed"], "n_countries": config["world"]["n_countries"]}
+    if overlay is not None:
+        for key, value in yaml.safe_load((REPO / overlay).read_text()).items():
+            config[key] = {**config[key], **value} if isinstance(value, dict) and key in config else value
+    toy = {k: v for k, v in config["toy"].items() if k not in ("threads", "train", "shipped", "plant")}
+    params = {**toy, "world_seed": config["world"]["seed"], "n_countries": config["world"]["n_countries"]}
+    return params, config["toy"].get("plant"), REPO / config["toy"].get("shipped", "workflow/resources/embedded_pair")
 
 
-def test_the_shipped_pair_matches_its_sums_and_the_default_settings():
-    verify(SHIPPED)
-    assert toy_mismatch(default_toy_params(), read_json(SHIPPED / "pt" / CONFIG_FILE)) == []
-    assert read_json(SHIPPED / "pt" / CONFIG_FILE) == read_json(SHIPPED / "it" / CONFIG_FILE)
+@pytest.mark.parametrize("overlay", [None, "config/control.yaml"])
+def test_each_shipped_pair_matches_its_sums_and_its_config(overlay: str | None):
+    params, plant, root = toy_params(overlay)
+    verify(root)
+    planted = root / "it" / PLANT_FILE
+    assert planted.is_file() == (plant is not None)
+    assert toy_mismatch(params, read_json(root / "pt" / CONFIG_FILE), plant,
+                        read_json(planted) if plant is not None else None) == []
+    assert read_json(root / "pt" / CONFIG_FILE) == read_json(root / "it" / CONFIG_FILE)
 
 
 @pytest.fixture()
@@ -39,7 +50,7 @@ def copy(tmp_path: Path) -> Path:
 
 def _install(root: Path, out: Path, **params) -> None:
     install(Job(input={"shipped": str(root)}, output={"pt": str(out / "pt"), "it": str(out / "it")},
-                params={**default_toy_params(), **params}))
+                params={**toy_params()[0], **params}))
 
 
 def test_install_copies_both_models(copy: Path, tmp_path: Path):
