@@ -87,6 +87,8 @@ def test_masks_are_size_matched_non_empty_and_move_pt(default_run: Path) -> None
     for name in ("random_mask", "mass_mask"):
         other = json.loads((seed / f"selection/{name}.json").read_text())["mask"]
         assert {layer: len(f) for layer, f in other.items() if f} == sizes, name
+    by_score = json.loads((seed / "selection/score_mask.json").read_text())["mask"]
+    assert sorted((int(k), j) for k, f in by_score.items() for j in f) == sorted(map(tuple, cap["pool"][: sum(sizes.values())]))
     t = table(default_run)
     for name in ("CapMask", "RandomMask", "ActivationMassMask"):
         assert t[name]["KL"] != t["PT"]["KL"], name

@@ -1,0 +1,86 @@
+"""End-to-end: the positive control (``config/control.yaml``), as shipped, on surrogate seed 0.
+
+The pair's change is known: two planted neurons carry capability, two others (writing outside
+their span) carry brevity on Brevity prompts. Where the default pair's capability null holds,
+selection finds the planted capability here, judged from an interval, not a point value; a null
+next to this is a null of separation, not of power. Only the locked CapMask's selection and the
+test records the assertions read are run (no VMask, no other sweep point): the README gives the
+whole run's tables over three seeds, where seed 0 is the one on which selection succeeds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+from workflow_utils import copy_workflow, snakemake
+
+from postdiff.method import surrogate
+from postdiff.method.selection.maskfile import forced
+from postdiff.models.toy.plant import PLANT_FILE, planted_directions
+from postdiff.outputs.claims import CLAIMS, comparison_claims
+from postdiff.outputs.planted import alignment
+from postdiff.stats import metrics
+
+pytestmark = pytest.mark.slow
+RUN = "results/control"
+
+
+VARIANTS = ("PT", "IT", "FullDelta", "CapMask", "RandomMask")
+
+
+def evals(variant: str) -> str:
+    return f"{RUN}/eval/test/{variant}.parquet" if variant in ("PT", "IT") else f"{RUN}/seed0/eval/test/{variant}.parquet"
+
+
+@pytest.fixture(scope="module")
+def control_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    workdir = copy_workflow(tmp_path_factory.mktemp("control_run"))
+    (workdir / "config/one_seed.yaml").write_text(yaml.safe_dump({"surrogate": {"seeds": [0]}}))
+    snakemake(workdir, *map(evals, VARIANTS), configfile=["config/config.yaml", "config/control.yaml", "config/one_seed.yaml"])
+    return workdir
+
+
+def arrays(workdir: Path) -> metrics.PromptArrays:
+    return metrics.align(metrics.read_eval([workdir / evals(v) for v in VARIANTS]))
+
+
+def cap_mask(workdir: Path) -> dict:
+    cfg = yaml.safe_load((workdir / "config/control.yaml").read_text())["selection"]
+    point = f"verb_exclusion={float(cfg['verb_exclusion'])}/cap_cutoff={float(cfg['cap_cutoff'])}"
+    return json.loads((workdir / f"{RUN}/seed0/sweep/{point}/cap_mask.json").read_text())
+
+
+def test_forward_selection_takes_a_planted_feature_by_its_gain(control_run: Path) -> None:
+    """Step 1 passes on the judge half, so the mask is selected, not its pool's top by score
+    (replacing forward selection by the score order makes this fail), and the feature it took
+    sits on the capability neurons' span, not the brevity neurons'."""
+    mask = cap_mask(control_run)
+    first = mask["step_gains"][0]
+    assert first["passed"] and first["lo"] <= first["gain"] and first["choose_gain"] > 0, first
+    assert not forced(mask) and mask["passed_order"][0] == mask["order"][0]
+    layer, feature = mask["order"][0]
+    D = surrogate.load(control_run / f"{RUN}/seed0/surrogate/L{layer}.safetensors")[0].D.detach()[:, [feature]]
+    planted = planted_directions(json.loads((control_run / f"{RUN}/pair/it/{PLANT_FILE}").read_text()))
+    span = {group: float(alignment(D, directions)[1][0]) for group, (_, directions) in planted.items()}
+    assert span["cap"] > 0.9 and span["verb"] < 0.3, span
+
+
+def test_the_capability_null_fails_on_the_control(control_run: Path) -> None:
+    """The paper's claim "a frozen capability mask recovers no capability" as the claims table
+    judges it: here the interval of CapMask - PT on Cap is clear of 0."""
+    null = next(c for c in CLAIMS if c.label == "CapMask vs PT")
+    table = comparison_claims(arrays(control_run), {"pt": "PT", "cap": "CapMask"},
+                              {"cap": cap_mask(control_run)}, B=2000, seed=0, level=0.95)
+    row = table.filter(pl.col("claim") == null.paper).row(0, named=True)
+    assert row["lo"] > 0 and row["verdict"] == "fails", row
+
+
+def test_capmask_recovers_half_of_fulldelta_and_random_features_do_not(control_run: Path) -> None:
+    rec = {v: m["CapRec"] for v, m in metrics.summary(arrays(control_run)).items()}
+    assert rec["FullDelta"] > 0.5, rec
+    assert rec["CapMask"] >= 0.5 * rec["FullDelta"], rec
+    assert rec["RandomMask"] < 0.5 * rec["FullDelta"], rec
