@@ -132,6 +132,6 @@ def test_the_command_prints_the_table_and_its_assumptions(capsys: pytest.Capture
     main(["--configfile", str(workdir / "config/gemma3-4b.yaml"), "--directory", str(workdir)])
     out = capsys.readouterr().out
     total = next(line for line in out.splitlines() if line.startswith("total"))
-    assert total.split()[1:4] == ["114", "58", "58"]
-    assert "seed 0 23 / 23; seed 1 23 / 23" in out and THROUGHPUT_LINE in out and "width: 2560" in out
+    assert total.split()[1:4] == ["128", "64", "64"]
+    assert "seed 0 26 / 26; seed 1 26 / 26" in out and THROUGHPUT_LINE in out and "width: 2560" in out
     assert not (workdir / "results").exists()
