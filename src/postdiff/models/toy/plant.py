@@ -37,7 +37,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from postdiff.data.world import make_world
 from postdiff.models.toy.corpus import Example, is_brevity, sft_examples
 from postdiff.models.toy.tokenizer import EOS_ID
-from postdiff.models.toy.train import CONFIG_FILE, Batch, ToyConfig, save_model, sft_batches
+from postdiff.models.toy.train import CONFIG_FILE, Batch, ToyConfig, save_model, settings_from_params, sft_batches
 from postdiff.workflow.io import read_json
 from postdiff.workflow.runtime import Job
 
@@ -49,32 +49,29 @@ CAP_KINDS = ("capital", "antonym", "math")
 
 @dataclass(frozen=True)
 class PlantConfig:
-    """Every knob of the planted change; a stage's params may set any subset of these keys."""
+    """Every knob of the planted change; a stage's params may set any subset of these keys. The
+    defaults are the shipped control pair's (``config/control.yaml``)."""
 
     seed: int = 0
     cap_layer: int = 1
-    verb_layer: int = 2
-    n_cap: int = 4
-    n_verb: int = 4
-    steps: int = 300
+    verb_layer: int = 1
+    n_cap: int = 2
+    n_verb: int = 2
+    steps: int = 400
     batch_size: int = 32
     lr: float = 1e-2
     eos_weight: float = 3.0  # stopping is one token per answer; without weight it is learned last
     keep_weight: float = 1.0  # KL to the model before this group on the other group's prompts
     # Mean norm of the neurons' output over every position: a neuron that fires everywhere moves
     # the mean of delta, which a surrogate keeps in b_dec and a mask (no b_dec) never adds back.
-    sparsity: float = 0.0
+    sparsity: float = 0.1
     # Squared norm of the neurons' mean output over answer positions, where the surrogate is
     # fitted: it starts b_dec at that mean, and a mean the neurons share stays there.
-    center: float = 0.0
+    center: float = 1.0
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> PlantConfig:
-        defaults = dataclasses.asdict(cls())
-        unknown = sorted(set(params) - set(defaults))
-        if unknown:
-            raise ValueError(f"unknown plant param(s) {unknown}; known: {sorted(defaults)}")
-        return cls(**{k: type(defaults[k])(v) for k, v in params.items()})
+        return settings_from_params(cls, params, "plant")
 
 
 class Neurons(nn.Module):

@@ -75,11 +75,16 @@ class ToyConfig:
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> ToyConfig:
-        defaults = dataclasses.asdict(cls())
-        unknown = sorted(set(params) - set(defaults))
-        if unknown:
-            raise ValueError(f"unknown toy param(s) {unknown}; known: {sorted(defaults)}")
-        return cls(**{k: type(defaults[k])(v) for k, v in params.items()})
+        return settings_from_params(cls, params, "toy")
+
+
+def settings_from_params(cls: type, params: Mapping[str, Any], what: str) -> Any:
+    """A frozen settings dataclass from any subset of its keys, each cast to its default's type."""
+    defaults = dataclasses.asdict(cls())
+    unknown = sorted(set(params) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown {what} param(s) {unknown}; known: {sorted(defaults)}")
+    return cls(**{k: type(defaults[k])(v) for k, v in params.items()})
 
 
 ARCHITECTURES = ("gemma3", "llama")
