@@ -111,7 +111,6 @@ class Selection:
     max_candidates: int | None
     n_admitted: int
     pool: list[Pair]
-    base: float
     rows: pl.DataFrame
     variant: Variant
     references: dict[str, pl.DataFrame]  # the references' selector records, in ``rows`` order
@@ -162,14 +161,18 @@ class Selection:
         else:
             ids = {"choose": all_ids, "judge": all_ids}
         sel = cls(job, rule, cutoff, exclusion, lam, size_cap, min_gain, accept_rule, fill_to_cap, evidence,
-                  max_candidates, len(everything), pool, math.nan, rows,
+                  max_candidates, len(everything), pool, rows,
                   Variant(name=f"select_{rule.name}", mode=rule.mode, gates=full.gates, surrogates=full.surrogates),
                   references, ids)
-        sel.base = sel.score(references[rule.unmasked], "choose")
         log.info("%s: %d features admitted, pool of %d%s, base objective %.5f (%s half of %d prompts)", rule.name,
                  len(everything), len(pool), " (the cap binds)" if len(pool) < len(everything) else "", sel.base,
                  "choose" if evidence == "split" else "every one", len(ids["choose"]))
         return sel
+
+    @cached_property
+    def base(self) -> float:
+        """The objective of the unmasked reference (the empty mask) on the choose half."""
+        return self.score(self.references[self.rule.unmasked], "choose")
 
     def half(self, records: pl.DataFrame, name: str) -> pl.DataFrame:
         return records.filter(pl.col("id").is_in(self.ids[name]))
