@@ -43,6 +43,15 @@ def test_cross_references_name_the_key_and_the_likely_fix() -> None:
     ]
 
 
+def test_a_planted_it_needs_a_llama_pt() -> None:
+    config = {"bootstrap": {"comparisons": []}, "report": {"figure1_variants": [], "qualitative_variants": []},
+              "toy": {"plant": {"steps": 10}}}
+    assert cross_reference_problems(config, {}) == [
+        "toy.plant: a planted IT needs toy.architecture: llama, got 'gemma3'"]
+    config["toy"]["architecture"] = "llama"
+    assert cross_reference_problems(config, {}) == []
+
+
 def test_a_retry_asks_for_more_up_to_the_cap() -> None:
     assert [grown(64_000, a) for a in (1, 2, 3)] == [64_000, 128_000, 192_000]
     assert [grown(64_000, a, cap=100_000) for a in (1, 2, 3)] == [64_000, 100_000, 100_000]

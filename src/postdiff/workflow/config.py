@@ -58,7 +58,8 @@ def sweep_pairs(config: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 def cross_reference_problems(config: Mapping[str, Any], variants: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """Comparison labels must be variant labels, report lists must be variant keys (of ``variants``,
-    the configured variants with the ablation's). One line per problem, naming the config key."""
+    the configured variants with the ablation's), and a planted IT needs a Llama toy PT. One line
+    per problem, naming the config key."""
     labels = {name: entry.get("label", name) for name, entry in variants.items()}
     problems = []
     for i, comparison in enumerate(config["bootstrap"]["comparisons"]):
@@ -74,4 +75,8 @@ def cross_reference_problems(config: Mapping[str, Any], variants: Mapping[str, M
                 hint = f" (a label; the key is {next(v for v, lab in labels.items() if lab == name)!r})" \
                     if name in labels.values() else ""
                 problems.append(f"report.{key}: {name!r} is no variant key{hint}; keys: {', '.join(variants)}")
+    toy = config.get("toy", {})
+    if toy.get("plant") is not None and toy.get("architecture", "gemma3") != "llama":
+        # Gemma 3 normalises each MLP output before the residual, so planted neurons are not additive.
+        problems.append(f"toy.plant: a planted IT needs toy.architecture: llama, got {toy.get('architecture', 'gemma3')!r}")
     return problems
