@@ -266,6 +266,16 @@ def test_a_mask_is_forced_when_no_step_passed_and_it_is_its_pools_top():
         forced({**filled, "step_gains": gains(False)})
 
 
+
+def summarise(objs: list[dict], tmp_path: Path) -> None:
+    """The sweep summary stage on mask files of ``objs``, the second one locked."""
+    paths = []
+    for i, obj in enumerate(objs):
+        paths.append(str(tmp_path / f"m{i}.json"))
+        (tmp_path / f"m{i}.json").write_text(json.dumps(obj))
+    sweep_summary(Job(input={"masks": paths, "locked": paths[1]}, output={"summary": str(tmp_path / "s.parquet")}))
+
+
 def test_a_strict_point_with_another_pool_does_not_make_pools_differ(tmp_path, caplog):
     """Three cutoffs under the locked exclusion share one pool, every mask forced; the strict
     exclusion's pool differs. The summary and the log say the sweep had no power."""
@@ -278,12 +288,8 @@ def test_a_strict_point_with_another_pool_does_not_make_pools_differ(tmp_path, c
     assert table["strict"].to_list() == [False, False, False, True]
     assert table["n_pool"].to_list() == [3, 3, 3, 2] and not table["pools_differ"].any()
     assert table["forced"].all()
-    paths = []
-    for i, obj in enumerate(objs):
-        paths.append(str(tmp_path / f"m{i}.json"))
-        (tmp_path / f"m{i}.json").write_text(json.dumps(obj))
     with caplog.at_level("WARNING"):
-        sweep_summary(Job(input={"masks": paths, "locked": paths[1]}, output={"summary": str(tmp_path / "s.parquet")}))
+        summarise(objs, tmp_path)
     assert "cannot tell its cutoffs apart (pool of 3" in caplog.text
     assert "every locked-exclusion sweep point is forced" in caplog.text and "top 2 by score" in caplog.text
     # With a locked-exclusion point of another pool, the pools differ; no sweep without the locked exclusion.
@@ -308,12 +314,8 @@ def test_a_sweep_whose_cap_always_binds_says_it_cannot_tell_the_cutoffs_apart(tm
     assert table["cap_bound"].all() and (table["n_admitted"] > table["n_pool"]).all()
     assert table["pool_jaccard"].to_list() == [1.0] * 3 and table["same_as_locked"].all()
     assert not table["pools_differ"].any()
-    paths = []
-    for i, obj in enumerate(objs):
-        paths.append(str(tmp_path / f"m{i}.json"))
-        (tmp_path / f"m{i}.json").write_text(json.dumps(obj))
     with caplog.at_level("WARNING"):
-        sweep_summary(Job(input={"masks": paths, "locked": paths[1]}, output={"summary": str(tmp_path / "s.parquet")}))
+        summarise(objs, tmp_path)
     assert "cannot tell its cutoffs apart" in caplog.text and "is forced" not in caplog.text
     assert jaccard([], []) == 1.0 and jaccard([A], []) == 0.0
 
