@@ -266,7 +266,6 @@ def test_a_mask_is_forced_when_no_step_passed_and_it_is_its_pools_top():
         forced({**filled, "step_gains": gains(False)})
 
 
-
 def summarise(objs: list[dict], tmp_path: Path) -> None:
     """The sweep summary stage on mask files of ``objs``, the second one locked."""
     paths = []
