@@ -27,8 +27,8 @@ from postdiff.workflow.runtime import Job
 
 
 def synthetic(n=240, p=30, seed=0):
-    """Summaries with planted features: 7 drives capability endpoints, 3 brevity excess,
-    11 refusal; column 20 is a dead feature."""
+    """Summaries with planted features: 7 drives capability endpoints, 3 lowers brevity excess
+    (IT's brevity), 11 drives refusal; column 20 is a dead feature."""
     rng = np.random.default_rng(seed)
     X = rng.gamma(1.0, 1.0, (n, p))
     X[:, 20] = 0.0
@@ -39,7 +39,7 @@ def synthetic(n=240, p=30, seed=0):
         "slice": slices,
         "em": [bool(c) if s in ("QA", "Math") else None for c, s in zip(cap, slices)],
         "format_pass": [bool(c) if s == "Format" else None for c, s in zip(cap, slices)],
-        "brevity_excess": [float(max(0.0, 3 * X[i, 3] + noise[i])) if s == "Brevity" else None
+        "brevity_excess": [float(max(0.0, 9 - 3 * X[i, 3] + noise[i])) if s == "Brevity" else None
                            for i, s in enumerate(slices)],
         "refusal": (X[:, 11] + noise > 1.5).tolist(),
     })

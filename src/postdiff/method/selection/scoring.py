@@ -5,6 +5,14 @@ the FullDelta teacher-forced pass, read inside the edit (the running, already-ed
 state the intervention sees). Each endpoint of FullDelta's generation is ridge-regressed on
 the standardised summaries; the standardised coefficients, z-scored across features, are the
 scores.
+
+The verbosity score is the brevity-excess coefficient *negated*: high for a feature that
+carries IT's brevity (predicts less excess). SPEC §7 leaves the sign open; both of its uses
+need this one. VMask's selection removes the features whose subtraction raises length
+(VerbCarry drops), and CapMask's exclusion keeps IT's brevity out of a capability mask (its
+objective charges VerbCarry). With the coefficient's own sign both pools held the opposite
+features: on the positive control the planted brevity features scored negative and VMask never
+saw them (README, "The positive control").
 """
 
 from __future__ import annotations
@@ -147,7 +155,7 @@ def feature_scores(
     return {
         **coefs,
         "cap_score": zscore(np.mean([coefs[f"coef_{e}"] for e in CAPABILITY], axis=0)),
-        "verb_score": zscore(coefs["coef_brevity"]),
+        "verb_score": zscore(-coefs["coef_brevity"]),
         "refusal_score": zscore(coefs["coef_refusal"]),
     }
 
