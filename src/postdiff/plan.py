@@ -106,6 +106,7 @@ class JobFacts:
     gpu: bool
     loads: bool  # its params carry `device`: it loads the pair (tests/test_resources.py)
     runtime: int | None = None  # minutes it asks for at its first attempt
+    submitted: bool = True  # on a cluster it is a submission of its own (not a localrule)
 
     @property
     def seed(self) -> int | None:
@@ -146,6 +147,7 @@ def dag_jobs(workdir: Path, configfiles: Sequence[Path]) -> tuple[dict, list[Job
                 gpu=requests_gpu(dict(job.resources.items())),
                 loads="device" in dict(job.params.items()),
                 runtime=dict(job.resources.items()).get("runtime"),
+                submitted=not (job.rule.name in inner._localrules or job.rule.norun),
             )
             for job in inner.dag.jobs
         ]
@@ -411,6 +413,8 @@ def report(config: Mapping, jobs: Sequence[JobFacts], workdir: Path, est: Estima
         "",
         f"run {config['run']}: shared by every seed {gpu.get(None, 0)} GPU jobs / {loads.get(None, 0)} model loads; "
         + "; ".join(f"seed {s} {gpu[s]} / {loads[s]}" for s in seeds),
+        f"SLURM submissions: {sum(j.submitted for j in jobs)} ({total.gpu_jobs} GPU jobs; the other "
+        f"{total.jobs - sum(j.submitted for j in jobs)} jobs are localrules, run by Snakemake itself)",
         f"lengths: prefix {ln.prefix:.1f}, answer {ln.answer:.1f} tokens per prompt ({ln.source})",
         f"width: {d if d is not None else 'unknown (the pair config is not in the local cache)'}",
         "assumptions (estimates for one H100 in bf16 at 4B size, not measured; --estimates FILE replaces them): "
