@@ -39,7 +39,12 @@ for _rule in workflow.rules:
 
 onstart:
     from postdiff.models.preflight import exit_on_problems
+    from postdiff.workflow.config import placeholder_problems
 
+    # Locally the SLURM keys are ignored; on a cluster a placeholder would reach sbatch.
+    if not workflow.local_exec and (site := placeholder_problems(config)):
+        print("\n".join(["postdiff: the cluster settings are not filled in:", *site]), file=sys.stderr)
+        sys.exit(1)
     exit_on_problems(config)
 
 

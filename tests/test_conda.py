@@ -24,11 +24,23 @@ from workflow_utils import REPO, copy_workflow
 CONDA_NAMES = {"pytorch": "torch"}  # conda-forge's name -> the PyPI name in pyproject.toml
 
 
-def _env_requirements() -> list[str]:
+def _conda_specs() -> list[str]:
+    """The conda match specs ("name version build"), python and pip left out."""
     env = yaml.safe_load((REPO / "envs/postdiff.yaml").read_text())
     conda = [d for d in env["dependencies"] if isinstance(d, str)]
+    return [d for d in conda if re.split(r"[=<> ]", d)[0] not in ("python", "pip")]
+
+
+def _env_requirements() -> list[str]:
+    env = yaml.safe_load((REPO / "envs/postdiff.yaml").read_text())
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
-    return [d for d in conda if d.split("=")[0].split(">")[0] not in ("python", "pip")] + pip
+    return [" ".join(spec.split()[:2]) for spec in _conda_specs()] + pip  # a spec's build string is conda's alone
+
+
+def test_env_file_takes_a_cuda_build_of_torch_in_the_projects_range() -> None:
+    """On a login node without a GPU conda would solve the CPU build, which the GPU nodes then run."""
+    (torch,) = [spec.split() for spec in _conda_specs() if spec.startswith("pytorch")]
+    assert torch == ["pytorch", ">=2.6", "cuda*"]
 
 
 def _by_name(requirements: list[str]) -> dict[str, str]:

@@ -37,9 +37,9 @@ from postdiff.models.families import FAMILIES, Family, family_of, paper_layers
 from postdiff.models.forward import answer_logprobs, block_outputs
 from postdiff.models.generation import generate
 from postdiff.models.hook import LayerEdit, intervene
-from postdiff.models.loading import load_model, load_pair
+from postdiff.models.loading import family_prefix_problem, load_model, load_pair, load_tokenizer
 from postdiff.models.preflight import pair_info
-from postdiff.models.template import render
+from postdiff.models.template import prefix_bos, render
 from postdiff.outputs import features
 from postdiff.workflow.io import read_json, write_parquet
 from postdiff.workflow.runtime import Job
@@ -128,8 +128,18 @@ def test_family_slice(name: str, tmp_path: Path, splits: dict[str, str]) -> None
     if softcap is not None:  # sdpa would drop the attention soft-cap
         assert pair.pt.config._attn_implementation == "eager"
 
-    # Teacher: the prefix is the template with the family's BOS once, or with no BOS at all.
-    bos = [ids[family.bos]] if family.bos else []
+    # The tokenizers' special-token behaviour as the family ships it: the BOS each role names,
+    # whether encoding adds it, and what prefixes open with (OLMo 2: a BOS we add; SmolLM2: none).
+    toks = {role: load_tokenizer(str(tmp_path / family.name / role)) for role in ("pt", "it")}
+    for role, role_tok in toks.items():
+        assert role_tok.bos_token == family.bos[role]
+        assert role_tok.pad_token == (family.pad or family.eos[role])  # no pad named: load_tokenizer pads with EOS
+        added = role_tok("x")["input_ids"][0] == role_tok.bos_token_id
+        assert added == (family.adds_bos and family.bos[role] is not None)
+    assert prefix_bos(toks["it"]) == (None if family.prefix is None else ids[family.prefix])
+
+    # Teacher: the prefix is the template with the family's prefix BOS once, or with no BOS at all.
+    bos = [ids[family.prefix]] if family.prefix else []
     for split, path in run["teacher"].items():
         rows = read_rows(splits[split], path)
         for prompt, prefix in rows.select("prompt", "prefix_ids").iter_rows():
@@ -250,3 +260,14 @@ def test_pt_and_it_stop_on_both_tokenizers_eos_without_generation_configs(tmp_pa
     it, it_tok = load_model(str(dirs["it"]), device="cpu", partner=str(dirs["pt"]))
     assert (pt_tok.eos_token, it_tok.eos_token) == ("<|endoftext|>", "<|im_end|>")
     assert pt.generation_config.eos_token_id == it.generation_config.eos_token_id == [0, 2]
+
+
+def test_a_tested_familys_tokenizer_that_opens_prefixes_otherwise_is_refused(tmp_path: Path) -> None:
+    """Preflight's line for a hub tokenizer that no longer opens prefixes as families.py states."""
+    olmo = FAMILIES["olmo2"]
+    smollm_it = twins.tokenizer(FAMILIES["smollm2"], "it")
+    assert family_prefix_problem(olmo.pt, olmo.it, twins.tokenizer(olmo, "it")) is None
+    assert family_prefix_problem(olmo.pt, olmo.it, smollm_it) == (
+        "its tokenizer opens every prefix with no BOS, but olmo2's published one opens them with <|endoftext|> "
+        "(postdiff.models.families): check its files before trusting results")
+    assert family_prefix_problem("some/pt", "some/it", smollm_it) is None  # not a tested family: nothing stated

@@ -2,14 +2,35 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import polars as pl
 import pytest
-from workflow_utils import TINY, copy_workflow, planned_jobs
+from workflow_utils import REPO, TINY, copy_workflow, planned_jobs
 
 from postdiff.data.checkers import SLICES
-from postdiff.plan import JobFacts, Lengths, dag_jobs, disk_bytes, job_work, plan, report, split_sizes
+from postdiff.plan import (
+    HIGH,
+    LOW,
+    MIN_RUNTIME,
+    Estimates,
+    JobFacts,
+    Lengths,
+    dag_jobs,
+    disk_bytes,
+    job_seconds,
+    job_work,
+    plan,
+    read_estimates,
+    report,
+    runtime_request,
+    site_problems,
+    split_sizes,
+)
 
 REHEARSAL = "config/rehearsal.yaml"
 CONFIG = {
@@ -76,7 +97,7 @@ def test_job_counts_are_the_dry_runs(configfile: str, tmp_path: Path) -> None:
     for job in jobs:
         counts[job.rule] = counts.get(job.rule, 0) + 1
     assert counts == expected
-    stages, _, d = plan(config, jobs, workdir)
+    stages, _, d = plan(config, jobs, workdir, Estimates())
     # The toy's hidden_size, or the twin's config read from the shipped Hugging Face cache.
     assert d == {TINY: 64, REHEARSAL: 128}[configfile]
     assert sum(s.jobs for s in stages.values()) == sum(expected.values())
@@ -90,7 +111,7 @@ def assert_plan_matches_run(workdir: Path, configfile: str) -> None:
     # Before anything is written, split sizes come from suite.sizes per slice: the files agree.
     assert split_sizes(config, workdir / "nowhere") == split_sizes(config, run) == {
         s: config["suite"]["sizes"][s] * len(SLICES) for s in ("train", "calib", "selector", "test")}
-    stages, ln, _ = plan(config, jobs, workdir)
+    stages, ln, _ = plan(config, jobs, workdir, Estimates())
     assert ln.source.startswith("measured")
 
     teacher = pl.concat([pl.read_parquet(p) for p in (run / "teacher").glob("*.parquet")])
@@ -114,7 +135,7 @@ def assert_plan_matches_run(workdir: Path, configfile: str) -> None:
     surrogates = sum(p.stat().st_size for p in run.glob("seed*/surrogate/L*.safetensors"))
     assert stages["surrogate"].disk_bytes["surrogate"] == pytest.approx(surrogates, rel=0.10)
 
-    text = report(config, jobs, workdir)
+    text = report(config, jobs, workdir, Estimates(), workdir / "slurm" / "config.yaml")
     assert "not measured" in text and THROUGHPUT_LINE in text
 
 
@@ -122,16 +143,70 @@ def test_tokens_and_bytes_match_the_tiny_run(tiny_run: Path) -> None:
     assert_plan_matches_run(tiny_run, TINY)
 
 
-THROUGHPUT_LINE = "generated 2,500/s, forced 60,000/s, surrogate_rows 34,000/s, 30 s per model load"
+THROUGHPUT_LINE = ("generated tokens/s by batch size {8: 300-450, 16: 600-900, 32: 1,000-1,600, 64: 1,800-2,500, "
+                   "128: 3,000-4,500}, forced 40,000-60,000/s, surrogate rows 25,000-34,000/s, 60-120 s per model load")
 
 
 def test_the_command_prints_the_table_and_its_assumptions(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     from postdiff.plan import main
 
     workdir = copy_workflow(tmp_path)
+    shutil.copytree(REPO / "slurm", workdir / "slurm")  # the profile whose site settings it checks
     main(["--configfile", str(workdir / "config/gemma3-4b.yaml"), "--directory", str(workdir)])
     out = capsys.readouterr().out
     total = next(line for line in out.splitlines() if line.startswith("total"))
     assert total.split()[1:4] == ["128", "64", "64"]
+    low, high = map(float, total.split()[-1].split("-"))
+    assert 2 < low < high < 6  # GPU-hours: a band, not one figure
     assert "seed 0 26 / 26; seed 1 26 / 26" in out and THROUGHPUT_LINE in out and "width: 2560" in out
+    assert "SLURM submissions: 75 (64 GPU jobs; the other 53 jobs are localrules" in out
+    # Each GPU rule's runtime request, and the site settings still to fill in, by name.
+    assert "  train_surrogate: 4 jobs, 35 min" in out and "  evaluate: 27 jobs, 10 min" in out
+    for name in ("default-resources: slurm_partition: 'SET_ME_partition'", "default-resources: slurm_account: 'SET_ME_account'",
+                 "resources.gpu.slurm_partition: 'SET_ME_gpu_partition'", "resources.gpu.gpu_model (or constraint): 'SET_ME_gpu_type'"):
+        assert name in out
     assert not (workdir / "results").exists()
+
+
+def test_the_preview_imports_neither_torch_nor_transformers(tmp_path: Path) -> None:
+    """It runs on a login node, where importing torch takes seconds and may find no CUDA."""
+    workdir = copy_workflow(tmp_path)
+    script = ("import sys; from postdiff.plan import main; "
+              f"main(['--configfile', {str(workdir / 'config/gemma3-4b.yaml')!r}, '--directory', {str(workdir)!r}]); "
+              "print(sorted(m for m in ('torch', 'transformers', 'tokenizers') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    assert proc.stdout.splitlines()[-1] == "[]", proc.stdout[-500:]
+
+
+def test_a_jobs_time_is_a_band_from_the_estimates() -> None:
+    est = Estimates(generated={32: (1_000.0, 2_000.0), 64: (2_000.0, 4_000.0)}, forced=(100.0, 200.0),
+                    surrogate_rows=(10.0, 20.0), load_s=(60.0, 120.0))
+    # Between batch sizes the rate is interpolated; beyond them it is held.
+    assert est.rate(48, LOW) == 1_500.0 and est.rate(8, HIGH) == 2_000.0 and est.rate(256, LOW) == 2_000.0
+    config = {**CONFIG, "teacher": {"batch_size": 48}}
+    job = _job("teacher", split="train")  # 100 generated, 200 forced (test_work_of_a_job_by_hand)
+    assert job_seconds(job, config, SIZES, LN, est, LOW) == pytest.approx(100 / 3_000 + 200 / 200 + 60)
+    assert job_seconds(job, config, SIZES, LN, est, HIGH) == pytest.approx(100 / 1_500 + 200 / 100 + 120)
+    assert runtime_request(61, 2.0) == MIN_RUNTIME and runtime_request(20 * 60, 2.0) == 40 and runtime_request(901, 2.0) == 35
+
+
+def test_estimates_from_a_file_replace_the_defaults_they_name(tmp_path: Path) -> None:
+    path = tmp_path / "h200.yaml"
+    path.write_text("load_s: [30, 60]\ngenerated: {64: [3000, 4000]}\n")
+    est = read_estimates(path)
+    assert est.load_s == (30.0, 60.0) and est.generated == {64: (3000.0, 4000.0)} and est.forced == Estimates().forced
+    path.write_text("load: [1, 2]\n")
+    with pytest.raises(ValueError, match=r"unknown estimates \['load'\]"):
+        read_estimates(path)
+
+
+def test_site_problems_name_each_unset_or_placeholder_setting(tmp_path: Path) -> None:
+    profile = tmp_path / "config.yaml"
+    profile.write_text("default-resources: {slurm_partition: cpu, slurm_account: SET_ME_account}\n")
+    config = {"resources": {"gpu": {"gpu": 1, "slurm_partition": "gpu", "constraint": "a100"}}}
+    assert site_problems(config, profile) == [f"{profile} default-resources: slurm_account: 'SET_ME_account'",
+                                              "resources.gpu.slurm_account: 'SET_ME_account'"]
+    config["resources"]["gpu"]["slurm_account"] = "lab"
+    assert site_problems(config, profile) == [f"{profile} default-resources: slurm_account: 'SET_ME_account'"]
+    assert len(site_problems({"resources": {"gpu": {}}}, tmp_path / "none.yaml")) == 5

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -11,7 +16,7 @@ import torch
 import yaml
 from test_models import byte_tokenizer, save_tiny
 from transformers import GenerationConfig
-from workflow_utils import TINY, copy_workflow, snakemake
+from workflow_utils import REPO, TINY, copy_workflow, snakemake
 
 from postdiff.models.families import family_of
 from postdiff.models.loading import fingerprint
@@ -174,3 +179,26 @@ def test_the_gemma_config_without_hf_home_stops_before_its_first_job(tmp_path, m
     assert proc.returncode != 0
     assert any(line.startswith("hf.home: null, but hf.offline is true") for line in proc.stderr.splitlines()), proc.stderr
     assert not (workdir / "results").exists()
+
+
+def test_a_pt_tokenizer_adding_a_bos_that_its_prefixes_lack_is_one_line(pair, tmp_path):
+    """The prefixes follow IT's tokenizer; a PT trained with a BOS it would not read is refused."""
+    it = shutil.copytree(pair["it"], tmp_path / "it")
+    spec = json.loads((it / "tokenizer.json").read_text())
+    spec["post_processor"] = None  # IT names <bos> but neither adds it nor has a chat template
+    (it / "tokenizer.json").write_text(json.dumps(spec))
+    assert pair_problems(pair["pt"], str(it), [0]) == [
+        f"pair.it: {str(it)!r}: PT's tokenizer opens every input with BOS id 2 ('<bos>'), but IT's prefixes, "
+        "which PT reads too, start with no BOS"]
+
+
+def test_the_login_node_checks_import_no_torch_without_pair_preflight():
+    """With pair.preflight: false (the nodes' model cache unseen from the Snakemake host) onstart's
+    checks read the config only: no torch or transformers start there."""
+    script = ("import sys; from postdiff.models.preflight import exit_on_problems; "
+              "from postdiff.workflow.config import placeholder_problems; "
+              "exit_on_problems({'pair': {'preflight': False}}); placeholder_problems({'resources': {'gpu': {'gpu': 1}}}); "
+              "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    assert proc.stdout.strip() == "[]"

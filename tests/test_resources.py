@@ -6,6 +6,7 @@ Built from config/gemma3-4b.yaml with nothing downloaded: a DAG never loads a mo
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -13,6 +14,8 @@ from snakemake.api import SnakemakeApi
 from snakemake.settings.types import ConfigSettings, DAGSettings, OutputSettings, ResourceSettings
 from workflow_utils import copy_workflow
 
+from postdiff import plan
+from postdiff.workflow.config import gpu_request, placeholder_problems
 from postdiff.workflow.runtime import Job
 
 GEMMA = "config/gemma3-4b.yaml"
@@ -76,12 +79,56 @@ def test_model_jobs_retry_with_more_memory_and_time(gemma_jobs: list) -> None:
     for job in model_jobs:
         assert job.rule.restart_times == 2, job.rule.name
         resources = dict(job.resources.items())
-        assert resources["attempt"] == 1 and resources["mem_mb"] == 64000 and resources["runtime"] == 120
+        assert resources["attempt"] == 1 and resources["mem_mb"] == 64000
     teacher = next(job for job in model_jobs if job.rule.name == "teacher")
+    first = dict(teacher.resources.items())["runtime"]
     grown = {a: teacher.rule.expand_resources(teacher.wildcards_dict, teacher.input, attempt=a) for a in (2, 3)}
     # Memory grows up to resources.max_mem_mb (128 GB), not to 3 x 64 GB; runtime keeps growing.
-    assert (grown[2]["mem_mb"], grown[2]["runtime"], grown[2]["attempt"]) == (2 * 64000, 2 * 120, 2)
-    assert (grown[3]["mem_mb"], grown[3]["runtime"], grown[3]["attempt"]) == (128000, 3 * 120, 3)
+    assert (grown[2]["mem_mb"], grown[2]["runtime"], grown[2]["attempt"]) == (2 * 64000, 2 * first, 2)
+    assert (grown[3]["mem_mb"], grown[3]["runtime"], grown[3]["attempt"]) == (128000, 3 * first, 3)
+
+
+def test_each_model_job_asks_for_its_estimate_with_a_margin(gemma_jobs: list) -> None:
+    """Not 120 minutes everywhere: the cost preview's high estimate of the job times
+    resources.runtime_margin (2), in 5-minute steps and at least MIN_RUNTIME."""
+    config = gemma_jobs[0].rule.workflow.config
+    unrun = Path("/nonexistent")  # nothing has run: sizes from the config, lengths assumed, as at DAG time
+    sizes, ln = plan.split_sizes(config, unrun), plan.lengths(config, unrun)
+    asked = {}
+    for job in gemma_jobs:
+        if "device" not in dict(job.params.items()):
+            continue
+        facts = plan.JobFacts(job.rule.name, "", dict(job.wildcards_dict), gpu=True, loads=True)
+        seconds = plan.job_seconds(facts, config, sizes, ln, plan.Estimates(), plan.HIGH)
+        runtime = dict(job.resources.items())["runtime"]
+        assert runtime == plan.runtime_request(seconds, 2.0) and runtime >= 2 * seconds / 60, job.rule.name
+        asked[job.rule.name] = runtime
+    # Training a surrogate (20k steps of 1,024 rows) asks for more than an evaluation's minimum.
+    assert asked["train_surrogate"] > asked["evaluate"] == plan.MIN_RUNTIME and max(asked.values()) < 120
+
+
+def test_gres_sites_get_gres_only_and_the_preview_still_counts_gpu_jobs(tmp_path: Path) -> None:
+    """resources.gpu_flag: gres folds the GPU and its type into --gres; --gpus is never sent too."""
+    workdir = copy_workflow(tmp_path)
+    overlay = workdir / "config" / "gres.yaml"
+    overlay.write_text("resources: {gpu_flag: gres}\n")
+    _, jobs = plan.dag_jobs(workdir, [workdir / GEMMA, overlay])
+    assert sum(job.gpu for job in jobs) == 64 and sum(job.loads for job in jobs) == 64
+    with mock.patch.dict(os.environ), SnakemakeApi(OutputSettings(quiet={"all"})) as api:
+        workflow = api.workflow(resource_settings=ResourceSettings(cores=1),
+                                config_settings=ConfigSettings(configfiles=[workdir / GEMMA, overlay]),
+                                snakefile=workdir / "Snakefile", workdir=workdir)
+        workflow.dag(DAGSettings()).execute_workflow(executor="dryrun")
+        teacher = next(job for job in workflow._workflow.dag.jobs if job.rule.name == "teacher")
+        resources = dict(teacher.resources.items())
+    assert resources["gres"] == "gpu:SET_ME_gpu_type:1" and "gpu" not in resources and "gpu_model" not in resources
+
+
+def test_gpu_request_keeps_gpus_or_folds_them_into_gres() -> None:
+    res = {"gpu": 2, "gpu_model": "a100", "mem_mb": 1}
+    assert gpu_request(res, "gpus") == res
+    assert gpu_request(res, "gres") == {"gres": "gpu:a100:2", "mem_mb": 1}
+    assert gpu_request({"gpu": 1}, "gres") == {"gres": "gpu:1"}
 
 
 def test_the_pair_is_fingerprinted_once_per_run(gemma_jobs: list) -> None:
@@ -98,3 +145,13 @@ def test_a_retry_halves_the_batch_size_each_time() -> None:
     assert Job(input={}, output={}, params={"max_batch": 10}, attempt=2).batch_size("max_batch") == 5
     with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
         Job(input={}, output={}, params={"batch_size": 0}).batch_size()
+
+
+def test_a_cluster_run_with_placeholder_site_settings_stops_naming_each() -> None:
+    """The Snakefile's onstart prints these lines and exits under a non-local executor (SLURM)."""
+    config = {"resources": {"gpu": {"gpu": 1, "slurm_partition": "SET_ME_gpu_partition", "gpu_model": "a100",
+                                    "slurm_account": "SET_ME_account"}}}
+    assert placeholder_problems(config) == [
+        "resources.gpu.slurm_partition: 'SET_ME_gpu_partition' is a placeholder: set your site's value (slurm/README.md)",
+        "resources.gpu.slurm_account: 'SET_ME_account' is a placeholder: set your site's value (slurm/README.md)"]
+    assert placeholder_problems({"resources": {"gpu": {"gpu": 1, "mem_mb": 16000}}}) == []

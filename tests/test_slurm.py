@@ -39,6 +39,15 @@ pytestmark = [pytest.mark.slurm, pytest.mark.skipif(NODE_MEM_MB is None, reason=
 TARGETS = ("results/tiny/seed0/tables/r2.csv",)
 
 
+def fill_in_site(profile: Path) -> None:
+    """The profile's placeholders filled in as a user does: the local cluster's default partition,
+    and no account (it keeps none: without one the plugin submits without -A, as before)."""
+    default = next(p.rstrip("*") for p in subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True,
+                                                         text=True, check=True).stdout.split() if p.endswith("*"))
+    lines = profile.read_text().replace("SET_ME_partition", default).splitlines()
+    profile.write_text("\n".join(line for line in lines if "SET_ME_account" not in line) + "\n")
+
+
 def _tables(workdir: Path) -> dict[str, bytes]:
     return {name: (workdir / name).read_bytes() for name in TARGETS}
 
@@ -46,6 +55,7 @@ def _tables(workdir: Path) -> dict[str, bytes]:
 def test_slurm_tables_match_local(request: pytest.FixtureRequest, tmp_path: Path) -> None:
     cluster = copy_workflow(tmp_path)
     shutil.copytree(REPO / "slurm", cluster / "slurm")
+    fill_in_site(cluster / "slurm" / "config.yaml")
     proc = snakemake(
         cluster,
         *TARGETS,

@@ -10,13 +10,19 @@ answer lengths come from the run's teacher files once the teacher has run, else 
 (ASSUMED_PREFIX, and answers at ``max_new_tokens``: an upper bound). Variants and candidates
 are counted at their ``max_new_tokens``: without IT's early stop they decode to it, nearly all. Selection and gate searches may stop early and
 a selection may find fewer candidates than ``max_candidates``: their counts are upper bounds.
-GPU-hours are the tokens over THROUGHPUT plus LOAD_S per model job: estimates, not measurements.
+GPU-hours are the tokens over :class:`Estimates`' throughputs plus a model-load time per model
+job, as a low-high band: estimates, not measurements. The same figures set each model job's
+``runtime`` request (its high estimate times ``resources.runtime_margin``; common.smk), and the
+preview prints what the DAG asks per rule. It also names each SLURM site setting that is unset or
+still a ``SET_ME`` placeholder. Nothing here imports torch or transformers: it runs on a login node.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from contextlib import redirect_stderr
@@ -31,13 +37,59 @@ from postdiff.data.splits import SPLITS
 from postdiff.models.preflight import BUILTIN
 
 # Estimates for one H100 in bf16 at Gemma 3 4B's size (config/gemma3-4b.yaml's header): not
-# measured, no GPU was lent when they were set (issue 20). Replace them with a probe's numbers.
-THROUGHPUT = {
-    "generated": 2_500.0,  # tokens/s, greedy decoding at batch 64 with the KV cache
-    "forced": 60_000.0,  # tokens/s through one model's forward pass
-    "surrogate_rows": 34_000.0,  # rows/s of TopK surrogate training (20k steps x 1,024 rows in ~10 min)
-}
-LOAD_S = 30.0  # seconds to load the pair (two 4B models, ~8 GB bf16 each) from a local disk
+# measured, no GPU was lent when they were set (issues 20, 27). Each is a (low, high) range;
+# `--estimates FILE` replaces any of them (README, "The cost of a run").
+LOW, HIGH = 0, 1
+
+
+@dataclass(frozen=True)
+class Estimates:
+    """Throughputs in tokens or rows per second and ``load_s`` in seconds per model job, each a
+    (low, high) range. A job's time is high with the low throughputs and the high load time."""
+
+    # Greedy decoding with the KV cache, by batch size: a step's latency barely grows with the
+    # batch at this size, so the rate does (interpolated between sizes, held beyond the ends).
+    generated: Mapping[int, tuple[float, float]] = field(default_factory=lambda: {
+        8: (300.0, 450.0), 16: (600.0, 900.0), 32: (1_000.0, 1_600.0), 64: (1_800.0, 2_500.0),
+        128: (3_000.0, 4_500.0)})
+    forced: tuple[float, float] = (40_000.0, 60_000.0)  # through one model's forward pass
+    surrogate_rows: tuple[float, float] = (25_000.0, 34_000.0)  # TopK training, 1,024-row batches
+    # Imports, CUDA start-up and both 4B models (~8.6 GB each in bf16) from a shared filesystem.
+    load_s: tuple[float, float] = (60.0, 120.0)
+
+    def rate(self, batch: int, bound: int) -> float:
+        """Generated tokens/s at ``batch``; ``bound`` LOW or HIGH."""
+        sizes = sorted(self.generated)
+        lo = max([b for b in sizes if b <= batch], default=sizes[0])
+        hi = min([b for b in sizes if b >= batch], default=sizes[-1])
+        if lo == hi:
+            return self.generated[lo][bound]
+        t = (batch - lo) / (hi - lo)
+        return (1 - t) * self.generated[lo][bound] + t * self.generated[hi][bound]
+
+    def line(self) -> str:
+        gen = ", ".join(f"{b}: {lo:,.0f}-{hi:,.0f}" for b, (lo, hi) in sorted(self.generated.items()))
+        return (f"generated tokens/s by batch size {{{gen}}}, forced {self.forced[0]:,.0f}-{self.forced[1]:,.0f}/s, "
+                f"surrogate rows {self.surrogate_rows[0]:,.0f}-{self.surrogate_rows[1]:,.0f}/s, "
+                f"{self.load_s[0]:.0f}-{self.load_s[1]:.0f} s per model load")
+
+
+def read_estimates(path: Path | None) -> Estimates:
+    """The default estimates, with each figure that the YAML file at ``path`` gives instead."""
+    if path is None:
+        return Estimates()
+    import yaml
+
+    given = yaml.safe_load(path.read_text()) or {}
+    unknown = set(given) - {"generated", "forced", "surrogate_rows", "load_s"}
+    if unknown:
+        raise ValueError(f"{path}: unknown estimates {sorted(unknown)}")
+    figures: dict = {k: tuple(float(x) for x in v) for k, v in given.items() if k != "generated"}
+    if "generated" in given:
+        figures["generated"] = {int(b): tuple(float(x) for x in v) for b, v in given["generated"].items()}
+    return Estimates(**figures)
+
+
 ASSUMED_PREFIX = 40  # template + prompt tokens, the real suite on Gemma's tokenizer
 # Published text widths, for a hub pair whose config is not in the local cache.
 PUBLISHED_WIDTHS = {"google/gemma-3-4b-pt": 2560, "google/gemma-3-4b-it": 2560}
@@ -53,11 +105,19 @@ class JobFacts:
     wildcards: Mapping[str, str]
     gpu: bool
     loads: bool  # its params carry `device`: it loads the pair (tests/test_resources.py)
+    runtime: int | None = None  # minutes it asks for at its first attempt
+    submitted: bool = True  # on a cluster it is a submission of its own (not a localrule)
 
     @property
     def seed(self) -> int | None:
         text = self.wildcards.get("seed") or self.wildcards.get("seeddir", "").removeprefix("seed").rstrip("/")
         return int(text) if text else None
+
+
+def requests_gpu(resources: Mapping) -> bool:
+    """A job asks SLURM for a GPU by ``gpu`` (--gpus) or by ``gres`` (--gres=gpu:...):
+    ``resources.gpu_flag`` picks one (postdiff.workflow.config.gpu_request)."""
+    return bool(resources.get("gpu", 0)) or str(resources.get("gres", "")).startswith("gpu")
 
 
 def dag_jobs(workdir: Path, configfiles: Sequence[Path]) -> tuple[dict, list[JobFacts]]:
@@ -84,8 +144,10 @@ def dag_jobs(workdir: Path, configfiles: Sequence[Path]) -> tuple[dict, list[Job
                 rule=job.rule.name,
                 stage=Path(job.rule.snakefile).stem,
                 wildcards=dict(job.wildcards_dict),
-                gpu=bool(dict(job.resources.items()).get("gpu", 0)),
+                gpu=requests_gpu(dict(job.resources.items())),
                 loads="device" in dict(job.params.items()),
+                runtime=dict(job.resources.items()).get("runtime"),
+                submitted=not (job.rule.name in inner._localrules or job.rule.norun),
             )
             for job in inner.dag.jobs
         ]
@@ -129,13 +191,14 @@ def width(config: Mapping, workdir: Path) -> int | None:
         return int(config["toy"]["hidden_size"])
     from huggingface_hub import try_to_load_from_cache
 
-    from postdiff.models.loading import text_config
-
     home = config["hf"]["home"] or os.environ.get("HF_HOME") or "~/.cache/huggingface"
     local = workdir / spec if (workdir / spec).is_dir() else None
     cached = None if local else try_to_load_from_cache(spec, "config.json", cache_dir=workdir / Path(home).expanduser() / "hub")
     folder = local or (Path(cached).parent if isinstance(cached, str) else None)
-    return int(text_config(str(folder)).hidden_size) if folder else PUBLISHED_WIDTHS.get(spec)
+    if folder is None:
+        return PUBLISHED_WIDTHS.get(spec)
+    model = json.loads((folder / "config.json").read_text())
+    return int(model.get("text_config", model)["hidden_size"])  # a multimodal wrapper keeps its text model's
 
 
 @dataclass
@@ -146,12 +209,11 @@ class Stage:
     generated: float = 0.0
     forced: float = 0.0
     surrogate_rows: float = 0.0
+    seconds: list[float] = field(default_factory=lambda: [0.0, 0.0])  # GPU time, low and high
     disk_bytes: dict[str, float] = field(default_factory=dict)
 
-    def gpu_hours(self) -> float:
-        seconds = (self.generated / THROUGHPUT["generated"] + self.forced / THROUGHPUT["forced"]
-                   + self.surrogate_rows / THROUGHPUT["surrogate_rows"] + self.loads * LOAD_S)
-        return seconds / 3600
+    def gpu_hours(self) -> str:
+        return f"{self.seconds[LOW] / 3600:.2f}-{self.seconds[HIGH] / 3600:.2f}"
 
 
 REFINE_PASSES = 12
@@ -201,14 +263,41 @@ def job_work(job: JobFacts, config: Mapping, sizes: Mapping[str, int], ln: Lengt
     return 0, 0, 0
 
 
+# The config section whose batch size a rule's generation runs at.
+GENERATING = {"teacher": "teacher", "evaluate": "evaluate"}
+
+
+def job_seconds(job: JobFacts, config: Mapping, sizes: Mapping[str, int], ln: Lengths, est: Estimates,
+                bound: int) -> float:
+    """GPU seconds of one job at ``bound`` (LOW: the high throughputs and the low load time)."""
+    generated, forced, rows = job_work(job, config, sizes, ln)
+    slow = HIGH - bound  # the high time takes the low throughputs
+    section = GENERATING.get(job.rule, "selection")
+    rate = est.rate(int(config[section]["batch_size"]), slow) if generated else 1.0
+    return (generated / rate + forced / est.forced[slow] + rows / est.surrogate_rows[slow]
+            + job.loads * est.load_s[bound])
+
+
+MIN_RUNTIME = 10  # minutes: below this, queue start-up and node variance dominate
+
+
+def runtime_request(seconds: float, margin: float) -> int:
+    """Minutes to ask for a job whose high estimate is ``seconds``: ``margin`` times it, in 5-minute steps."""
+    return max(MIN_RUNTIME, 5 * math.ceil(margin * seconds / 300))
+
+
+ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
 def cache_itemsize(config: Mapping) -> int:
-    """Bytes per cached number: `cache.dtype`, its "auto" resolved as the jobs do (bf16 on a
-    CUDA device, fp32 on a CPU; `pair.device: auto` as on this machine)."""
-    import torch
-
-    from postdiff.models.loading import pick_dtype
-
-    return torch.empty(0, dtype=pick_dtype(config["cache"]["dtype"], config["pair"]["device"])).element_size()
+    """Bytes per cached number: `cache.dtype`, its "auto" resolved as the jobs do: bf16 on a CUDA
+    device, fp32 on a CPU (`pair.device: auto` as on this machine: a GPU driver's device file
+    present, without importing torch)."""
+    dtype, device = config["cache"]["dtype"], str(config["pair"]["device"])
+    if dtype != "auto":
+        return ITEMSIZE[dtype]
+    cuda = device.startswith("cuda") or (device == "auto" and Path("/dev/nvidiactl").exists())
+    return ITEMSIZE["bfloat16" if cuda else "float32"]
 
 
 def disk_bytes(config: Mapping, sizes: Mapping[str, int], ln: Lengths, d: int | None) -> dict[str, dict[str, float]]:
@@ -225,8 +314,9 @@ def disk_bytes(config: Mapping, sizes: Mapping[str, int], ln: Lengths, d: int | 
     }
 
 
-def plan(config: Mapping, jobs: Sequence[JobFacts], workdir: Path) -> tuple[dict[str, Stage], Lengths, int | None]:
-    """Per stage, in the order of `jobs`: counts, work and bytes of a run in `workdir`."""
+def plan(config: Mapping, jobs: Sequence[JobFacts], workdir: Path,
+         est: Estimates) -> tuple[dict[str, Stage], Lengths, int | None]:
+    """Per stage, in the order of `jobs`: counts, work, GPU time and bytes of a run in `workdir`."""
     run_dir = workdir / "results" / str(config["run"])
     sizes, ln, d = split_sizes(config, run_dir), lengths(config, run_dir), width(config, workdir)
     stages: dict[str, Stage] = {}
@@ -239,6 +329,9 @@ def plan(config: Mapping, jobs: Sequence[JobFacts], workdir: Path) -> tuple[dict
         stage.generated += generated
         stage.forced += forced
         stage.surrogate_rows += rows
+        if job.gpu:
+            for bound in (LOW, HIGH):
+                stage.seconds[bound] += job_seconds(job, config, sizes, ln, est, bound)
     for name, written in disk_bytes(config, sizes, ln, d).items():
         stages.setdefault(name, Stage()).disk_bytes.update(written)
     return stages, ln, d
@@ -259,21 +352,59 @@ def _fmt(x: float) -> str:
     return f"{x:.0f}"
 
 
-def report(config: Mapping, jobs: Sequence[JobFacts], workdir: Path) -> str:
-    stages, ln, d = plan(config, jobs, workdir)
-    head = ("stage", "jobs", "gpu", "loads", "generated", "forced", "cache B", "surrogate B", "GPU-h")
+def runtimes(jobs: Sequence[JobFacts]) -> list[str]:
+    """Per GPU rule: its jobs and the minutes they ask for (the DAG's own requests)."""
+    asked: dict[str, list[int]] = {}
+    for job in jobs:
+        if job.gpu and job.runtime is not None:
+            asked.setdefault(job.rule, []).append(int(job.runtime))
+    return [f"  {rule}: {len(m)} jobs, {min(m)}" + (f"-{max(m)}" if max(m) > min(m) else "") + " min"
+            for rule, m in asked.items()]
+
+
+PLACEHOLDER = "SET_ME"
+
+
+def _unset(value: object) -> bool:
+    return value is None or str(value).startswith(PLACEHOLDER)
+
+
+def site_problems(config: Mapping, profile: Path) -> list[str]:
+    """One line per SLURM site setting that is unset or still a placeholder: the partition and
+    account of every job (the profile's ``default-resources``), and the model jobs' partition,
+    account and GPU type (``resources.gpu``). Unset, SLURM picks its default partition, the
+    plugin guesses the account from the user's last job, and any GPU may come, too small or not."""
+    import yaml
+
+    profiled = yaml.safe_load(profile.read_text()) if profile.is_file() else None
+    defaults = (profiled or {}).get("default-resources") or {}
+    gpu = config["resources"]["gpu"]
+    wanted = {
+        f"{profile} default-resources: slurm_partition": defaults.get("slurm_partition"),
+        f"{profile} default-resources: slurm_account": defaults.get("slurm_account"),
+        "resources.gpu.slurm_partition": gpu.get("slurm_partition"),
+        "resources.gpu.slurm_account": gpu.get("slurm_account", defaults.get("slurm_account")),
+        "resources.gpu.gpu_model (or constraint)": gpu.get("gpu_model") or gpu.get("constraint"),
+    }
+    return [f"{key}: {'unset' if value is None else repr(value)}" for key, value in wanted.items() if _unset(value)]
+
+
+def report(config: Mapping, jobs: Sequence[JobFacts], workdir: Path, est: Estimates, profile: Path) -> str:
+    stages, ln, d = plan(config, jobs, workdir, est)
+    head = ("stage", "jobs", "gpu", "loads", "generated", "forced", "cache B", "surrogate B", "GPU-h low-high")
     rows = [head]
     total = Stage()
     for name, s in stages.items():
         rows.append((name, str(s.jobs), str(s.gpu_jobs), str(s.loads), _fmt(s.generated), _fmt(s.forced),
-                     _fmt(s.disk_bytes.get("cache", 0)), _fmt(s.disk_bytes.get("surrogate", 0)), f"{s.gpu_hours():.2f}"))
+                     _fmt(s.disk_bytes.get("cache", 0)), _fmt(s.disk_bytes.get("surrogate", 0)), s.gpu_hours()))
         for key in ("jobs", "gpu_jobs", "loads", "generated", "forced", "surrogate_rows"):
             setattr(total, key, getattr(total, key) + getattr(s, key))
+        total.seconds = [a + b for a, b in zip(total.seconds, s.seconds, strict=True)]
         for key, value in s.disk_bytes.items():
             total.disk_bytes[key] = total.disk_bytes.get(key, 0) + value
     rows.append(("total", str(total.jobs), str(total.gpu_jobs), str(total.loads), _fmt(total.generated),
                  _fmt(total.forced), _fmt(total.disk_bytes.get("cache", 0)), _fmt(total.disk_bytes.get("surrogate", 0)),
-                 f"{total.gpu_hours():.2f}"))
+                 total.gpu_hours()))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     gpu, loads = per_seed(jobs, "gpu"), per_seed(jobs, "loads")
@@ -282,13 +413,21 @@ def report(config: Mapping, jobs: Sequence[JobFacts], workdir: Path) -> str:
         "",
         f"run {config['run']}: shared by every seed {gpu.get(None, 0)} GPU jobs / {loads.get(None, 0)} model loads; "
         + "; ".join(f"seed {s} {gpu[s]} / {loads[s]}" for s in seeds),
+        f"SLURM submissions: {sum(j.submitted for j in jobs)} ({total.gpu_jobs} GPU jobs; the other "
+        f"{total.jobs - sum(j.submitted for j in jobs)} jobs are localrules, run by Snakemake itself)",
         f"lengths: prefix {ln.prefix:.1f}, answer {ln.answer:.1f} tokens per prompt ({ln.source})",
         f"width: {d if d is not None else 'unknown (the pair config is not in the local cache)'}",
-        "assumptions (estimates for one H100 in bf16 at 4B size, not measured): "
-        + ", ".join(f"{k} {v:,.0f}/s" for k, v in THROUGHPUT.items()) + f", {LOAD_S:.0f} s per model load",
+        "assumptions (estimates for one H100 in bf16 at 4B size, not measured; --estimates FILE replaces them): "
+        + est.line(),
         "generated/forced count decoding steps x rows / tokens in forward passes of both models; "
         "selection and gate searches are upper bounds (they may stop early)",
+        f"runtime requests per GPU rule at attempt 1 (high estimate x resources.runtime_margin "
+        f"{config['resources']['runtime_margin']}, or resources.gpu.runtime when set):",
+        *runtimes(jobs),
     ]
+    missing = site_problems(config, profile)
+    lines += ["SLURM site settings to fill in before submitting (slurm/README.md):", *(f"  {m}" for m in missing)] \
+        if missing else ["SLURM site settings: partition, account and GPU type all set"]
     return "\n".join(lines)
 
 
@@ -296,10 +435,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m postdiff.plan", description=__doc__.split("\n\n")[0])
     parser.add_argument("--configfile", nargs="+", type=Path, default=[], help="as for snakemake (merged over config/config.yaml)")
     parser.add_argument("--directory", type=Path, default=Path.cwd(), help="the workflow's directory (default: here)")
+    parser.add_argument("--estimates", type=Path, help="YAML of figures replacing the default estimates "
+                        "(generated: {batch: [low, high]}, forced, surrogate_rows, load_s: [low, high])")
+    parser.add_argument("--profile", type=Path, default=Path("slurm/config.yaml"),
+                        help="the SLURM profile whose site settings to check (relative to --directory)")
     args = parser.parse_args(argv)
     workdir = args.directory.resolve()
     config, jobs = dag_jobs(workdir, args.configfile)
-    print(report(config, jobs, workdir))
+    print(report(config, jobs, workdir, read_estimates(args.estimates), workdir / args.profile))
 
 
 if __name__ == "__main__":

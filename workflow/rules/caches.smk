@@ -15,7 +15,7 @@ rule cache_shard:
     threads: config["threads"]
     retries: RETRIES
     resources:
-        **gpu_resources(),
+        **gpu_resources("cache_shard"),
     params:
         **stage(
             "postdiff.method.cache:cache_shard",

@@ -42,7 +42,7 @@ SRC = Path(workflow.basedir) / "src"
 sys.path.insert(0, str(SRC))
 from postdiff.workflow.codehash import code_hash as _code_hash, tree_hash
 from postdiff.workflow.config import (SHARED_GATES, SURROGATE_MODES, cross_reference_problems, seeded as _seeded,
-                                     grown, sweep_pairs as _sweep_pairs, threshold, variant_table)
+                                     gpu_request, grown, sweep_pairs as _sweep_pairs, threshold, variant_table)
 
 
 code_hash = functools.partial(_code_hash, SRC)  # of an entry "postdiff.module:function"
@@ -97,16 +97,36 @@ def model_params():
     return {**model_paths(), "dtype": config["pair"]["dtype"], "device": config["pair"]["device"]}
 
 
-def gpu_resources():
-    """What a model job requests. Memory (up to `resources.max_mem_mb`) and runtime grow with the
-    attempt; `attempt` itself reaches the stage, which halves its batch size on every retry
-    (postdiff.workflow.runtime.Job)."""
-    res = dict(config["resources"]["gpu"])
+def gpu_resources(rule):
+    """What a model job of `rule` requests. Memory (up to `resources.max_mem_mb`) and runtime grow
+    with the attempt; `attempt` itself reaches the stage, which halves its batch size on every
+    retry (postdiff.workflow.runtime.Job). The runtime is the cost preview's high estimate of the
+    job times `resources.runtime_margin` unless `resources.gpu.runtime` sets one for every rule."""
+    res = gpu_request(config["resources"]["gpu"], config["resources"]["gpu_flag"])
     caps = {"mem_mb": config["resources"].get("max_mem_mb")}
+    res.setdefault("runtime", functools.partial(_estimated_runtime, rule))
     for key in ("mem_mb", "runtime"):
         if key in res:
-            res[key] = lambda wildcards, attempt, value=res[key], cap=caps.get(key): grown(value, attempt, cap)
+            res[key] = lambda wildcards, attempt, value=res[key], cap=caps.get(key): grown(
+                value(wildcards) if callable(value) else value, attempt, cap)
     return {**res, "attempt": lambda wildcards, attempt: attempt}
+
+
+@functools.cache
+def _estimate_inputs():
+    """Prompts per split and mean lengths, as the cost preview reads them (teacher files once written)."""
+    from postdiff import plan
+
+    return plan.split_sizes(config, Path(RUN)), plan.lengths(config, Path(RUN))
+
+
+def _estimated_runtime(rule, wildcards):
+    from postdiff import plan
+
+    sizes, lengths = _estimate_inputs()
+    job = plan.JobFacts(rule=rule, stage="", wildcards=dict(wildcards.items()), gpu=True, loads=True)
+    seconds = plan.job_seconds(job, config, sizes, lengths, plan.Estimates(), plan.HIGH)
+    return plan.runtime_request(seconds, config["resources"]["runtime_margin"])
 
 
 RETRIES = config["resources"]["retries"]

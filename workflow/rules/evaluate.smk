@@ -35,7 +35,7 @@ rule evaluate:
     threads: config["threads"]
     retries: RETRIES
     resources:
-        **gpu_resources(),
+        **gpu_resources("evaluate"),
     params:
         **stage(
             "postdiff.method.evaluate:evaluate_variant",

@@ -36,7 +36,7 @@ rule feature_data:
     threads: config["threads"]
     retries: RETRIES
     resources:
-        **gpu_resources(),
+        **gpu_resources("feature_data"),
     params:
         **stage(
             "postdiff.outputs.features:feature_data",

@@ -24,7 +24,7 @@ rule gates_full:
     threads: config["threads"]
     retries: RETRIES
     resources:
-        **gpu_resources(),
+        **gpu_resources("gates_full"),
     params:
         **gate_params("full", config["layers"]),
     conda:
@@ -48,7 +48,7 @@ rule gates_single:
     threads: config["threads"]
     retries: RETRIES
     resources:
-        **gpu_resources(),
+        **gpu_resources("gates_single"),
     params:
         **gate_params("full", lambda wc: [int(wc.layer)]),
     conda:
@@ -72,7 +72,7 @@ rule gates_mean:
     threads: config["threads"]
     retries: RETRIES
     resources:
-        **gpu_resources(),
+        **gpu_resources("gates_mean"),
     params:
         **gate_params("mean", config["layers"]),
     conda:

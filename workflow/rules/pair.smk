@@ -82,7 +82,7 @@ rule train_pt:
     threads: config["toy"]["threads"]
     retries: RETRIES
     resources:
-        **gpu_resources(),
+        **gpu_resources("train_pt"),
     params:
         **stage(
             "postdiff.models.toy.train:train_pt",
@@ -106,7 +106,7 @@ rule train_it:
     threads: config["toy"]["threads"]
     retries: RETRIES
     resources:
-        **gpu_resources(),
+        **gpu_resources("train_it"),
     params:
         # The positive control's IT is PT plus planted neurons; the default's, PT fine-tuned.
         **(

@@ -16,7 +16,7 @@ rule score_features:
     threads: config["threads"]
     retries: RETRIES
     resources:
-        **gpu_resources(),
+        **gpu_resources("score_features"),
     params:
         **stage(
             "postdiff.method.selection.scoring:score_features",
@@ -77,7 +77,7 @@ for target, sel in SELECTIONS.items():
             threads: config["threads"]
             retries: RETRIES
             resources:
-                **gpu_resources(),
+                **gpu_resources(f"select_{target}"),
             params:
                 **stage(
                     "postdiff.method.selection.jobs:select",
@@ -107,7 +107,7 @@ for target, sel in SELECTIONS.items():
             threads: config["threads"]
             retries: RETRIES
             resources:
-                **gpu_resources(),
+                **gpu_resources(f"select_{target}_shard"),
             params:
                 **stage(
                     "postdiff.method.selection.jobs:select_shard",

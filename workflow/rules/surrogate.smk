@@ -28,7 +28,7 @@ rule train_surrogate:
     threads: config["threads"]
     retries: RETRIES
     resources:
-        **gpu_resources(),
+        **gpu_resources("train_surrogate"),
     params:
         **stage(
             "postdiff.method.surrogate:train_layer",
@@ -60,7 +60,7 @@ rule surrogate_metrics:
     threads: config["threads"]
     retries: RETRIES
     resources:
-        **gpu_resources(),
+        **gpu_resources("surrogate_metrics"),
     params:
         **stage(
             "postdiff.method.surrogate:layer_metrics",

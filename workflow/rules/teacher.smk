@@ -14,7 +14,7 @@ rule teacher:
     threads: config["threads"]
     retries: RETRIES
     resources:
-        **gpu_resources(),
+        **gpu_resources("teacher"),
     params:
         **stage(
             "postdiff.method.teacher:teacher",

@@ -9,7 +9,7 @@ import polars as pl
 
 from postdiff.models.generation import generate
 from postdiff.models.loading import load_model
-from postdiff.models.template import encode_prefix
+from postdiff.models.template import encode_prefixes
 from postdiff.workflow.io import write_parquet
 from postdiff.workflow.runtime import Job
 
@@ -67,7 +67,7 @@ def teacher(job: Job) -> None:
     model, tokenizer = load_model(
         job.params["it"], job.params.get("dtype", "auto"), job.params.get("device", "auto"), partner=job.params["pt"]
     )
-    prefixes = [encode_prefix(tokenizer, prompt) for prompt in split["prompt"]]
+    prefixes = encode_prefixes(tokenizer, split["prompt"].to_list())
     log.info("teacher: %d prompts from %s, max_new_tokens %d", len(prefixes), split_path, max_new_tokens)
     outputs = generate(model, tokenizer, prefixes, max_new_tokens, batch_size)
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids, _ in outputs]

@@ -12,6 +12,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from postdiff.models.families import family_of
+from postdiff.models.template import prefix_bos, prefix_disagreement
+
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -197,12 +200,27 @@ def text_config(spec: str):
     return AutoConfig.from_pretrained(spec, local_files_only=loads_locally(spec)).get_text_config()
 
 
+def family_prefix_problem(pt: str, it: str, it_tokenizer) -> str | None:
+    """Why a tested family's tokenizer would open prefixes otherwise than its entry in
+    :mod:`postdiff.models.families` says (a hub revision changed its files), or None."""
+    family = family_of(pt, it)
+    bos = prefix_bos(it_tokenizer)
+    got = None if bos is None else it_tokenizer.convert_ids_to_tokens(bos)
+    if family is None or got == family.prefix:
+        return None
+    return (f"its tokenizer opens every prefix with {got or 'no BOS'}, but {family.name}'s published one opens "
+            f"them with {family.prefix or 'no BOS'} (postdiff.models.families): check its files before trusting results")
+
+
 def pair_mismatches(pt: str, it: str) -> list[str]:
     """Why PT and IT cannot be compared token by token: different tokenizer vocabularies or
-    embedding sizes. Reads tokenizers and configs only."""
+    embedding sizes, or prefixes that open with a BOS one of them was not trained with. Reads
+    tokenizers and configs only."""
     problems = []
-    if msg := vocab_mismatch(pt, load_tokenizer(pt), it, load_tokenizer(it)):
+    toks = {"pt": load_tokenizer(pt), "it": load_tokenizer(it)}
+    if msg := vocab_mismatch(pt, toks["pt"], it, toks["it"]):
         problems.append(msg)
+    problems += [m for m in (prefix_disagreement(toks["pt"], toks["it"]), family_prefix_problem(pt, it, toks["it"])) if m]
     sizes = {"pt": text_config(pt).vocab_size, "it": text_config(it).vocab_size}
     if sizes["pt"] != sizes["it"]:
         problems.append(f"embedding vocab sizes differ: {pt!r} has {sizes['pt']} embedding rows, "

@@ -13,18 +13,48 @@ def render(prompt: str) -> str:
     return TEMPLATE.format(prompt=prompt)
 
 
+def prefix_bos(tokenizer) -> int | None:
+    """The BOS id every prefix must open with, or None: the BOS the tokenizer adds on encoding
+    (Llama 3, Gemma, Mistral), else the one its chat template opens with (OLMo 2 names
+    ``<|endoftext|>`` and never adds it, but its template and its training put it first), else none
+    (Qwen names no BOS; SmolLM2 names one that neither its encoding nor its ChatML template uses).
+    Naming a BOS is not using it: :mod:`postdiff.models.families` states each family's answer."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    adds = list(tokenizer("x", add_special_tokens=True)["input_ids"][:1]) == [bos]
+    return bos if adds or _template_opens_with_bos(tokenizer) else None
+
+
+def _template_opens_with_bos(tokenizer) -> bool:
+    if not getattr(tokenizer, "chat_template", None):
+        return False
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True)
+    return chat.startswith(tokenizer.bos_token)
+
+
+def encode_prefixes(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    """Each prompt's prefix ids: :func:`prefix_bos` once, then the template's tokens."""
+    bos = prefix_bos(tokenizer)
+    return [_encode(tokenizer, prompt, bos) for prompt in prompts]
+
+
 def encode_prefix(tokenizer, prompt: str) -> list[int]:
-    """Prefix ids, with the tokenizer's own special tokens (BOS for Gemma)."""
-    ids = list(tokenizer(render(prompt), add_special_tokens=True)["input_ids"])
-    check_bos(ids, tokenizer.bos_token_id, prompt)
+    return encode_prefixes(tokenizer, [prompt])[0]
+
+
+def _encode(tokenizer, prompt: str, bos: int | None) -> list[int]:
+    # The BOS is ours to place: OLMo 2's tokenizer would not add the one its template opens with.
+    ids = ([] if bos is None else [bos]) + list(tokenizer(render(prompt), add_special_tokens=False)["input_ids"])
+    check_bos(ids, bos, prompt)
     return ids
 
 
 def check_bos(ids: Sequence[int], bos_id: int | None, prompt: str) -> None:
-    """A tokenizer with a BOS token must start each prefix with it, and only there: Gemma's
-    outputs degrade without it, and a second one (a prompt spelling ``<bos>``, a template adding
-    its own) is another input than the one the pair was trained on. A tokenizer without one
-    (Qwen) adds none."""
+    """A prefix with a BOS (``bos_id``, from :func:`prefix_bos`) holds it exactly once, first:
+    Gemma's outputs degrade without it, and a second one (a prompt spelling ``<bos>``, a template
+    adding its own) is another input than the one the pair was trained on. A pair whose prefixes
+    take no BOS (Qwen, SmolLM2) is not checked."""
     if bos_id is None:
         return
     count = sum(1 for i in ids if i == bos_id)
@@ -34,6 +64,19 @@ def check_bos(ids: Sequence[int], bos_id: int | None, prompt: str) -> None:
             f"prompt {prompt[:60]!r}: its encoded prefix holds BOS (id {bos_id}) {count} times ({where}); "
             "each prefix needs it exactly once, as its first token"
         )
+
+
+def prefix_disagreement(pt_tokenizer, it_tokenizer) -> str | None:
+    """Why PT would read the pair's prefixes off its training distribution, or None. The prefixes
+    follow IT's tokenizer (the teacher encodes them; PT reads the same ids), so PT's own rule may
+    differ only where PT's own rule puts no BOS first: OLMo 2's base tokenizer may have no chat
+    template (unverified), and OLMo 2 PT was trained with ``<|endoftext|>`` between documents anyway."""
+    pt, it = prefix_bos(pt_tokenizer), prefix_bos(it_tokenizer)
+    if pt is None or pt == it:
+        return None
+    said = "no BOS" if it is None else f"BOS id {it} ({it_tokenizer.convert_ids_to_tokens(it)!r})"
+    return (f"PT's tokenizer opens every input with BOS id {pt} ({pt_tokenizer.convert_ids_to_tokens(pt)!r}), "
+            f"but IT's prefixes, which PT reads too, start with {said}")
 
 
 def answer_positions(m: int, n: int) -> range:

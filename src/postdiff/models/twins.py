@@ -3,7 +3,8 @@
 A twin is its family's real model class, built from the family's transformers config class with
 the family's layout (tied or untied head, soft-caps, sliding window; norm placement and q/k norms
 come with the class), saved in the family's checkpoint dtype with a byte-level tokenizer that
-carries the family's special tokens, BOS behaviour and per-role EOS, and generation configs that
+carries the family's special tokens, per-role BOS (named, added on encoding or not, opening IT's chat
+template or not) and per-role EOS, and generation configs that
 stop where the real ones do. Token ids are the twin's own (a 256-byte vocabulary plus the
 specials, placed first or last as in the real vocabulary), not the real checkpoints' ids.
 
@@ -24,16 +25,18 @@ from pathlib import Path
 import torch
 
 from postdiff.models.families import FAMILIES, Family
-from postdiff.models.template import render
+from postdiff.models.template import encode_prefixes
 
 N_LAYERS = 4
 EDITED_LAYER = 1
 NOISE = 0.5  # relative to the down-projection's own scale: a clear PT-to-IT gap
 STOP_SHARE = 0.3
+ANSWER_TOKENS = 8  # greedy tokens per SAMPLE prompt whose positions size the turn-end edit
 NORM_SPREAD = 0.3
 SEED = 0
 # Prompts whose positions set the turn-end edit's size (any text works; these look like the suite's).
 SAMPLE = ("What is the capital of Norway?", "Add 12 and 30.", "Answer in upper case: the colour of snow.")
+CHAT_BODY = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
 
 
 def _bytes() -> list[str]:
@@ -43,7 +46,10 @@ def _bytes() -> list[str]:
 
 
 def tokenizer(family: Family, role: str):
-    """A byte-level tokenizer with the family's specials, BOS behaviour and ``role``'s EOS."""
+    """A byte-level tokenizer with the family's specials and ``role``'s BOS, EOS and BOS behaviour:
+    the BOS it names, whether encoding adds it, and (IT only) a chat template that opens with
+    ``{{ bos_token }}`` where the real one does. The template is a stand-in that renders only the
+    messages' text; what the workflow reads of it is how it opens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -52,11 +58,14 @@ def tokenizer(family: Family, role: str):
     tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tk.decoder = decoders.ByteLevel()
-    if family.bos is not None:
-        tk.post_processor = processors.TemplateProcessing(single=f"{family.bos} $A", special_tokens=[(family.bos, vocab[family.bos])])
-    named = {"bos_token": family.bos, "eos_token": family.eos[role], "pad_token": family.pad, "unk_token": family.unk}
+    bos = family.bos[role]
+    if family.adds_bos:
+        tk.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, vocab[bos])])
+    named = {"bos_token": bos, "eos_token": family.eos[role], "pad_token": family.pad, "unk_token": family.unk}
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, **{k: v for k, v in named.items() if v is not None})
     tok.add_special_tokens({"additional_special_tokens": [t for t in family.specials if t not in named.values()]})
+    if role == "it":
+        tok.chat_template = ("{{ bos_token }}" if family.chat_bos else "") + CHAT_BODY
     return tok
 
 
@@ -99,12 +108,21 @@ def generation_config(family: Family, role: str, tok):
                             pad_token_id=tok.pad_token_id, **sampling)
 
 
+def _answer_states(model: torch.nn.Module, prefix: list[int]) -> torch.Tensor:
+    """Final hidden states at the answer positions of ``model``'s greedy continuation of ``prefix``."""
+    ids = list(prefix)
+    for _ in range(ANSWER_TOKENS):
+        ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    return model.get_decoder()(input_ids=torch.tensor([ids])).last_hidden_state[0, len(prefix) - 1 :]
+
+
 @torch.no_grad()
 def turn_end_edit(model: torch.nn.Module, tok, turn_end: int) -> torch.Tensor:
     """The shift of the ``turn_end`` unembedding row that makes it the greedy choice at about
-    :data:`STOP_SHARE` of ``model``'s positions on :data:`SAMPLE`: along the mean final hidden state."""
-    ids = [tok(render(p))["input_ids"] for p in SAMPLE]
-    h = torch.cat([model.get_decoder()(input_ids=torch.tensor([x])).last_hidden_state[0] for x in ids]).float()
+    :data:`STOP_SHARE` of ``model``'s answer positions on :data:`SAMPLE` (its greedy continuation
+    of each prefix, from position ``m-1``): along their mean final hidden state. Prompt positions
+    would not do: a tied twin repeats its last token once it answers, where they never look."""
+    h = torch.cat([_answer_states(model, prefix) for prefix in encode_prefixes(tok, SAMPLE)]).float()
     unembed = model.get_output_embeddings().weight.float()
     logits = h @ unembed.T
     u = h.mean(0)

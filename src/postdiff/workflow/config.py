@@ -25,6 +25,28 @@ def grown(value: int, attempt: int, cap: int | None = None) -> int:
     return value * attempt if cap is None else min(value * attempt, max(value, cap))
 
 
+def gpu_request(resources: Mapping[str, Any], flag: str) -> dict[str, Any]:
+    """``resources`` with its GPU asked for one way only: the SLURM plugin sends ``--gpus`` for
+    ``gpu`` (and ``gpu_model``) and ``--gres`` for ``gres``, both when both are set. ``flag``
+    ``gres`` folds ``gpu`` and ``gpu_model`` into ``gres: gpu[:<model>]:<n>``."""
+    if flag == "gpus":
+        return dict(resources)
+    res = dict(resources)
+    n, model = res.pop("gpu", 1), res.pop("gpu_model", None)
+    res["gres"] = f"gpu:{model}:{n}" if model else f"gpu:{n}"
+    return res
+
+
+PLACEHOLDER = "SET_ME"
+
+
+def placeholder_problems(config: Mapping[str, Any]) -> list[str]:
+    """One line per ``resources.gpu`` value still a ``SET_ME`` placeholder (config/gemma3-4b.yaml
+    ships its site settings so): a cluster run stops before submitting any job."""
+    return [f"resources.gpu.{key}: {value!r} is a placeholder: set your site's value (slurm/README.md)"
+            for key, value in config["resources"]["gpu"].items() if str(value).startswith(PLACEHOLDER)]
+
+
 # Variant modes that read the surrogate; gates that no surrogate calibrates (every other gates
 # file is a seed's).
 SURROGATE_MODES = ("full", "add_mask", "minus_mask", "bdec")

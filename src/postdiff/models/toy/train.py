@@ -30,7 +30,7 @@ from transformers import (
 )
 
 from postdiff.data.world import make_world
-from postdiff.models.template import encode_prefix, teacher_forced_batch
+from postdiff.models.template import encode_prefixes, teacher_forced_batch
 from postdiff.models.toy.corpus import Example, pt_blocks, sft_examples, tokenizer_texts
 from postdiff.models.toy.tokenizer import BOS_ID, EOS_ID, PAD_ID, train_tokenizer
 from postdiff.workflow.io import atomic_path, read_json, write_json
@@ -149,7 +149,7 @@ def pt_batches(rows: torch.Tensor, batch_size: int) -> list[Batch]:
 
 def sft_batches(tokenizer, examples: Sequence[Example], batch_size: int) -> list[Batch]:
     """Right-padded prompt + answer + EOS rows; the loss mask covers the answer-phase positions."""
-    prefixes = [encode_prefix(tokenizer, ex.prompt) for ex in examples]
+    prefixes = encode_prefixes(tokenizer, [ex.prompt for ex in examples])
     answers = [
         [*ids, EOS_ID]
         for ids in tokenizer([ex.answer for ex in examples], add_special_tokens=False)["input_ids"]
