@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from postdiff.method.cache import write_shard
 from postdiff.method.surrogate import SurrogateConfig, TopKSurrogate, firing_counts, fit, save
-from postdiff.models.loading import fingerprint, gemma3_text_config, skeleton
+from postdiff.models.loading import decoder_layers_path, fingerprint, gemma3_text_config, skeleton
 from postdiff.outputs import export as E
 from postdiff.workflow.runtime import Job
 
@@ -70,27 +70,79 @@ def test_log10_density_known_answer() -> None:
     got = E.log10_density(torch.tensor([0, 5, 10]), 10)
     assert got.dtype == torch.float32
     assert got.tolist() == pytest.approx([-10.0, math.log10(0.5), 0.0], abs=1e-6)
+    assert got[2].item() == 0.0  # a feature that fires on every row: no float64 +4e-11 above 0
     with pytest.raises(ValueError, match="row"):
         E.log10_density(torch.tensor([0]), 0)
 
 
 def test_hooks_of_a_causal_lm_and_of_a_multimodal_wrapper() -> None:
+    """sparsify's hookpoint is the module block l's output flows into: block l+1, or the final norm
+    after the last block; below base_model, as sparsify names modules."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         plain = AutoModelForCausalLM.from_config(gemma3_text_config(vocab_size=32, hidden_size=16, num_layers=3))
-    assert E.hooks_of(plain, 2) == E.Hooks(2, "blocks.2.hook_resid_post", "model.layers.2", "layers.2")
+    assert E.hooks_of(plain, 1) == E.Hooks(1, "blocks.1.hook_resid_post", "model.layers.1", "model.layers.2", "layers.2")
+    assert E.hooks_of(plain, 2) == E.Hooks(2, "blocks.2.hook_resid_post", "model.layers.2", "model.norm", "norm")
     wrapped = skeleton(str(WRAPPED))  # Gemma3ForConditionalGeneration, as Gemma 3 4B loads
     assert E.hooks_of(wrapped, 1) == E.Hooks(1, "blocks.1.hook_resid_post", "model.language_model.layers.1",
-                                             "language_model.layers.1")
+                                             "model.language_model.layers.2", "language_model.layers.2")
+    assert E.hooks_of(wrapped, 3).hookpoint == "language_model.norm"
+
+
+def hooked_inputs(model: torch.nn.Module, hookpoint: str, rows: pl.DataFrame) -> torch.Tensor:
+    """What sparsify's trainer and delphi read for a transcoder at ``hookpoint``: ``inputs[0]`` of
+    a forward hook on that module below ``base_model``, at the answer positions, rows in order."""
+    from postdiff.models.template import teacher_forced_batch
+
+    seen: list[torch.Tensor] = []
+    module = model.base_model.get_submodule(hookpoint)
+    handle = module.register_forward_hook(lambda _m, inputs, _out: seen.append(inputs[0]))
+    ids, attn, answers = teacher_forced_batch(rows["prefix_ids"].to_list(), rows["token_ids"].to_list(), pad_id=0)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=attn, use_cache=False)
+    finally:
+        handle.remove()
+    return seen[0][answers]
+
+
+def token_rows(n: int, seed: int) -> pl.DataFrame:
+    g = torch.Generator().manual_seed(seed)
+    return pl.DataFrame({"id": [f"p{i}" for i in range(n)],
+                         "prefix_ids": [[2, *torch.randint(5, 500, (3 + i,), generator=g).tolist()] for i in range(n)],
+                         "token_ids": [torch.randint(5, 500, (2 + i % 3,), generator=g).tolist() for i in range(n)]})
+
+
+@pytest.mark.parametrize("spec", [PT, str(WRAPPED)], ids=["causal_lm", "multimodal_wrapper"])
+def test_the_named_hookpoints_input_is_the_cached_h_pt_at_every_layer(spec: str) -> None:
+    """The claim the sparsify export makes: hooked the way sparsify and delphi hook a transcoder,
+    the module it names gives exactly the h_PT our cache holds for that layer (the last layer's
+    through the final norm's input, before the norm), bit for bit."""
+    from postdiff.method.cache import collect
+    from postdiff.models.loading import load_model
+
+    model, _ = load_model(spec, "float32", "cpu")
+    rows = token_rows(3, 0)
+    caches, _ = collect(model, model, [0, 1, 2, 3], rows, batch_size=8)
+    for layer, (h_pt, _) in caches.items():
+        hooks = E.hooks_of(model, layer)
+        assert model.get_submodule(hooks.hf_next) is model.base_model.get_submodule(hooks.hookpoint)
+        assert torch.equal(hooked_inputs(model, hooks.hookpoint, rows), h_pt), hooks
+        # The old hookpoint, block l itself, would feed the surrogate block l-1's output.
+        own = f"{decoder_layers_path(model, model.base_model)}.{layer}"
+        assert not torch.allclose(hooked_inputs(model, own, rows), h_pt)
 
 
 def test_layouts_carry_the_weights_shapes_and_semantics() -> None:
     m = hand_module()
-    hooks = E.Hooks(1, "blocks.1.hook_resid_post", "model.layers.1", "layers.1")
+    hooks = E.Hooks(1, "blocks.1.hook_resid_post", "model.layers.1", "model.layers.2", "layers.2")
     about = E.semantics(hooks, "pt-model", "it-model", {"seed": 3, "layer": 1, "train_r2": 0.5})
     assert "PT-to-IT delta" in about["output"] and "not the output of model.layers.1" in about["output"]
     assert about["surrogate"] == {"seed": 3, "train_r2": 0.5}
+    stream = {"transformer_lens": "blocks.1.hook_resid_post", "hf_output_of": "model.layers.1",
+              "hf_input_of": "model.layers.2", "sparsify_hookpoint": "layers.2"}
+    assert about["input_hook"] == stream and about["output_hook"] == {**stream, "combine": "add"}
     cfg, t = E.saelens_layout(m, hooks, about)
     assert (cfg["architecture"], cfg["d_in"], cfg["d_sae"], cfg["k"], cfg["apply_b_dec_to_input"]) == ("topk", 2, 3, 2, False)
     meta = cfg["metadata"]
@@ -98,12 +150,16 @@ def test_layouts_carry_the_weights_shapes_and_semantics() -> None:
         "blocks.1.hook_resid_post", "blocks.1.hook_resid_post", "model.layers.1", 2)
     assert meta["model_name"] == "pt-model" and meta["postdiff"] == about
     assert {k: tuple(v.shape) for k, v in t.items()} == {"W_enc": (2, 3), "b_enc": (3,), "W_dec": (3, 2), "b_dec": (2,)}
-    assert torch.equal(t["W_enc"], E.folded_encoder(m)[0].T) and torch.equal(t["W_dec"], m.W_dec)
+    # The folded encoder of hand_module (test_folded_encoder_known_answer), as SAELens lays it out: [d_in, d_sae].
+    assert torch.equal(t["W_enc"], torch.tensor([[0.5, 0.0, 0.5], [0.0, 0.5, 0.25]]))
+    assert torch.equal(t["b_enc"], torch.tensor([0.0, -2.0, -1.0])) and torch.equal(t["W_dec"], m.W_dec)
     cfg, t = E.sparsify_layout(m, hooks, about)
     assert (cfg["transcode"], cfg["activation"], cfg["k"], cfg["num_latents"], cfg["d_in"]) == (True, "topk", 2, 3, 2)
-    assert cfg["hookpoint"] == "layers.1" and cfg["postdiff"] == about
+    assert (cfg["hookpoint"], cfg["hf_hook_name"]) == ("layers.2", "model.layers.2") and cfg["postdiff"] == about
     assert {k: tuple(v.shape) for k, v in t.items()} == {"encoder.weight": (3, 2), "encoder.bias": (3,), "W_dec": (3, 2), "b_dec": (2,)}
-    assert torch.equal(t["b_dec"], m.b_dec)
+    # sparsify's nn.Linear layout: [d_sae, d_in], the transpose of SAELens's.
+    assert torch.equal(t["encoder.weight"], torch.tensor([[0.5, 0.0], [0.0, 0.5], [0.5, 0.25]]))
+    assert torch.equal(t["encoder.bias"], torch.tensor([0.0, -2.0, -1.0])) and torch.equal(t["b_dec"], m.b_dec)
 
 
 # ---------------------------------------------------------------- the stages on a written cache
@@ -128,52 +184,63 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict:
     module, _ = fit(h, delta, h.mean(0), h.std(0), SurrogateConfig(expansion=2, k=8, lr=1e-2, batch_size=128, steps=30), seed=0)
     path = str(tmp / "L1.safetensors")
     save(module, path, {"layer": LAYER, "seed": 0, "n_train": n})
-    out = {"saelens": {k: str(tmp / "saelens" / f) for k, f in
-                       (("cfg", "cfg.json"), ("weights", "sae_weights.safetensors"), ("sparsity", "sparsity.safetensors"))},
-           "sparsify": {k: str(tmp / "sparsify/layers.1" / f) for k, f in (("cfg", "cfg.json"), ("weights", "sae.safetensors"))}}
+    saelens = {k: str(tmp / "saelens" / f) for k, f in
+               (("cfg", "cfg.json"), ("weights", "sae_weights.safetensors"), ("sparsity", "sparsity.safetensors"))}
     params = {"layer": LAYER, "layers": [LAYER, 2], "pt": PT, "it": PT}
-    outputs = {f"{layout}_{k}": v for layout, files in out.items() for k, v in files.items()}
-    E.export_layer(Job(input={"module": path, "shards": [shard]}, output=outputs, params=params))
-    return {"module": module, "h": h, "out": out, "path": path, "shard": shard, "params": params}
+    E.export_saelens(Job(input={"module": path, "shards": [shard]}, output=saelens, params=params))
+    sparsify = str(tmp / "sparsify")
+    E.export_sparsify(Job(input={"modules": [path]}, output={"sparsify": sparsify}, params={**params, "layers": [LAYER]}))
+    return {"module": module, "h": h, "saelens": saelens, "sparsify": sparsify, "path": path, "params": params}
 
 
-def test_the_stage_writes_both_layouts_and_the_train_density(exported: dict) -> None:
-    module, h, out = exported["module"], exported["h"], exported["out"]
-    cfg = json.loads(Path(out["saelens"]["cfg"]).read_text())
+def test_the_saelens_stage_writes_the_train_density(exported: dict) -> None:
+    module, h, out = exported["module"], exported["h"], exported["saelens"]
+    cfg = json.loads(Path(out["cfg"]).read_text())
     assert cfg["metadata"]["hf_hook_name"] == "model.layers.1" and cfg["metadata"]["postdiff"]["surrogate"]["n_train"] == len(h)
-    sparsity = load_file(out["saelens"]["sparsity"])["sparsity"]
+    assert cfg["metadata"]["postdiff"]["input_hook"]["hf_input_of"] == "model.layers.2"
+    sparsity = load_file(out["sparsity"])["sparsity"]
     by_hand = torch.zeros(module.n_features)
     for row in module.encode(h):
         by_hand += (row > 0).float()
     assert torch.equal(firing_counts(module, h).float(), by_hand)
-    assert torch.allclose(sparsity, torch.log10(by_hand / len(h) + 1e-10))
-    assert sparsity.max() <= 0 and (sparsity > -10).any()
-    cfg = json.loads(Path(out["sparsify"]["cfg"]).read_text())
-    assert cfg["hookpoint"] == "layers.1" and cfg["transcode"] is True
-    weights = load_file(out["sparsify"]["weights"])
-    assert torch.equal(weights["W_dec"], module.W_dec.detach())
+    # SAELens's trainer's formula in float32: a feature that fires on every row reads exactly 0.
+    assert torch.equal(sparsity, torch.log10(by_hand / len(h) + 1e-10))
+    assert (sparsity > -10).any()
 
 
-def test_the_stage_writes_the_layouts_its_outputs_name(exported: dict, tmp_path: Path) -> None:
-    """sparsify alone needs no cache; SAELens's sparsity does."""
-    out = {"sparsify_cfg": str(tmp_path / "c.json"), "sparsify_weights": str(tmp_path / "w.safetensors")}
-    E.export_layer(Job(input={"module": exported["path"]}, output=out, params=exported["params"]))
-    assert Path(out["sparsify_weights"]).read_bytes() == Path(exported["out"]["sparsify"]["weights"]).read_bytes()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json", "w.safetensors"]
-    with pytest.raises(ValueError, match="no output names a layout"):
-        E.export_layer(Job(input={"module": exported["path"]}, output={"cfg": out["sparsify_cfg"]}, params=exported["params"]))
+def test_the_sparsify_stage_names_each_directory_by_its_hookpoint(exported: dict, tmp_path: Path) -> None:
+    """One ``<hookpoint>/`` per layer, as sparsify's trainer saves them; for the multimodal wrapper
+    the hookpoints carry ``language_model.``, and the last block's is the final norm."""
+    module, root = exported["module"], Path(exported["sparsify"])
+    assert sorted(p.name for p in root.iterdir()) == ["layers.2"]
+    cfg = json.loads((root / "layers.2/cfg.json").read_text())
+    assert (cfg["hookpoint"], cfg["hf_hook_name"], cfg["transcode"]) == ("layers.2", "model.layers.2", True)
+    assert cfg["postdiff"]["output_hook"]["combine"] == "add"
+    assert torch.equal(load_file(root / "layers.2/sae.safetensors")["W_dec"], module.W_dec.detach())
+    last = str(tmp_path / "L3.safetensors")
+    save(module, last, {"layer": 3})
+    params = {**exported["params"], "pt": str(WRAPPED), "it": str(WRAPPED), "layers": [LAYER, 3]}
+    E.export_sparsify(Job(input={"modules": [exported["path"], last]}, output={"sparsify": str(tmp_path / "out")}, params=params))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["language_model.layers.2", "language_model.norm"]
+    for name in ("language_model.layers.2", "language_model.norm"):
+        assert json.loads((tmp_path / "out" / name / "cfg.json").read_text())["hookpoint"] == name
+    with pytest.raises(ValueError, match=r"1 surrogate files for layers \[1, 3\]"):
+        E.export_sparsify(Job(input={"modules": [last]}, output={"sparsify": str(tmp_path / "x")}, params=params))
 
 
-def test_the_stage_refuses_a_surrogate_that_does_not_fit_the_model(exported: dict, tmp_path: Path) -> None:
+def test_the_stages_refuse_a_surrogate_that_does_not_fit_the_model(exported: dict, tmp_path: Path) -> None:
     params = exported["params"]
-    out = {"sparsify_cfg": str(tmp_path / "c.json"), "sparsify_weights": str(tmp_path / "w.safetensors")}
+    out = {"sparsify": str(tmp_path / "out")}
     with pytest.raises(ValueError, match="layer 2: the surrogate file is layer 1's"):
-        E.export_layer(Job(input={"module": exported["path"]}, output=out, params={**params, "layer": 2}))
+        E.export_sparsify(Job(input={"modules": [exported["path"]]}, output=out, params={**params, "layers": [2]}))
     narrow = str(tmp_path / "narrow.safetensors")
     save(TopKSurrogate(8, 16, 2), narrow, {"layer": LAYER})
     with pytest.raises(ValueError, match=r"d=8\) does not fit .*\(4 blocks of width 128\)"):
-        E.export_layer(Job(input={"module": narrow}, output=out, params=params))
-    assert not Path(out["sparsify_cfg"]).exists()
+        E.export_sparsify(Job(input={"modules": [narrow]}, output=out, params={**params, "layers": [LAYER]}))
+    saelens = {k: str(tmp_path / f"s.{k}") for k in ("cfg", "weights", "sparsity")}
+    with pytest.raises(ValueError, match="does not fit"):
+        E.export_saelens(Job(input={"module": narrow, "shards": []}, output=saelens, params=params))
+    assert not (tmp_path / "out").exists() and not Path(saelens["cfg"]).exists()
 
 
 # ---------------------------------------------------------------- round trips through the libraries
@@ -202,11 +269,11 @@ def comparable_rows(module: TopKSurrogate, h: torch.Tensor) -> torch.Tensor:
 def test_saelens_loads_the_export_and_reproduces_z_and_delta_hat(exported: dict) -> None:
     sae_lens = library("sae_lens")
     module, h = exported["module"], exported["h"]
-    sae = sae_lens.SAE.load_from_disk(str(Path(exported["out"]["saelens"]["cfg"]).parent))
+    sae = sae_lens.SAE.load_from_disk(str(Path(exported["saelens"]["cfg"]).parent))
     keep = comparable_rows(module, h)
     with torch.no_grad():
         z, ours = sae.encode(h), module.encode(h)
-        assert (z > 0).sum(-1).max() <= module.k
+        assert torch.equal(z[keep] > 0, ours[keep] > 0)  # the same active features, row by row
         # float32 on both sides, summed in different orders (folded vs standardised input):
         # 1e-4 relative covers the ~1e-6 rounding; a wrong fold moves values by O(1).
         torch.testing.assert_close(z[keep], ours[keep], rtol=1e-4, atol=1e-4)
@@ -215,16 +282,39 @@ def test_saelens_loads_the_export_and_reproduces_z_and_delta_hat(exported: dict)
     assert "PT-to-IT delta" in sae.cfg.metadata.postdiff["output"]
 
 
-def test_sparsify_loads_the_export_and_reproduces_z_and_delta_hat(exported: dict) -> None:
+def eager_sparsify(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """sparsify with its CPU decoder. It picks a Triton kernel at import whenever triton imports
+    (CUDA builds of torch bring it), and that kernel has no CPU path."""
+    monkeypatch.setenv("SPARSIFY_DISABLE_TRITON", "1")
     sparsify = library("sparsify")
+    utils = importlib.import_module("sparsify.utils")
+    assert utils.decoder_impl is utils.eager_decode, "sparsify was imported before SPARSIFY_DISABLE_TRITON was set"
+    return sparsify
+
+
+def test_sparsify_loads_the_export_and_reproduces_z_and_delta_hat(exported: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    sparsify = eager_sparsify(monkeypatch)
     module, h = exported["module"], exported["h"]
-    coder = sparsify.SparseCoder.load_from_disk(str(Path(exported["out"]["sparsify"]["cfg"]).parent))
+    coders = sparsify.SparseCoder.load_many(exported["sparsify"], local=True)
+    assert list(coders) == ["layers.2"]  # keyed by the hookpoint whose input is block 1's output
+    coder = coders["layers.2"]
     assert coder.cfg.transcode and coder.cfg.k == module.k and coder.num_latents == module.n_features
     keep = comparable_rows(module, h)
     with torch.no_grad():
         acts, idx, _ = coder.encode(h)
         z = torch.zeros(len(h), module.n_features).scatter(-1, idx, acts)
+        ours = module.encode(h)
+        assert torch.equal(z[keep] > 0, ours[keep] > 0)
         # Same tolerance and reason as for SAELens; sparsify takes ReLU before TopK, which only
         # changes the indices it reports for zero activations, not the dense code.
-        torch.testing.assert_close(z[keep], module.encode(h)[keep], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(z[keep], ours[keep], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(coder.decode(acts, idx)[keep], module(h)[keep], rtol=1e-4, atol=1e-4)
+
+
+def test_a_missing_library_fails_under_ci_and_is_skipped_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="not installed"):
+        library("postdiff_no_such_library")
+    monkeypatch.setenv("CI", "false")
+    with pytest.raises(pytest.skip.Exception):
+        library("postdiff_no_such_library")
