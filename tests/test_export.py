@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from postdiff.method.cache import write_shard
 from postdiff.method.surrogate import SurrogateConfig, TopKSurrogate, firing_counts, fit, save
+from postdiff.models.forward import block_outputs
 from postdiff.models.loading import decoder_layers_path, fingerprint, gemma3_text_config, skeleton
 from postdiff.outputs import export as E
 from postdiff.workflow.runtime import Job
@@ -318,3 +319,97 @@ def test_a_missing_library_fails_under_ci_and_is_skipped_elsewhere(monkeypatch: 
     monkeypatch.setenv("CI", "false")
     with pytest.raises(pytest.skip.Exception):
         library("postdiff_no_such_library")
+
+
+# ---------------------------------------------------------------- SAELens's own hooking on a Gemma 3 model
+
+
+def boot_bridge() -> tuple:
+    """The embedded PT (Gemma3ForCausalLM) in SAELens's SAETransformerBridge (TransformerLens 3),
+    and the same Hugging Face model, whose blocks the bridge wraps in place. HookedSAETransformer
+    cannot take it: HookedTransformer loads only the model names on TransformerLens's official
+    list, and a local directory is none."""
+    sae_lens = library("sae_lens")
+    from postdiff.models.loading import load_model
+
+    model, tok = load_model(PT, "float32", "cpu")
+    return sae_lens.SAETransformerBridge.boot_transformers(PT, hf_model=model, tokenizer=tok, device="cpu"), model
+
+
+@pytest.fixture(scope="module")
+def bridged() -> tuple:
+    """A bridge that no SAE is ever attached to: after add_sae and reset_saes, a hook added by the
+    alias blocks.<l>.hook_resid_post silently never fires (TransformerLens 3.9, SAELens 6.54)."""
+    return boot_bridge()
+
+
+def teacher_forced(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from postdiff.models.template import teacher_forced_batch
+
+    rows = token_rows(4, seed)
+    ids, _, answers = teacher_forced_batch(rows["prefix_ids"].to_list(), rows["token_ids"].to_list(), pad_id=0)
+    return ids, answers  # right padding after every answer position: causal attention never sees it
+
+
+def test_saelens_with_the_error_term_leaves_pt_unchanged_and_carries_our_z(exported: dict) -> None:
+    """add_sae(use_error_term=True) on the export's hook: PT's logits, and hook_sae_acts_post is our
+    z of PT's stream there. Without the error term the stream would be replaced by the delta."""
+    from sae_lens import SAE
+
+    bridge, model = boot_bridge()
+    sae = SAE.load_from_disk(str(Path(exported["saelens"]["cfg"]).parent))
+    ids, _ = teacher_forced(1)
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        h_pt = block_outputs(model, ids, torch.ones_like(ids), [LAYER])[LAYER]
+        bridge.add_sae(sae, use_error_term=True)
+        try:
+            logits, cache = bridge.run_with_cache(ids, return_type="logits")
+        finally:
+            bridge.reset_saes()
+        bridge.add_sae(sae, use_error_term=False)
+        try:
+            replaced = bridge(ids, return_type="logits")
+        finally:
+            bridge.reset_saes()
+    # x - sae(x) + sae(x) rounds at float32 ulps of the stream: far below 1e-4 in the logits.
+    torch.testing.assert_close(logits, plain, rtol=0, atol=1e-4)
+    assert (replaced - plain).abs().max() > 1.0
+    z = cache[bridge.get_sae_hook_name(sae)]
+    torch.testing.assert_close(z, exported["module"].encode(h_pt), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["full", "add_mask", "minus_mask"])
+def test_adding_the_decoded_delta_at_the_named_hook_reproduces_our_variants(exported: dict, bridged: tuple, mode: str) -> None:
+    """Steering through SAELens's hook reproduces postdiff's own intervention (models.hook.intervene
+    with method.variants.layer_delta) at answer positions: FullDelta adds alpha * decode(z);
+    PT + M adds alpha * (decode(z * m) - b_dec), its features without b_dec; FullDelta - M adds
+    alpha * decode(z * ~m)."""
+    from postdiff.method.variants import feature_mask, layer_delta
+    from postdiff.models.hook import LayerEdit, intervene
+    from sae_lens import SAE
+
+    bridge, model = bridged
+    sae, module, alpha = SAE.load_from_disk(str(Path(exported["saelens"]["cfg"]).parent)), exported["module"], 0.75
+    ids, answers = teacher_forced(2)
+    mask = feature_mask(range(0, module.n_features, 3), module.n_features)
+    sae_delta = {"full": lambda z: sae.decode(z),
+                 "add_mask": lambda z: sae.decode(z * mask) - sae.b_dec,
+                 "minus_mask": lambda z: sae.decode(z * ~mask)}[mode]
+
+    def steer(act: torch.Tensor, hook: object) -> torch.Tensor:
+        return torch.where(answers.unsqueeze(-1), act + alpha * sae_delta(sae.encode(act)), act)
+
+    with torch.no_grad():
+        # add_hook resolves the alias blocks.<l>.hook_resid_post (to blocks.<l>.hook_out);
+        # TransformerLens 3.9's run_with_hooks silently drops a hook named by that alias.
+        bridge.add_hook(sae.cfg.metadata.hook_name, steer)
+        try:
+            steered = bridge(ids, return_type="logits")
+        finally:
+            bridge.reset_hooks()
+        with intervene(model, {LAYER: LayerEdit(alpha, layer_delta(mode, module, mask, None))}, answer_mask=answers):
+            ours = model(input_ids=ids).logits
+        plain = model(input_ids=ids).logits
+    assert (ours - plain).abs().max() > 0.1  # the edit moves the logits: the comparison has teeth
+    torch.testing.assert_close(steered, ours, rtol=1e-4, atol=1e-4)
