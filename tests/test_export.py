@@ -1,5 +1,6 @@
-"""Exports to SAELens and sparsify: the folding math by hand, the stages on a written cache, and
-round trips through each library's own loader (installed by the `test` extra)."""
+"""Exports to SAELens and sparsify: the folding math by hand, the stages on a written cache, the
+named hooks on Gemma 3 models, round trips through each library's own loader, and SAELens's own
+hooking (SAETransformerBridge) against postdiff's intervention (libraries from the `test` extra)."""
 
 from __future__ import annotations
 
