@@ -8,12 +8,17 @@ import importlib
 import json
 import math
 import os
+import shutil
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from types import ModuleType
 
 import polars as pl
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from postdiff.method.cache import write_shard
@@ -414,3 +419,49 @@ def test_adding_the_decoded_delta_at_the_named_hook_reproduces_our_variants(expo
         plain = model(input_ids=ids).logits
     assert (ours - plain).abs().max() > 0.1  # the edit moves the logits: the comparison has teeth
     torch.testing.assert_close(steered, ours, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- publishing
+
+
+def test_the_published_repository_loads_with_saelens_from_pretrained(exported: dict, tmp_path: Path) -> None:
+    """The Hub layout and the pretrained_saes.yaml entry, from a local copy in the Hugging Face
+    cache's layout, offline: SAE.from_pretrained finds the SAE by release and id (with the entry as
+    SAELens's whole registry) and by repo id, and gets the export's weights and the Neuronpedia id."""
+    library("sae_lens")
+    from postdiff.outputs.publish import publish
+
+    hub, snippet, repo = tmp_path / "hub", tmp_path / "registry/pretrained_saes.yaml", "postdiff-test/delta-saes"
+    params = {"saes": [[0, LAYER]], "repo_id": repo, "release": "postdiff-test-delta", "model_id": "google/gemma-3-4b-pt"}
+    publish(Job(input={"cfgs": [exported["saelens"]["cfg"]]}, output={"hub": str(hub), "snippet": str(snippet)}, params=params))
+    assert sorted(p.relative_to(hub).as_posix() for p in hub.rglob("*") if p.is_file()) == [
+        "README.md", "seed0/L1/cfg.json", "seed0/L1/sae_weights.safetensors", "seed0/L1/sparsity.safetensors"]
+    assert yaml.safe_load(snippet.read_text()) == {"postdiff-test-delta": {
+        "repo_id": repo, "model": "google/gemma-3-4b-pt",
+        "saes": [{"id": "seed0/L1", "path": "seed0/L1", "l0": 8, "neuronpedia": "gemma-3-4b-pt/1-postdiff-delta-s0"}]}}
+    revision = "0" * 40
+    cached = tmp_path / "hf/hub/models--postdiff-test--delta-saes"
+    shutil.copytree(hub, cached / "snapshots" / revision)
+    (cached / "refs").mkdir()
+    (cached / "refs/main").write_text(revision)
+    script = textwrap.dedent("""
+        import sys
+        from pathlib import Path
+        import torch
+        import sae_lens.loading.pretrained_saes_directory as registry
+        registry.files = lambda package: Path(sys.argv[1])  # the snippet as SAELens's registry
+        from sae_lens import SAE
+        by_release = SAE.from_pretrained("postdiff-test-delta", "seed0/L1")
+        by_repo = SAE.from_pretrained(sys.argv[2], "seed0/L1")
+        print(by_release.cfg.metadata.neuronpedia_id)
+        torch.save({"release": by_release.state_dict(), "repo": by_repo.state_dict()}, sys.argv[3])
+    """)
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", script, str(snippet.parent), repo, str(tmp_path / "loaded.pt")],
+                         env=env, capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "gemma-3-4b-pt/1-postdiff-delta-s0"
+    exported_weights = load_file(exported["saelens"]["weights"])
+    for state in torch.load(tmp_path / "loaded.pt").values():
+        for name, tensor in exported_weights.items():
+            assert torch.equal(state[name], tensor), name

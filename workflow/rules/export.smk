@@ -17,6 +17,8 @@ EXPORT_FILES = [
       if EXPORT["saelens"] else []),
     *(expand(SPARSIFY_DIR, seed=SEEDS) if EXPORT["sparsify"] else []),
 ]
+# What publishing writes (config export.hub): the repository's directory and its registry entry.
+PUBLISH_FILES = [f"{RUN}/publish/hub", f"{RUN}/publish/pretrained_saes.yaml"] if EXPORT.get("hub") else []
 
 
 if EXPORT["saelens"]:
@@ -66,6 +68,37 @@ if EXPORT["sparsify"]:
                 "postdiff.outputs.export:export_sparsify",
                 **model_paths(),
                 layers=config["layers"],
+            ),
+        conda:
+            ENV
+        script:
+            STAGE
+
+
+if EXPORT.get("hub"):
+
+    # Every seed's and layer's SAELens export as one Hub repository, and its SAELens registry entry.
+    PUBLISHED = [[s, layer] for s in SEEDS for layer in config["layers"]]
+
+    rule publish:
+        input:
+            cfgs=[f"{SAELENS_DIR}/{SAELENS_FILES['cfg']}".format(seed=s, layer=layer) for s, layer in PUBLISHED],
+            weights=[f"{SAELENS_DIR}/{name}".format(seed=s, layer=layer)
+                     for s, layer in PUBLISHED for name in (SAELENS_FILES["weights"], SAELENS_FILES["sparsity"])],
+        output:
+            hub=directory(PUBLISH_FILES[0]),
+            snippet=PUBLISH_FILES[1],
+        log:
+            f"{RUN}/logs/publish.log",
+        benchmark:
+            f"{RUN}/benchmarks/publish.tsv"
+        params:
+            **stage(
+                "postdiff.outputs.publish:publish",
+                saes=PUBLISHED,
+                repo_id=EXPORT["hub"],
+                release=EXPORT["hub"].split("/")[1],
+                model_id=config["pair"]["pt"],
             ),
         conda:
             ENV
