@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from postdiff.method.cache import write_shard
 from postdiff.method.surrogate import SurrogateConfig, TopKSurrogate, firing_counts, fit, save
 from postdiff.models.forward import block_outputs
-from postdiff.models.loading import decoder_layers_path, fingerprint, gemma3_text_config, skeleton
+from postdiff.models.loading import fingerprint, gemma3_text_config, skeleton
 from postdiff.outputs import export as E
 from postdiff.workflow.runtime import Job
 
@@ -136,9 +136,8 @@ def test_the_named_hookpoints_input_is_the_cached_h_pt_at_every_layer(spec: str)
         hooks = E.hooks_of(model, layer)
         assert model.get_submodule(hooks.hf_next) is model.base_model.get_submodule(hooks.hookpoint)
         assert torch.equal(hooked_inputs(model, hooks.hookpoint, rows), h_pt), hooks
-        # The old hookpoint, block l itself, would feed the surrogate block l-1's output.
-        own = f"{decoder_layers_path(model, model.base_model)}.{layer}"
-        assert not torch.allclose(hooked_inputs(model, own, rows), h_pt)
+        if layer > 0:  # the hookpoint exported before, block l itself, feeds it block l-1's output
+            assert not torch.allclose(hooked_inputs(model, E.hooks_of(model, layer - 1).hookpoint, rows), h_pt)
 
 
 def test_layouts_carry_the_weights_shapes_and_semantics() -> None:
