@@ -52,6 +52,17 @@ def test_a_planted_it_needs_a_llama_pt() -> None:
     assert cross_reference_problems(config, {}) == []
 
 
+def test_publishing_needs_the_saelens_layout_and_a_hosted_pt() -> None:
+    config = {"bootstrap": {"comparisons": []}, "report": {"figure1_variants": [], "qualitative_variants": []},
+              "export": {"saelens": False, "sparsify": True, "hub": "me/saes"}, "pair": {"pt": "builtin"}}
+    assert cross_reference_problems(config, {}) == [
+        "export.hub: publishing needs export.saelens: true",
+        "export.hub: the embedded pair (pair.pt: builtin) is no hosted model; set pair.pt to a hub id"]
+    config.update(export={"saelens": True, "sparsify": True, "hub": "me/saes"}, pair={"pt": "google/gemma-3-4b-pt"})
+    assert cross_reference_problems(config, {}) == []
+    assert cross_reference_problems({**config, "export": {"saelens": False, "sparsify": True, "hub": None}}, {}) == []
+
+
 def test_a_retry_asks_for_more_up_to_the_cap() -> None:
     assert [grown(64_000, a) for a in (1, 2, 3)] == [64_000, 128_000, 192_000]
     assert [grown(64_000, a, cap=100_000) for a in (1, 2, 3)] == [64_000, 100_000, 100_000]

@@ -214,24 +214,24 @@ def test_page_stage_reads_one_file_set_per_seed(tmp_path: Path) -> None:
         P.feature_page(job)
     # Export links, one mapping per seed, as workflow/rules/features.smk passes them.
     links = [{"saelens": {1: f"seed{s}/export/saelens/L1/sae_weights.safetensors"},
-              "sparsify": {1: f"seed{s}/export/sparsify/layers.1/sae.safetensors"}} for s in (0, 1)]
+              "sparsify": {1: f"seed{s}/export/sparsify"}} for s in (0, 1)]
     job.params.update(labels=["seed 0", "seed 1"], exports=links)
     P.feature_page(job)
     html = (tmp_path / "features.html").read_text()
-    assert html.count('href="seed1/export/sparsify/layers.1/sae.safetensors"') == 2  # both of seed 1's cards
+    assert html.count('href="seed1/export/sparsify"') == 2  # both of seed 1's cards
     with pytest.raises(ValueError, match="export links for 1 seeds"):
         P.feature_page(Job(input=inputs, output=job.output, params={**job.params, "exports": links[:1]}))
 
 
 def test_each_card_links_to_its_exported_files_and_feature_index() -> None:
     exports = {"saelens": {1: "seed0/export/saelens/L1/sae_weights.safetensors"},
-               "sparsify": {2: "seed0/export/sparsify/layers.2/sae.safetensors"}}
+               "sparsify": {2: "seed0/export/sparsify"}}
     seed = P.SeedData("seed 0", hand_seed().frames, exports)
     html = P.render([seed], steer=True)
     # Both hand cards are layer 1's: each links to layer 1's SAELens file, none to layer 2's sparsify one.
     assert html.count('<a href="seed0/export/saelens/L1/sae_weights.safetensors">') == 2
     assert "Exported as feature 4 of" in html and "Exported as feature 9 of" in html
-    assert "layers.2" not in html
+    assert "export/sparsify" not in html
     assert re.findall(r'href="([^"]+)"', html) == [exports["saelens"][1]] * 2  # nothing outside the run
     with pytest.raises(ValueError, match="unknown export layouts"):
         P.read_seed("x", {}, {"dictionary_learning": {}})

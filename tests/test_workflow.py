@@ -60,7 +60,7 @@ def test_full_run_produces_every_artifact(tiny_run: Path) -> None:
     for path in ["tables/table1.csv", "tables/table2.tex", "tables/claims.md", "tables/r2.md", "figures/figure1.pdf",
                  "figures/figure2.png", "qualitative.html", "sweep/summary.csv", "export/saelens/L1/sparsity.safetensors",
                  "tables/gates.csv", "gates/full_choice.json", "gates/single_L0_choice.json",
-                 "export/sparsify/layers.1/sae.safetensors"]:
+                 "export/sparsify/norm/sae.safetensors"]:
         assert (run / "seed0" / path).stat().st_size > 0, path
     for path in ["pair_gap.json", "tables/seeds.csv", "figures/seeds.png", "tables/mask_stability.csv", "features.html",
                  "provenance/manifest.parquet", "provenance/runtimes.csv", "provenance/run_id.json"]:
@@ -227,7 +227,8 @@ def test_editing_surrogate_reruns_its_importers_and_their_downstream(tiny_run: P
     jobs = planned_jobs(workdir)
     # Entry modules that import postdiff.method.surrogate, directly or through another module.
     importers = {"train_surrogate", "surrogate_metrics", "gates_full", "gates_single", "gates_mean",
-                 "evaluate", "score_features", "select_cap", "select_vmask", "feature_data", "export"}
+                 "evaluate", "score_features", "select_cap", "select_vmask", "feature_data", "export_saelens",
+                 "export_sparsify"}
     upstream = PAIR_RULES | {"pair_info", "suite", "split", "teacher", "cache_shard", "standardiser"}
     assert {rule: jobs.get(rule) for rule in importers} == {rule: everything[rule] for rule in importers}
     # The PT and IT specs read no surrogate; every other spec does.

@@ -294,7 +294,7 @@ def sweep_targets(output="mask", seed="{seed}"):
 
 
 if _problems := cross_reference_problems(config, VARIANTS):
-    raise WorkflowError("postdiff: the config names unknown variants:\n" + "\n".join(_problems))
+    raise WorkflowError("postdiff: the config contradicts itself:\n" + "\n".join(_problems))
 
 
 def table_outputs(name, caption, root=SEED):

@@ -1,47 +1,104 @@
-# Each seed's surrogates in the layouts of SAELens and EleutherAI sparsify (config `export`), one
-# job per seed and layer. Standardisation folded in: both take raw PT hidden states.
+# Each seed's surrogates in the layouts of SAELens and EleutherAI sparsify (config `export`).
+# Standardisation folded in: both take raw PT hidden states.
 
 EXPORT = config["export"]
-# Per layout: the directory of a seed's and layer's export (`{seed}` and `{layer}` patterns) and its
-# files. The feature cards link to these files.
-EXPORT_DIRS = {
-    "saelens": f"{SEED}/export/saelens/L{{layer}}",
-    "sparsify": f"{SEED}/export/sparsify/layers.{{layer}}",
-}
-EXPORT_NAMES = {
-    "saelens": {"cfg": "cfg.json", "weights": "sae_weights.safetensors", "sparsity": "sparsity.safetensors"},
-    "sparsify": {"cfg": "cfg.json", "weights": "sae.safetensors"},
-}
-EXPORT_LAYOUTS = [layout for layout in EXPORT_DIRS if EXPORT[layout]]
-# The job's outputs, `<layout>_<file>` for each layout the config asks for (the stage writes those).
-EXPORT_OUTPUTS = {f"{layout}_{key}": f"{EXPORT_DIRS[layout]}/{name}"
-                  for layout in EXPORT_LAYOUTS for key, name in EXPORT_NAMES[layout].items()}
-# Every export file of every seed and layer.
-EXPORT_FILES = expand(list(EXPORT_OUTPUTS.values()), seed=SEEDS, layer=config["layers"])
+# SAELens: one directory per seed and layer (`{seed}` and `{layer}` patterns).
+SAELENS_DIR = f"{SEED}/export/saelens/L{{layer}}"
+SAELENS_FILES = {"cfg": "cfg.json", "weights": "sae_weights.safetensors", "sparsity": "sparsity.safetensors"}
+# sparsify: one directory per seed holding a `<hookpoint>/` per layer, as sparsify's trainer saves
+# them. The hookpoint is a module path of PT's, known only once the job builds PT's module tree.
+SPARSIFY_DIR = f"{SEED}/export/sparsify"
+EXPORT_LAYOUTS = [layout for layout in ("saelens", "sparsify") if EXPORT[layout]]
+# Per layout, a seed's and layer's link target: the SAELens weights file, sparsify's seed directory.
+EXPORT_TARGETS = {"saelens": f"{SAELENS_DIR}/{SAELENS_FILES['weights']}", "sparsify": SPARSIFY_DIR}
+# Every export output of every seed and layer.
+EXPORT_FILES = [
+    *(expand([f"{SAELENS_DIR}/{name}" for name in SAELENS_FILES.values()], seed=SEEDS, layer=config["layers"])
+      if EXPORT["saelens"] else []),
+    *(expand(SPARSIFY_DIR, seed=SEEDS) if EXPORT["sparsify"] else []),
+]
+# What publishing writes (config export.hub): the repository's directory and its registry entry.
+PUBLISH_FILES = [f"{RUN}/publish/hub", f"{RUN}/publish/pretrained_saes.yaml"] if EXPORT.get("hub") else []
 
 
-if EXPORT_LAYOUTS:
+if EXPORT["saelens"]:
 
-    rule export:
+    rule export_saelens:
         wildcard_constraints:
             layer=r"\d+",
         input:
             module=f"{SEED}/surrogate/L{{layer}}.safetensors",
-            # The SAELens layout's sparsity file: firing rates on the train cache.
-            **(dict(shards=cache_shards("train"), teacher=f"{RUN}/teacher/train.parquet") if EXPORT["saelens"] else {}),
+            # The sparsity file: firing rates on the train cache.
+            shards=cache_shards("train"),
+            teacher=f"{RUN}/teacher/train.parquet",
             **model_inputs(),
         output:
-            **EXPORT_OUTPUTS,
+            **{key: f"{SAELENS_DIR}/{name}" for key, name in SAELENS_FILES.items()},
         log:
-            f"{RUN}/logs/seed{{seed}}/export/L{{layer}}.log",
+            f"{RUN}/logs/seed{{seed}}/export/saelens_L{{layer}}.log",
         benchmark:
-            f"{RUN}/benchmarks/seed{{seed}}/export/L{{layer}}.tsv"
+            f"{RUN}/benchmarks/seed{{seed}}/export/saelens_L{{layer}}.tsv"
         params:
             **stage(
-                "postdiff.outputs.export:export_layer",
+                "postdiff.outputs.export:export_saelens",
                 **model_paths(),
                 layer=lambda wc: int(wc.layer),
                 layers=config["layers"],
+            ),
+        conda:
+            ENV
+        script:
+            STAGE
+
+
+if EXPORT["sparsify"]:
+
+    rule export_sparsify:
+        input:
+            modules=expand(f"{SEED}/surrogate/L{{layer}}.safetensors", layer=config["layers"], allow_missing=True),
+            **model_inputs(),
+        output:
+            sparsify=directory(SPARSIFY_DIR),
+        log:
+            f"{RUN}/logs/seed{{seed}}/export/sparsify.log",
+        benchmark:
+            f"{RUN}/benchmarks/seed{{seed}}/export/sparsify.tsv"
+        params:
+            **stage(
+                "postdiff.outputs.export:export_sparsify",
+                **model_paths(),
+                layers=config["layers"],
+            ),
+        conda:
+            ENV
+        script:
+            STAGE
+
+
+if EXPORT.get("hub"):
+
+    # Every seed's and layer's SAELens export as one Hub repository, and its SAELens registry entry.
+    PUBLISHED = [[s, layer] for s in SEEDS for layer in config["layers"]]
+
+    rule publish:
+        input:
+            cfgs=[f"{SAELENS_DIR}/{SAELENS_FILES['cfg']}".format(seed=s, layer=layer) for s, layer in PUBLISHED],
+            weights=[f"{SAELENS_DIR}/{name}".format(seed=s, layer=layer)
+                     for s, layer in PUBLISHED for name in (SAELENS_FILES["weights"], SAELENS_FILES["sparsity"])],
+        output:
+            hub=directory(PUBLISH_FILES[0]),
+            snippet=PUBLISH_FILES[1],
+        log:
+            f"{RUN}/logs/publish.log",
+        benchmark:
+            f"{RUN}/benchmarks/publish.tsv"
+        params:
+            **stage(
+                "postdiff.outputs.publish:publish",
+                saes=PUBLISHED,
+                repo_id=EXPORT["hub"],
+                release=EXPORT["hub"].split("/")[1],
+                model_id=config["pair"]["pt"],
             ),
         conda:
             ENV

@@ -53,10 +53,10 @@ rule feature_data:
         STAGE
 
 
-# Per seed (in FEATURE_SEEDS' order), layout and layer: the exported weights file that each card
-# links to, relative to the page.
+# Per seed (in FEATURE_SEEDS' order), layout and layer: the export that each card links to,
+# relative to the page (EXPORT_TARGETS: a SAELens weights file, or the seed's sparsify directory).
 EXPORT_LINKS = [
-    {layout: {layer: os.path.relpath(f"{EXPORT_DIRS[layout]}/{EXPORT_NAMES[layout]['weights']}".format(seed=s, layer=layer), RUN)
+    {layout: {layer: os.path.relpath(EXPORT_TARGETS[layout].format(seed=s, layer=layer), RUN)
               for layer in config["layers"]} for layout in EXPORT_LAYOUTS}
     for s in SEEDS
 ]

@@ -292,7 +292,7 @@ rule provenance:
     input:
         # Every leaf of the run, so every job of the run is upstream; the manifest itself covers
         # every file under results/<run>/ (provenance.manifest).
-        artifacts=REPORTED + sorted(set(expand(SEED_LEAVES, seed=SEEDS))) + EXPORT_FILES
+        artifacts=REPORTED + sorted(set(expand(SEED_LEAVES, seed=SEEDS))) + EXPORT_FILES + PUBLISH_FILES
         + [f"{RUN}/suite/{split}.parquet" for split in SPLITS]
         + [f"{RUN}/teacher/{split}.parquet" for split in SPLITS],
         pair=PAIR_INFO,

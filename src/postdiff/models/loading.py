@@ -251,16 +251,6 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return _decoder_part(model, "layers", nn.ModuleList)
 
 
-def decoder_layers_path(model: nn.Module, root: nn.Module | None = None) -> str:
-    """The module path of the decoder blocks' list below ``root`` (default: the model itself),
-    e.g. ``model.layers``; below Hugging Face's ``base_model``, the path sparsify names hooks by."""
-    layers = decoder_layers(model)
-    found = next((name for name, module in (model if root is None else root).named_modules() if module is layers), None)
-    if found is None:
-        raise ValueError(f"the decoder blocks of {type(model).__name__} are not below {type(root).__name__}")
-    return found
-
-
 def skeleton(spec: str) -> nn.Module:
     """The causal LM that ``spec`` names, built on the meta device: its module tree, no weights."""
     from transformers import AutoConfig, AutoModelForCausalLM

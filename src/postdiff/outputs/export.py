@@ -13,14 +13,17 @@ Both take raw PT hidden states: the standardisation is folded into the encoder,
   (``topk`` then ReLU, ``apply_b_dec_to_input`` off) computes exactly our ``z`` and
   ``delta_hat``, because here ``d_out = d_in``. The transcoder's facts (``d_out``, the output
   hook) are in ``metadata``.
-- **sparsify** (1.3.x, ``SparseCoder.load_from_disk``): ``cfg.json`` and ``sae.safetensors`` with
-  ``encoder.weight [F, d]``, ``encoder.bias``, ``W_dec [F, d]``, ``b_dec``, ``transcode: true``
-  (so no ``b_dec`` is subtracted from the input). Its encoder takes ReLU before TopK, ours TopK
+- **sparsify** (1.3.x, ``SparseCoder.load_many`` / ``load_from_disk``): one directory per layer,
+  named by its hookpoint, with ``cfg.json`` and ``sae.safetensors`` (``encoder.weight [F, d]``,
+  ``encoder.bias``, ``W_dec [F, d]``, ``b_dec``) and ``transcode: true`` (so no ``b_dec`` is
+  subtracted from the input). sparsify and delphi read a transcoder at hookpoint ``X`` from
+  ``X``'s *input*: so the hookpoint is the module that block ``l``'s output flows into, block
+  ``l+1`` or, after the last block, the final norm. Its encoder takes ReLU before TopK, ours TopK
   before ReLU: the same ``z``, only the indices it reports for zero activations can differ.
 
 The output is not a module's output: it is ``delta_hat``, the change instruction tuning makes to
 PT's residual stream after the block (``h_IT - h_PT``), to be added to PT's. Each config says so
-in its metadata (``postdiff``).
+in its metadata (``postdiff``), in words and in the fields ``input_hook`` and ``output_hook``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,7 +41,7 @@ from torch import Tensor, nn
 
 from postdiff.method.cache import load_split
 from postdiff.method.surrogate import TopKSurrogate, cache_expect, firing_counts, load
-from postdiff.models.loading import decoder_layers, decoder_layers_path, skeleton
+from postdiff.models.loading import decoder_layers, final_norm, skeleton
 from postdiff.workflow.io import atomic_path, read_json, write_json
 from postdiff.workflow.runtime import Job
 
@@ -48,23 +52,43 @@ log = logging.getLogger(__name__)
 SAELENS_LAYOUT = "6.0.0"
 # SAELens's floor under a firing rate before log10: a feature that never fires reads -10.
 DENSITY_FLOOR = 1e-10
-LAYOUTS = ("saelens", "sparsify")
 
 
 @dataclass(frozen=True)
 class Hooks:
-    """Where layer ``layer``'s surrogate reads, in each tool's naming."""
+    """Where layer ``layer``'s surrogate reads and where its delta goes, in each tool's naming: PT's
+    residual stream after decoder block ``layer``, the output of ``hf`` and the input of ``hf_next``."""
 
     layer: int
-    transformer_lens: str  # blocks.{l}.hook_resid_post: the block's output, as SAELens names it
-    hf: str  # the block's module path from the top model, e.g. model.layers.{l}
-    hookpoint: str  # the same below Hugging Face's base_model, as sparsify names hooks
+    transformer_lens: str  # blocks.{l}.hook_resid_post, as SAELens names the stream
+    hf: str  # block l's module path from the top model, e.g. model.layers.{l}
+    hf_next: str  # the module that takes block l's output: block l+1, or the final norm after the last
+    hookpoint: str  # hf_next below Hugging Face's base_model: sparsify's name, whose input a transcoder reads
+
+
+def _path(root: nn.Module, module: nn.Module) -> str:
+    found = next((name for name, m in root.named_modules() if m is module), None)
+    if found is None:
+        raise ValueError(f"{type(module).__name__} is not below {type(root).__name__}")
+    return found
 
 
 def hooks_of(model: nn.Module, layer: int) -> Hooks:
-    layers = decoder_layers_path(model)
-    base = decoder_layers_path(model, getattr(model, "base_model", model))
-    return Hooks(layer, f"blocks.{layer}.hook_resid_post", f"{layers}.{layer}", f"{base}.{layer}")
+    blocks = decoder_layers(model)
+    # The decoder calls each block and the norm with the stream as first positional argument, so a
+    # hook's inputs[0] there is block l's output (the final norm's input has no norm applied yet).
+    following = blocks[layer + 1] if layer + 1 < len(blocks) else final_norm(model)
+    base = getattr(model, "base_model", model)
+    return Hooks(layer, f"blocks.{layer}.hook_resid_post", _path(model, blocks[layer]), _path(model, following),
+                 _path(base, following))
+
+
+def hook_fields(hooks: Hooks) -> dict[str, dict[str, str]]:
+    """``input_hook`` and ``output_hook``: the same stream, named for each tool; the output is
+    added to it (``h + alpha * delta_hat``), it replaces nothing."""
+    stream = {"transformer_lens": hooks.transformer_lens, "hf_output_of": hooks.hf, "hf_input_of": hooks.hf_next,
+              "sparsify_hookpoint": hooks.hookpoint}
+    return {"input_hook": stream, "output_hook": {**stream, "combine": "add"}}
 
 
 @torch.no_grad()
@@ -79,14 +103,16 @@ def log10_density(counts: Tensor, n_rows: int) -> Tensor:
     """log10 of each feature's firing rate over ``n_rows`` rows, floored as SAELens does."""
     if n_rows < 1:
         raise ValueError(f"log10_density: need at least one row, got {n_rows}")
-    return torch.log10(counts.double() / n_rows + DENSITY_FLOOR).float()
+    # In float32, as SAELens's trainer: there 1 + 1e-10 rounds to 1, so a feature that fires on
+    # every row reads 0, not the +4e-11 of float64.
+    return torch.log10(counts.float() / n_rows + DENSITY_FLOOR)
 
 
 def semantics(hooks: Hooks, pt: str, it: str, meta: Mapping[str, Any]) -> dict[str, Any]:
     """What the export computes, in words and numbers; the same block in both configs."""
     return {
-        "input": f"PT's residual stream after decoder block {hooks.layer} (the output of {hooks.hf}; "
-                 f"{hooks.transformer_lens}), raw: the standardisation is folded into the encoder",
+        "input": f"PT's residual stream after decoder block {hooks.layer} (the output of {hooks.hf}, the input of "
+                 f"{hooks.hf_next}; {hooks.transformer_lens}), raw: the standardisation is folded into the encoder",
         "output": f"delta_hat, the PT-to-IT delta h_IT - h_PT at the same block and position: what instruction "
                   f"tuning adds to PT's residual stream there. It is not the output of {hooks.hf} or any module; "
                   f"PT's stream plus delta_hat approximates IT's",
@@ -95,6 +121,7 @@ def semantics(hooks: Hooks, pt: str, it: str, meta: Mapping[str, Any]) -> dict[s
         "it": it,
         "layer": hooks.layer,
         "surrogate": {k: meta[k] for k in ("seed", "config", "n_train", "train_r2") if k in meta},
+        **hook_fields(hooks),
     }
 
 
@@ -154,9 +181,9 @@ def sparsify_layout(module: TopKSurrogate, hooks: Hooks, about: Mapping[str, Any
         "skip_connection": False,
         "transcode": True,
         "d_in": module.d,
-        # Read by no loader (sparsify drops keys it does not know): for people and other tools.
+        # Read by no loader (sparsify drops keys it does not know); the directory carries the same name.
         "hookpoint": hooks.hookpoint,
-        "hf_hook_name": hooks.hf,
+        "hf_hook_name": hooks.hf_next,
         "postdiff": dict(about),
     }
     tensors = {
@@ -174,16 +201,14 @@ def _write(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], cfg_path: str,
     write_json(cfg, cfg_path)
 
 
-def _prepare(job: Job) -> tuple[TopKSurrogate, Hooks, dict[str, Any]]:
-    """The surrogate, its hooks in the PT model's module tree, and the semantics block."""
+def _prepare(path: str, layer: int, model: nn.Module, job: Job) -> tuple[TopKSurrogate, Hooks, dict[str, Any]]:
+    """The surrogate at ``path``, its hooks in PT's module tree ``model``, and the semantics block."""
     p = job.params
-    layer = int(p["layer"])
-    module, meta = load(job.input["module"])
+    module, meta = load(path)
     _check_source(module, meta, layer)
-    model = skeleton(p["pt"])
     n_blocks, width = len(decoder_layers(model)), model.config.get_text_config().hidden_size
     if not 0 <= layer < n_blocks or module.d != width:
-        raise ValueError(f"export of layer {layer}: {job.input['module']} (d={module.d}) does not fit {p['pt']!r} "
+        raise ValueError(f"export of layer {layer}: {path} (d={module.d}) does not fit {p['pt']!r} "
                          f"({n_blocks} blocks of width {width})")
     hooks = hooks_of(model, layer)
     about = semantics(hooks, p["pt"], p["it"], meta)
@@ -193,24 +218,31 @@ def _prepare(job: Job) -> tuple[TopKSurrogate, Hooks, dict[str, Any]]:
     return module, hooks, about
 
 
-def export_layer(job: Job) -> None:
-    """Stage. input: module, optional pair, and for SAELens shards (the train cache) and optional
-    teacher (train); params: layer, layers (the cache's), pt, it. output: ``saelens_cfg``,
-    ``saelens_weights``, ``saelens_sparsity`` and/or ``sparsify_cfg``, ``sparsify_weights``: the
-    layouts asked for by the outputs present."""
-    layouts = [layout for layout in LAYOUTS if f"{layout}_cfg" in job.output]
-    if not layouts:
-        raise ValueError(f"export: no output names a layout (want {', '.join(f'{x}_cfg' for x in LAYOUTS)})")
-    module, hooks, about = _prepare(job)
-    if "saelens" in layouts:
-        h_pt, _, _ = load_split(list(job.input["shards"]), hooks.layer, cache_expect(job, "teacher"))
-        counts = firing_counts(module, h_pt)
-        log.info("layer %d: %d of %d features never fire on train", hooks.layer, int((counts == 0).sum()), module.n_features)
-        sparsity = {**about, "sparsity": f"log10 of the firing rate (z > 0) on the {h_pt.shape[0]} train positions, plus {DENSITY_FLOOR}"}
-        cfg, tensors = saelens_layout(module, hooks, sparsity)
-        with atomic_path(job.output["saelens_sparsity"]) as tmp:
-            save_file({"sparsity": log10_density(counts, h_pt.shape[0])}, str(tmp))
-        _write(cfg, tensors, job.output["saelens_cfg"], job.output["saelens_weights"])
-    if "sparsify" in layouts:
+def export_saelens(job: Job) -> None:
+    """Stage. input: module, shards (the train cache), optional teacher (train) and pair; params:
+    layer, layers (the cache's), pt, it. output: ``cfg``, ``weights``, ``sparsity``."""
+    layer = int(job.params["layer"])
+    module, hooks, about = _prepare(job.input["module"], layer, skeleton(job.params["pt"]), job)
+    h_pt, _, _ = load_split(list(job.input["shards"]), layer, cache_expect(job, "teacher"))
+    counts = firing_counts(module, h_pt)
+    log.info("layer %d: %d of %d features never fire on train", layer, int((counts == 0).sum()), module.n_features)
+    sparsity = {**about, "sparsity": f"log10 of the firing rate (z > 0) on the {h_pt.shape[0]} train positions, plus {DENSITY_FLOOR}"}
+    cfg, tensors = saelens_layout(module, hooks, sparsity)
+    with atomic_path(job.output["sparsity"]) as tmp:
+        save_file({"sparsity": log10_density(counts, h_pt.shape[0])}, str(tmp))
+    _write(cfg, tensors, job.output["cfg"], job.output["weights"])
+
+
+def export_sparsify(job: Job) -> None:
+    """Stage. input: modules (one per layer of ``layers``, in that order), optional pair; params:
+    layers, pt, it. output: ``sparsify``, a directory with one ``<hookpoint>/`` per layer, as
+    sparsify's trainer saves them: ``SparseCoder.load_many(dir, local=True)`` keys by hookpoint."""
+    layers, paths = [int(layer) for layer in job.params["layers"]], list(job.input["modules"])
+    if len(layers) != len(paths):
+        raise ValueError(f"export: {len(paths)} surrogate files for layers {layers}")
+    model = skeleton(job.params["pt"])
+    for layer, path in zip(layers, paths):
+        module, hooks, about = _prepare(path, layer, model, job)
         cfg, tensors = sparsify_layout(module, hooks, about)
-        _write(cfg, tensors, job.output["sparsify_cfg"], job.output["sparsify_weights"])
+        where = Path(job.output["sparsify"]) / hooks.hookpoint
+        _write(cfg, tensors, str(where / "cfg.json"), str(where / "sae.safetensors"))

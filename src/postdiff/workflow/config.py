@@ -101,4 +101,11 @@ def cross_reference_problems(config: Mapping[str, Any], variants: Mapping[str, M
     if toy.get("plant") is not None and toy.get("architecture", "gemma3") != "llama":
         # Gemma 3 normalises each MLP output before the residual, so planted neurons are not additive.
         problems.append(f"toy.plant: a planted IT needs toy.architecture: llama, got {toy.get('architecture', 'gemma3')!r}")
+    export = config.get("export", {})
+    if export.get("hub"):
+        # What is published is the SAELens layout, for a model that others can run.
+        if not export.get("saelens"):
+            problems.append("export.hub: publishing needs export.saelens: true")
+        if config.get("pair", {}).get("pt") == "builtin":
+            problems.append("export.hub: the embedded pair (pair.pt: builtin) is no hosted model; set pair.pt to a hub id")
     return problems
