@@ -432,7 +432,14 @@ def test_the_published_repository_loads_with_saelens_from_pretrained(exported: d
 
     hub, snippet, repo = tmp_path / "hub", tmp_path / "registry/pretrained_saes.yaml", "postdiff-test/delta-saes"
     params = {"saes": [[0, LAYER]], "repo_id": repo, "release": "postdiff-test-delta", "model_id": "google/gemma-3-4b-pt"}
-    publish(Job(input={"cfgs": [exported["saelens"]["cfg"]]}, output={"hub": str(hub), "snippet": str(snippet)}, params=params))
+    dashboards = tmp_path / "saedashboard.sh"
+    publish(Job(input={"cfgs": [exported["saelens"]["cfg"]]},
+                output={"hub": str(hub), "snippet": str(snippet), "dashboards": str(dashboards)}, params=params))
+    command = dashboards.read_text().splitlines()[-1].split()
+    assert command[:3] == ["python", "-m", "sae_dashboard.neuronpedia.neuronpedia_runner"]
+    flag = dict(zip(command[3:], command[4:]))
+    assert (flag["--sae-set"], flag["--sae-path"], flag["--np-set-name"]) == ("postdiff-test-delta", "hub/seed0/L1", "postdiff-delta-s0")
+    assert (hub / flag["--sae-path"].removeprefix("hub/") / "cfg.json").is_file() and "--from-local-sae" in command
     assert sorted(p.relative_to(hub).as_posix() for p in hub.rglob("*") if p.is_file()) == [
         "README.md", "seed0/L1/cfg.json", "seed0/L1/sae_weights.safetensors", "seed0/L1/sparsity.safetensors"]
     assert yaml.safe_load(snippet.read_text()) == {"postdiff-test-delta": {

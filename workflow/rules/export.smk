@@ -17,8 +17,10 @@ EXPORT_FILES = [
       if EXPORT["saelens"] else []),
     *(expand(SPARSIFY_DIR, seed=SEEDS) if EXPORT["sparsify"] else []),
 ]
-# What publishing writes (config export.hub): the repository's directory and its registry entry.
-PUBLISH_FILES = [f"{RUN}/publish/hub", f"{RUN}/publish/pretrained_saes.yaml"] if EXPORT.get("hub") else []
+# What publishing writes (config export.hub): the repository's directory, its registry entry and
+# the SAEDashboard commands.
+PUBLISH_FILES = ([f"{RUN}/publish/hub", f"{RUN}/publish/pretrained_saes.yaml", f"{RUN}/publish/saedashboard.sh"]
+                 if EXPORT.get("hub") else [])
 
 
 if EXPORT["saelens"]:
@@ -88,6 +90,7 @@ if EXPORT.get("hub"):
         output:
             hub=directory(PUBLISH_FILES[0]),
             snippet=PUBLISH_FILES[1],
+            dashboards=PUBLISH_FILES[2],
         log:
             f"{RUN}/logs/publish.log",
         benchmark:

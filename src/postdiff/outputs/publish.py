@@ -1,7 +1,8 @@
 """What publishing a run's SAELens exports needs, written locally: the Hugging Face Hub repository
 (one folder per seed and layer, as SAELens's ``sae_lens`` loader reads them, and a model card)
-and the entry of SAELens's ``pretrained_saes.yaml`` that names them. Pushing is left to the user
-(``huggingface-cli upload``); nothing here touches the network.
+and the entry of SAELens's ``pretrained_saes.yaml`` that names them, and the SAEDashboard command
+for each SAE (the Neuronpedia dashboards). Pushing and running are left to the user
+(``huggingface-cli upload``, SAEDashboard's own environment); nothing here touches the network.
 """
 
 from __future__ import annotations
@@ -82,6 +83,29 @@ sae = SAE.from_pretrained("{repo_id}", "{saes[0].path}")
 """
 
 
+def dashboard_script(release: str, saes: Sequence[Published]) -> str:
+    """A shell script running SAEDashboard's Neuronpedia runner on each SAE of the repository.
+
+    The flags are those of ``sae_dashboard.neuronpedia.neuronpedia_runner``'s argument parser
+    (sae-dashboard 0.8); it cannot run in this project's environment (it pins TransformerLens 2
+    and transformers 4), so the script is written, not run. The text dataset is the user's."""
+    lines = [
+        "#!/usr/bin/env bash",
+        "# SAEDashboard's Neuronpedia runner on each SAE of hub/ (written by postdiff; run it from",
+        "# results/<run>/publish/ in an environment with sae-dashboard installed).",
+        "set -euo pipefail",
+        ': "${DATASET:?set DATASET to a Hugging Face text dataset, e.g. monology/pile-uncopyrighted}"',
+        'MODEL_DTYPE="${MODEL_DTYPE:-bfloat16}"',
+    ]
+    lines += [
+        f"python -m sae_dashboard.neuronpedia.neuronpedia_runner --from-local-sae --sae-set {release} "
+        f"--sae-path hub/{sae.path} --np-set-name postdiff-delta-s{sae.seed} --dataset-path \"$DATASET\" "
+        f"--sae_dtype float32 --model_dtype \"$MODEL_DTYPE\" --output-dir dashboards/"
+        for sae in saes
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def publish(job: Job) -> None:
     """Stage. input: ``cfgs``, the SAELens ``cfg.json`` of each seed and layer (in the order of
     params ``saes``, ``[seed, layer]`` pairs); params: repo_id, release, model_id. output:
@@ -103,3 +127,4 @@ def publish(job: Job) -> None:
     write_text(model_card(p["release"], p["repo_id"], p["model_id"], saes), hub / "README.md")
     entry = release_entry(p["release"], p["repo_id"], p["model_id"], saes)
     write_text(yaml.safe_dump(entry, sort_keys=False), job.output["snippet"])
+    write_text(dashboard_script(p["release"], saes), job.output["dashboards"])
