@@ -37,7 +37,7 @@ from postdiff.method.selection.search import (
     start,
     step_gains,
 )
-from postdiff.method.selection.sweep import jaccard, sweep_summary, sweep_table
+from postdiff.method.selection.sweep import jaccard, pool_owner, sweep_summary, sweep_table
 from postdiff.method.spec import Variant
 from postdiff.method.teacher import teacher
 from postdiff.models.loading import load_model
@@ -177,6 +177,25 @@ def test_baselines_match_sizes_and_are_seeded():
     assert mass_mask(sizes, scores_frame()) == {0: [1, 2], 1: [0]}  # tie at layer 1 -> lower id
     with pytest.raises(ValueError, match="cannot draw 4 of 3"):
         random_mask({0: 4}, {0: 3}, 0)
+
+
+def test_sweep_points_with_one_pool_have_one_owner():
+    """The owner of a point's pool is the first listed point with that pool (the locked point
+    comes first), whatever point asks; a point nobody shares owns its pool."""
+    s = scores_frame()
+    locked, grid, strict = ("1.0", "1.5"), [("1.0", "1.0"), ("1.0", "1.8"), ("1.0", "2.5")], ("0.0", "1.5")
+    points = [locked, *grid, strict]
+    # No score lies in [1.0, 1.5): cutoff 1.0 admits the locked pool; 1.8 drops (1, 1).
+    owners = {p: pool_owner(s, points, p, None) for p in points}
+    assert owners == {locked: locked, grid[0]: locked, grid[1]: grid[1], grid[2]: grid[2], strict: strict}
+    # With a cap of 2, 1.8's pool is the locked one too; the strict one keeps its own.
+    owners = {p: pool_owner(s, points, p, 2) for p in points}
+    assert owners == {locked: locked, grid[0]: locked, grid[1]: locked, grid[2]: grid[2], strict: strict}
+    # Owners own themselves, so no owner reads another point's selection.
+    assert all(pool_owner(s, points, o, 2) == o for o in owners.values())
+    # A point outside the list reads a listed owner; a point added before the locked one does not move it.
+    assert pool_owner(s, points, ("1.0", "1.2"), None) == locked
+    assert pool_owner(s, [locked, ("1.0", "1.2"), *grid], grid[0], None) == locked
 
 
 @pytest.mark.parametrize("n_shards", [1, 2, 3, 7])
@@ -427,12 +446,32 @@ def test_selection_stages_pick_the_feature_that_makes_the_gold_answers(world, tm
             assert g["gain"] == pytest.approx(g["objective"] - previous, abs=1e-12) and g["lo"] <= g["hi"]
             previous = g["objective"]
         assert previous == pytest.approx(result["objective"], abs=1e-12)
+        if rule == "cap":
+            shared_pool_is_read_not_selected(inputs, out, params, tmp_path)
         # Every step's objective is its mask's objective measured alone.
         for step, layer, feature, objective in steps.select("step", "layer", "feature", "objective").rows():
             mask = layer_mask([*chosen[: step - 1], (layer, feature)])
             alone = Variant(name="x", mode=template.mode, gates=full.gates, surrogates=full.surrogates, mask=mask)
             rec = evaluate(model, tok, rows, alone, V.edits(alone, modules), NEW, 5, None)
             assert objective == pytest.approx(RULES[rule].objective(selector_metrics(rec), refs, 0.5), abs=1e-12)
+
+
+def shared_pool_is_read_not_selected(inputs: dict, owner: dict, params: dict, tmp_path: Path) -> None:
+    """A sweep point whose pool is the owner's (a lower cutoff the cap makes no difference to)
+    writes the owner's mask, steps and records under its own thresholds, selecting nothing;
+    a point with another pool cannot read it."""
+    shared = {f"shared_{k}": v for k, v in owner.items()}
+    out = {k: str(tmp_path / f"shared_{k}") for k in owner}
+    select(Job(input={**inputs, **shared}, output=out, params={**params, "cap_cutoff": 0.5}))
+    mine, theirs = json.loads(open(out["mask"]).read()), json.loads(open(owner["mask"]).read())
+    assert mine["cutoff"] == 0.5 and mine["n_admitted"] > theirs["n_admitted"] and mine["cap_bound"]
+    assert mine["selected_at"] == theirs["selected_at"] == {"cutoff": 1.0, "exclusion": 10.0}
+    different = ("cutoff", "n_admitted", "cap_bound")
+    assert {k: v for k, v in mine.items() if k not in different} == {k: v for k, v in theirs.items() if k not in different}
+    for key in ("steps", "records"):
+        assert pl.read_parquet(out[key]).equals(pl.read_parquet(owner[key]))
+    with pytest.raises(ValueError, match="its pool is not this point's"):
+        select(Job(input={**inputs, **shared}, output=out, params={**params, "cap_cutoff": 2.9}))
 
 
 SHIPPED_TWIN = Path(__file__).resolve().parents[1] / "workflow/resources/hf_home/hub"

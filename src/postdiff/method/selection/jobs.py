@@ -25,7 +25,7 @@ import polars as pl
 
 from postdiff.method import variants as V
 from postdiff.method.evaluate import RECORD_SCHEMA, check_budget, evaluate_masks, load_pt
-from postdiff.method.selection.maskfile import layer_mask
+from postdiff.method.selection.maskfile import layer_mask, read_mask_file
 from postdiff.method.selection.scoring import aligned_records, selector_inputs
 from postdiff.method.selection.search import (
     ROLES,
@@ -286,6 +286,8 @@ class Selection:
                 "base_objective": self.base,
                 "cutoff": self.cutoff,
                 "exclusion": self.exclusion,
+                # The point whose job selected: itself, or the sweep point whose pool it shares.
+                "selected_at": {"cutoff": self.cutoff, "exclusion": self.exclusion},
                 "lambda": self.lam,
                 "size_cap": self.size_cap,
                 "accept": self.accept_rule,
@@ -299,6 +301,21 @@ class Selection:
             },
             out["mask"],
         )
+
+
+    def reuse(self) -> None:
+        """A sweep point's outputs from another point's selection over the same pool (inputs
+        ``shared_mask``, ``shared_steps``, ``shared_records``): its mask, steps and records,
+        with this point's thresholds and admitted count."""
+        shared = read_mask_file(self.job.input["shared_mask"])
+        if [tuple(pair) for pair in shared["pool"]] != self.pool:
+            raise ValueError(f"{self.job.input['shared_mask']}: its pool is not this point's; it cannot stand for this selection")
+        log.info("pool shared with the point at %s: its selection, not another one", shared["selected_at"])
+        out = self.job.output
+        write_parquet(pl.read_parquet(self.job.input["shared_steps"]), out["steps"])
+        write_parquet(pl.read_parquet(self.job.input["shared_records"]), out["records"])
+        write_json({**shared, "cutoff": self.cutoff, "exclusion": self.exclusion, "n_admitted": self.n_admitted,
+                    "cap_bound": len(self.pool) < self.n_admitted}, out["mask"])
 
 
 def _rule(job: Job) -> Rule:
@@ -315,8 +332,12 @@ def select(job: Job) -> None:
     rule's thresholds (``cap_cutoff`` and ``verb_exclusion``, or ``verb_cutoff``); input:
     ``variant`` (FullDelta spec), ``split``, ``teacher`` (selector), ``scores`` and the references'
     records (``pt_records``, ``it_records``, and for VMask ``full_records``); output: ``mask``
-    (JSON), ``steps`` and ``records`` (Parquet)."""
+    (JSON), ``steps`` and ``records`` (Parquet). With inputs ``shared_*``, another sweep
+    point's selection over the same pool, it copies that (:meth:`Selection.reuse`) and loads
+    no model."""
     sel = Selection.read(job, _rule(job))
+    if "shared_mask" in job.input:
+        return sel.reuse()
     objective = sel.objective() if sel.pool else None
     mask, value, steps = forward_select(sel.pool, objective, sel.base, sel.size_cap, sel.accept(sel.latest), sel.fill_to_cap)
     sel.write(mask, value, steps, sel.step_records(mask))
