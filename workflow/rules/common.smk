@@ -225,7 +225,7 @@ SEL = config["selection"]
 
 def selection_params(**extra):
     """A selection's own params; the jobs that evaluate candidates add `model_params()`."""
-    keys = ("lambda", "size_cap", "accept", "min_gain", "fill_to_cap", "evidence", "split_seed", "max_candidates", "max_new_tokens", "batch_size")
+    keys = ("lambda", "size_cap", "accept", "min_gain", "fill_to_cap", "evidence", "split_seed", "max_candidates", "max_new_tokens", "batch_size", "verify", "verify_margin")
     # Each accepted step's gain gets an interval from the same paired bootstrap as Table 2.
     gain_bootstrap = {k: config["bootstrap"][k] for k in ("B", "seed", "level")}
     return dict(**{k: SEL[k] for k in keys}, gain_bootstrap=gain_bootstrap, **extra)
