@@ -600,6 +600,25 @@ def test_a_zero_decoder_candidate_is_never_accepted_in_bf16(twin_selection, acce
         assert [1, 0] not in json.loads(Path(out["mask"]).read_text())["order"]
 
 
+def test_verified_masks_have_the_records_of_full_generation_in_bf16(twin_selection):
+    """On the rehearsal twin in bf16, where batch layout moves greedy tokens, verification at
+    the default margin gives the records of generating every mask (measured here with AVX-512
+    kernels; another CPU's rounding could put a near tie the other way in either path)."""
+    root, inputs, params = twin_selection
+    model, tok = load_model(params["pt"], "bfloat16", "cpu")
+    full = Variant.from_json(json.loads(Path(inputs["variant"]).read_text()))
+    modules, _ = V.materialise(full, "cpu")
+    template = Variant(name="x", mode="add_mask", gates=full.gates, surrogates=full.surrogates)
+    rows = read_rows(inputs["split"], inputs["teacher"])
+    masks = [{}, {1: [0]}, {1: [1]}, {1: [2]}, {1: [0, 1]}]
+    for batch_size in (5, 64):
+        expected = evaluate_masks(model, tok, rows, template, modules, masks, 8, batch_size)
+        records, verified = verify_masks(model, tok, rows, template, modules, masks, 8, batch_size, 0.05)
+        assert records.equals(expected), batch_size
+        # Feature 0's decoder row is zero: that mask edits as the incumbent does, on every prompt.
+        assert verified.verified >= rows.height and verified.diverged > 0
+
+
 def test_halves_split_each_slice_in_two_by_seed():
     slices = ["QA"] * 7 + ["Math"] * 4 + ["Format"] * 1
     choose = halves(slices, 0)
