@@ -13,7 +13,8 @@ records. ``--pools`` also times plain steps of ``P`` single-feature masks agains
 times (its benchmark files) are reported alongside.
 
     .venv/bin/python bench/selection.py [--run results/default] [--seed 0] [--batches 256,8]
-        [--steps 1,5] [--pools 1,2,4,8,16] [--out bench/results/selection_verify.json]
+        [--steps 1,5] [--margin 0.001] [--out bench/results/selection_verify.json]
+    .venv/bin/python bench/selection.py --batches "" --pools 1,2,4,8,16 --reps 2 --out bench/results/selection.json
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ import platform
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
@@ -40,6 +43,8 @@ from postdiff.method.spec import Variant
 from postdiff.workflow.config import threshold
 from postdiff.workflow.io import read_json, write_json
 from postdiff.workflow.runtime import Job
+
+T = TypeVar("T")
 
 
 def selection_job(run: Path, cfg: dict, seed: int) -> Job:
@@ -71,10 +76,8 @@ def compare_step(sel: Selection, modules: dict, masks: list[Mask], batch_size: i
     model, tokenizer = sel.pt
     args = (model, tokenizer, sel.rows, sel.variant, modules, [layer_mask(m) for m in masks],
             int(sel.job.params["max_new_tokens"]), batch_size)
-    plain = evaluate_masks(*args)
-    verified_records, verified = verify_masks(*args, margin)
-    plain_s = best_of(reps, lambda: evaluate_masks(*args))
-    verify_s = best_of(reps, lambda: verify_masks(*args, margin))
+    plain, plain_s = timed(reps, lambda: evaluate_masks(*args))
+    (verified_records, verified), verify_s = timed(reps, lambda: verify_masks(*args, margin))
     return {
         "masks": len(masks),
         "plain_s": plain_s,
@@ -97,11 +100,11 @@ def pool_scaling(sel: Selection, scores: pl.DataFrame, pools: list[int], reps: i
     pool = candidates(scores, RULES["cap"], float("-inf"), None, max(pools))
     objective = sel.objective()
     model, tokenizer = sel.pt
-    plain = best_of(reps, lambda: evaluate(model, tokenizer, sel.rows, Variant(name="PT", mode="pt"), {},
+    plain = timed(reps, lambda: evaluate(model, tokenizer, sel.rows, Variant(name="PT", mode="pt"), {},
                                            int(sel.job.params["max_new_tokens"]),
-                                           int(sel.job.params["batch_size"]), None))
-    seconds = {p: best_of(reps, lambda p=p: objective([(c,) for c in pool[:p]])) for p in pools if p <= len(pool)}
-    one = seconds.get(1) or best_of(reps, lambda: objective([(pool[0],)]))
+                                           int(sel.job.params["batch_size"]), None))[1]
+    seconds = {p: timed(reps, lambda p=p: objective([(c,) for c in pool[:p]]))[1] for p in pools if p <= len(pool)}
+    one = seconds.get(1) or timed(reps, lambda: objective([(pool[0],)]))[1]
     return {
         "plain_pt_generation_s": plain,
         "step_seconds": {str(p): s for p, s in seconds.items()},
@@ -110,13 +113,14 @@ def pool_scaling(sel: Selection, scores: pl.DataFrame, pools: list[int], reps: i
     }
 
 
-def best_of(reps: int, fn) -> float:
+def timed(reps: int, fn: Callable[[], T]) -> tuple[T, float]:
+    """``fn``'s result and its best wall time over ``reps`` calls."""
     times = []
     for _ in range(reps):
         start = time.perf_counter()
-        fn()
+        out = fn()
         times.append(time.perf_counter() - start)
-    return min(times)
+    return out, min(times)
 
 
 def run_seconds(run: Path, seed: int) -> dict[str, float]:
@@ -152,7 +156,7 @@ def main() -> None:
         str(b): {str(t): compare_step(sel, modules, [steps[t - 1][0], *(steps[t - 1][0] + (c,) for c in steps[t - 1][1])],
                                       b, args.margin, args.reps)
                  for t in wanted if t <= len(steps)}
-        for b in (int(b) for b in args.batches.split(","))
+        for b in (int(b) for b in args.batches.split(",") if b)
     }
     for b, per_step in comparison.items():
         for t, row in per_step.items():

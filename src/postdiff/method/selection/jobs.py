@@ -65,7 +65,7 @@ DEFAULTS = {
     "evidence": "split",
     "split_seed": 0,
     "verify": False,
-    "verify_margin": 0.05,
+    "verify_margin": 0.001,
 }
 
 
