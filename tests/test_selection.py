@@ -12,7 +12,7 @@ from test_evaluate import NEW, F, World, split_frame
 
 from postdiff.method import surrogate
 from postdiff.method import variants as V
-from postdiff.method.evaluate import evaluate, evaluate_masks, read_rows, teacher_records
+from postdiff.method.evaluate import evaluate, evaluate_masks, read_rows, teacher_records, verify_masks
 from postdiff.method.selection.baselines import baseline_masks, mass_mask, random_mask, score_mask
 from postdiff.method.selection.jobs import (
     STEP_RECORD_SCHEMA,
@@ -37,9 +37,12 @@ from postdiff.method.selection.search import (
     start,
     step_gains,
 )
-from postdiff.method.selection.sweep import jaccard, sweep_summary, sweep_table
+from postdiff.method.selection.sweep import jaccard, pool_owner, sweep_summary, sweep_table
 from postdiff.method.spec import Variant
 from postdiff.method.teacher import teacher
+from postdiff.models.forward import grouped_batches
+from postdiff.models.generation import generate, verify_then_generate
+from postdiff.models.hook import LayerEdit
 from postdiff.models.loading import load_model
 from postdiff.stats import metrics
 from postdiff.workflow.runtime import Job
@@ -177,6 +180,25 @@ def test_baselines_match_sizes_and_are_seeded():
     assert mass_mask(sizes, scores_frame()) == {0: [1, 2], 1: [0]}  # tie at layer 1 -> lower id
     with pytest.raises(ValueError, match="cannot draw 4 of 3"):
         random_mask({0: 4}, {0: 3}, 0)
+
+
+def test_sweep_points_with_one_pool_have_one_owner():
+    """The owner of a point's pool is the first listed point with that pool (the locked point
+    comes first), whatever point asks; a point nobody shares owns its pool."""
+    s = scores_frame()
+    locked, grid, strict = ("1.0", "1.5"), [("1.0", "1.0"), ("1.0", "1.8"), ("1.0", "2.5")], ("0.0", "1.5")
+    points = [locked, *grid, strict]
+    # No score lies in [1.0, 1.5): cutoff 1.0 admits the locked pool; 1.8 drops (1, 1).
+    owners = {p: pool_owner(s, points, p, None) for p in points}
+    assert owners == {locked: locked, grid[0]: locked, grid[1]: grid[1], grid[2]: grid[2], strict: strict}
+    # With a cap of 2, 1.8's pool is the locked one too; the strict one keeps its own.
+    owners = {p: pool_owner(s, points, p, 2) for p in points}
+    assert owners == {locked: locked, grid[0]: locked, grid[1]: locked, grid[2]: grid[2], strict: strict}
+    # Owners own themselves, so no owner reads another point's selection.
+    assert all(pool_owner(s, points, o, 2) == o for o in owners.values())
+    # A point outside the list reads a listed owner; a point added before the locked one does not move it.
+    assert pool_owner(s, points, ("1.0", "1.2"), None) == locked
+    assert pool_owner(s, [locked, ("1.0", "1.2"), *grid], grid[0], None) == locked
 
 
 @pytest.mark.parametrize("n_shards", [1, 2, 3, 7])
@@ -377,6 +399,14 @@ def test_selection_stages_pick_the_feature_that_makes_the_gold_answers(world, tm
                   "max_new_tokens": NEW, "batch_size": 16, "gain_bootstrap": {"B": 500, "seed": 0, "level": 0.95},
                   "fill_to_cap": False, "evidence": "same"}
         select(Job(input=inputs, output=out, params=params))
+        # Verify-then-generate selects the same mask from the same records.
+        verified = {k: str(tmp_path / f"{rule}_verified_{k}") for k in out}
+        select(Job(input=inputs, output=verified, params={**params, "verify": True, "verify_margin": 1e-3}))
+        checks = json.loads(open(verified["mask"]).read()).pop("verified")
+        assert json.loads(open(verified["mask"]).read()) == {**json.loads(open(out["mask"]).read()), "verified": checks}
+        assert [c["call"] for c in checks] == [1, 2, 3][: len(checks)] and all(c["verified"] <= c["rows"] for c in checks)
+        for key in ("steps", "records"):
+            assert pl.read_parquet(verified[key]).equals(pl.read_parquet(out[key])), key
         # The same selection as a cluster runs it: two candidate shards per step, merged.
         state, step_rows, step_records = [], [], []
         for step in (1, 2):
@@ -427,12 +457,85 @@ def test_selection_stages_pick_the_feature_that_makes_the_gold_answers(world, tm
             assert g["gain"] == pytest.approx(g["objective"] - previous, abs=1e-12) and g["lo"] <= g["hi"]
             previous = g["objective"]
         assert previous == pytest.approx(result["objective"], abs=1e-12)
+        if rule == "cap":
+            shared_pool_is_read_not_selected(inputs, out, params, tmp_path)
         # Every step's objective is its mask's objective measured alone.
         for step, layer, feature, objective in steps.select("step", "layer", "feature", "objective").rows():
             mask = layer_mask([*chosen[: step - 1], (layer, feature)])
             alone = Variant(name="x", mode=template.mode, gates=full.gates, surrogates=full.surrogates, mask=mask)
             rec = evaluate(model, tok, rows, alone, V.edits(alone, modules), NEW, 5, None)
             assert objective == pytest.approx(RULES[rule].objective(selector_metrics(rec), refs, 0.5), abs=1e-12)
+
+
+def shared_pool_is_read_not_selected(inputs: dict, owner: dict, params: dict, tmp_path: Path) -> None:
+    """A sweep point whose pool is the owner's (a lower cutoff the cap makes no difference to)
+    writes the owner's mask, steps and records under its own thresholds, selecting nothing;
+    a point with another pool cannot read it."""
+    shared = {f"shared_{k}": v for k, v in owner.items()}
+    out = {k: str(tmp_path / f"shared_{k}") for k in owner}
+    select(Job(input={**inputs, **shared}, output=out, params={**params, "cap_cutoff": 0.5}))
+    mine, theirs = json.loads(open(out["mask"]).read()), json.loads(open(owner["mask"]).read())
+    assert mine["cutoff"] == 0.5 and mine["n_admitted"] > theirs["n_admitted"] and mine["cap_bound"]
+    assert mine["selected_at"] == theirs["selected_at"] == {"cutoff": 1.0, "exclusion": 10.0}
+    different = ("cutoff", "n_admitted", "cap_bound")
+    assert {k: v for k, v in mine.items() if k not in different} == {k: v for k, v in theirs.items() if k not in different}
+    for key in ("steps", "records"):
+        assert pl.read_parquet(out[key]).equals(pl.read_parquet(owner[key]))
+    with pytest.raises(ValueError, match="its pool is not this point's"):
+        select(Job(input={**inputs, **shared}, output=out, params={**params, "cap_cutoff": 2.9}))
+
+
+@pytest.mark.parametrize("mode", ["add_mask", "minus_mask"])
+def test_verified_masks_have_the_records_of_full_generation(world, mode):
+    """Teacher-forcing each mask on the incumbent's tokens, then generating what does not
+    agree, gives every mask the records that generating all of them gives, row for row; a
+    copy of the incumbent is verified, masks that change the answer are generated."""
+    model, tok = load_model(world.pt, "float32", "cpu")
+    full = world.variant("FullDelta", "full")
+    modules, _ = V.materialise(full, "cpu")
+    template = Variant(name="x", mode=mode, gates=full.gates, surrogates=full.surrogates)
+    rows = world.rows()
+    masks = [{0: [1]}, {0: [1]}, *({0: [1], layer: sorted({1, f})} for layer in (0, 1) for f in range(0, F, 3))]
+    expected = evaluate_masks(model, tok, rows, template, modules, masks, NEW, 16)
+    for batch_size in (16, 5):
+        records, verified = verify_masks(model, tok, rows, template, modules, masks, NEW, batch_size, 1e-3)
+        assert records.equals(expected), batch_size
+        assert verified.rows == (len(masks) - 1) * rows.height
+        assert verified.verified + verified.diverged + verified.near_tie == verified.rows
+        assert verified.verified >= rows.height and verified.diverged > 0
+        assert sum(verified.diverged_at.values()) == verified.diverged
+
+
+def test_a_candidate_that_changes_one_token_mid_answer_is_generated(world):
+    """A candidate that pushes the last block's output at answer position 3 only keeps the
+    incumbent's first three tokens and then leaves them: verification finds it diverging at
+    position 3, and its generated tokens are those of full generation, not the incumbent's."""
+    model, tok = load_model(world.pt, "float32", "cpu")
+    prefixes = world.rows()["prefix_ids"].to_list()
+    n, at = len(prefixes), 3
+    push = 40.0 * model.get_output_embeddings().weight[5].detach()
+
+    def factory(idx: list[int]) -> dict[int, LayerEdit]:
+        calls = iter(range(10**6))  # a fresh count per batch: generation calls once per position
+        starts = torch.tensor([len(prefixes[r % n]) - 1 + at for r in idx])
+
+        def fn(h: torch.Tensor) -> torch.Tensor:
+            delta = torch.zeros_like(h)
+            if h.shape[1] == 1:
+                delta[:, 0] = push if next(calls) == at else 0.0
+            else:
+                delta[torch.arange(len(idx)), starts] = push
+            return delta
+
+        return {1: LayerEdit(torch.tensor([float(r >= n) for r in idx]), fn)}
+
+    expected = generate(model, tok, prefixes * 2, NEW, 8, edit_factory=factory,
+                        batches=grouped_batches([len(p) for p in prefixes], 2, 8))
+    changed = [i for i in range(n) if expected[n + i] != expected[i]]
+    assert changed and all(expected[n + i][0][:at] == expected[i][0][:at] for i in changed)
+    outputs, verified = verify_then_generate(model, tok, prefixes, 2, factory, NEW, 8, 1e-3)
+    assert outputs == expected
+    assert verified.diverged_at == {at: len(changed)} and verified.verified + verified.near_tie == n - len(changed)
 
 
 SHIPPED_TWIN = Path(__file__).resolve().parents[1] / "workflow/resources/hf_home/hub"
@@ -474,24 +577,46 @@ def twin_selection(tmp_path_factory):
                           "evidence": "same", "gain_bootstrap": {"B": 500, "seed": 0, "level": 0.95}}
 
 
+@pytest.mark.parametrize("verify", [False, True])
 @pytest.mark.parametrize("accept", ["gain", "interval"])
-def test_a_zero_decoder_candidate_is_never_accepted_in_bf16(twin_selection, accept):
+def test_a_zero_decoder_candidate_is_never_accepted_in_bf16(twin_selection, accept, verify):
     """bf16 greedy tokens depend on batch layout. A candidate that adds a zero decoder row edits
     nothing, so its gain over the incumbent must be exactly 0 whatever the batch size. Step 1
     generates 12 prompts x 4 masks: batch sizes 3 and 5 give one prompt's 4 rows a batch, 64
     all 48 rows one batch. (Rows merely sorted by length, as before, spread a prompt's masks
     over batches of 3 or 5: on this twin that changed 1 to 3 prompts' tokens for this
-    do-nothing candidate, measured with AVX-512 kernels.)"""
+    do-nothing candidate, measured with AVX-512 kernels.) With verification, a prompt whose
+    candidates are generated again takes its incumbent's tokens from the same batch."""
     root, inputs, params = twin_selection
     for batch_size in (3, 5, 64):
-        out = {k: str(root / f"{accept}_{batch_size}_{k}") for k in ("mask", "steps", "records")}
-        select(Job(input=inputs, output=out, params={**params, "accept": accept, "batch_size": batch_size}))
+        out = {k: str(root / f"{accept}_{batch_size}_{verify}_{k}") for k in ("mask", "steps", "records")}
+        select(Job(input=inputs, output=out, params={**params, "accept": accept, "batch_size": batch_size,
+                                                     "verify": verify}))
         steps = pl.read_parquet(out["steps"])
         zero = steps.filter(pl.col("feature") == 0)
         assert (zero["gain"] == 0.0).all() and not zero["chosen"].any(), (batch_size, zero)
         # The other candidates do edit PT: the test has power to see a change.
         assert (steps.filter(pl.col("step") == 1, pl.col("feature") != 0)["gain"] != 0.0).any()
         assert [1, 0] not in json.loads(Path(out["mask"]).read_text())["order"]
+
+
+def test_verified_masks_have_the_records_of_full_generation_in_bf16(twin_selection):
+    """On the rehearsal twin in bf16, where batch layout moves greedy tokens, verification at
+    the default margin gives the records of generating every mask (measured here with AVX-512
+    kernels; another CPU's rounding could put a near tie the other way in either path)."""
+    root, inputs, params = twin_selection
+    model, tok = load_model(params["pt"], "bfloat16", "cpu")
+    full = Variant.from_json(json.loads(Path(inputs["variant"]).read_text()))
+    modules, _ = V.materialise(full, "cpu")
+    template = Variant(name="x", mode="add_mask", gates=full.gates, surrogates=full.surrogates)
+    rows = read_rows(inputs["split"], inputs["teacher"])
+    masks = [{}, {1: [0]}, {1: [1]}, {1: [2]}, {1: [0, 1]}]
+    for batch_size in (5, 64):
+        expected = evaluate_masks(model, tok, rows, template, modules, masks, 8, batch_size)
+        records, verified = verify_masks(model, tok, rows, template, modules, masks, 8, batch_size, 0.05)
+        assert records.equals(expected), batch_size
+        # Feature 0's decoder row is zero: that mask edits as the incumbent does, on every prompt.
+        assert verified.verified >= rows.height and verified.diverged > 0
 
 
 def test_halves_split_each_slice_in_two_by_seed():

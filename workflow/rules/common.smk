@@ -154,9 +154,10 @@ def gate_names():
 
 
 VARIANTS = variant_table(config)
+LOCKED = (threshold(config["selection"]["verb_exclusion"]), threshold(config["selection"]["cap_cutoff"]))
 # Per seed (a `{seed}` pattern); the cap mask is the locked cutoff's.
 MASK_FILES = {
-    "cap": f"{SEED}/sweep/verb_exclusion={threshold(config['selection']['verb_exclusion'])}/cap_cutoff={threshold(config['selection']['cap_cutoff'])}/cap_mask.json",
+    "cap": f"{SEED}/sweep/verb_exclusion={LOCKED[0]}/cap_cutoff={LOCKED[1]}/cap_mask.json",
     "vmask": f"{SEED}/selection/vmask.json",
     "random": f"{SEED}/selection/random_mask.json",
     "mass": f"{SEED}/selection/mass_mask.json",
@@ -224,10 +225,30 @@ SEL = config["selection"]
 
 def selection_params(**extra):
     """A selection's own params; the jobs that evaluate candidates add `model_params()`."""
-    keys = ("lambda", "size_cap", "accept", "min_gain", "fill_to_cap", "evidence", "split_seed", "max_candidates", "max_new_tokens", "batch_size")
+    keys = ("lambda", "size_cap", "accept", "min_gain", "fill_to_cap", "evidence", "split_seed", "max_candidates", "max_new_tokens", "batch_size", "verify", "verify_margin")
     # Each accepted step's gain gets an interval from the same paired bootstrap as Table 2.
     gain_bootstrap = {k: config["bootstrap"][k] for k in ("B", "seed", "level")}
     return dict(**{k: SEL[k] for k in keys}, gain_bootstrap=gain_bootstrap, **extra)
+
+
+def shared_pool(wc):
+    """Input function of a one-job CapMask selection: nothing when it owns its pool, else the
+    mask, steps and records of the owner, the first sweep point with the same pool (the locked
+    point first, then the config's order, so adding a point never moves an existing owner).
+    Pools are known once the scores are, hence the checkpoint. Sharded selections keep their
+    own steps: behind a checkpoint their shard jobs would drop out of every dry run (and the
+    cost preview) until the scores exist."""
+    # Imported here: the Snakemake process needs polars only once scores exist.
+    import polars as pl
+    from postdiff.method.selection.sweep import pool_owner
+
+    scores = pl.read_parquet(checkpoints.score_features.get(seed=wc.seed).output.scores)
+    point = (wc.exclusion, wc.cutoff)
+    owner = pool_owner(scores, [LOCKED, *sweep_pairs()], point, SEL["max_candidates"])
+    if owner == point:
+        return {}
+    files = {**dict(wc.items()), "exclusion": owner[0], "cutoff": owner[1]}
+    return {f"shared_{key}": SELECTIONS["cap"][key].format(**files) for key in ("mask", "steps", "records")}
 
 
 # The two forward selections: where each writes its mask, steps, per-step work and logs.
@@ -239,6 +260,7 @@ SELECTIONS = {
         records=f"{SEED}/sweep/verb_exclusion={{exclusion}}/cap_cutoff={{cutoff}}/step_records.parquet",
         work=f"{SEED}/sweep/verb_exclusion={{exclusion}}/cap_cutoff={{cutoff}}/select",
         log="seed{seed}/sweep/verb_exclusion={exclusion}/cap_cutoff={cutoff}",
+        shared=shared_pool,
         params=selection_params(
             selection="cap",
             cap_cutoff=lambda wc: float(wc.cutoff),
@@ -252,6 +274,7 @@ SELECTIONS = {
         records=f"{SEED}/selection/vmask_step_records.parquet",
         work=f"{SEED}/selection/vmask",
         log="seed{seed}/selection/vmask",
+        shared=lambda wc: {},
         params=selection_params(selection="vmask", verb_cutoff=SEL["verb_cutoff"]),
     ),
 }

@@ -2,7 +2,8 @@
 # baseline masks, and the threshold sweep (every cutoff its own target), per surrogate seed.
 # Nothing here reads test.
 
-rule score_features:
+# A checkpoint: which sweep points share a candidate pool is read from its scores (shared_pool).
+checkpoint score_features:
     input:
         **SELECTOR,
         records=eval_file("selector", "FullDelta"),
@@ -58,6 +59,7 @@ wildcard_constraints:
 
 # One job per selection; or, with `selection.n_shards` > 1, every step's candidates cut into
 # shards that run as separate jobs, a cheap merge per step, and a cheap job writing the mask.
+# In one job, a sweep point whose pool an earlier point has copies that point's selection (shared_pool).
 for target, sel in SELECTIONS.items():
     if SEL["n_shards"] == 1:
 
@@ -65,6 +67,7 @@ for target, sel in SELECTIONS.items():
             name:
                 f"select_{target}"
             input:
+                unpack(sel["shared"]),
                 **sel["input"],
             output:
                 mask=sel["mask"],

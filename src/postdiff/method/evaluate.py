@@ -19,7 +19,7 @@ from postdiff.method import variants as V
 from postdiff.method.spec import MASKED, Variant
 from postdiff.method.surrogate import TopKSurrogate
 from postdiff.models.forward import EditFactory, Edits, grouped_batches, variant_kl
-from postdiff.models.generation import generate
+from postdiff.models.generation import Verified, generate, verify_then_generate
 from postdiff.models.loading import load_model, load_pair
 from postdiff.workflow.io import write_parquet
 from postdiff.workflow.runtime import Job
@@ -205,6 +205,26 @@ def stacked_masks(masks: Sequence[Mapping[int, Sequence[int]]], modules: Mapping
     return out
 
 
+def _candidates(
+    rows: pl.DataFrame, variant: Variant, modules: Mapping[int, TopKSurrogate], masks: Sequence[Mapping[int, Sequence[int]]]
+) -> tuple[pl.DataFrame, EditFactory]:
+    """Rows tiled over the masks (``candidate`` column; copy ``c`` of row ``i`` is ``c * n + i``)
+    and the factory giving each tiled row its mask's edits."""
+    if variant.mode not in MASKED:
+        raise ValueError(f"variant {variant.name!r}: mode {variant.mode!r} takes no mask (one of {MASKED})")
+    if not masks:
+        raise ValueError("evaluate_masks: no masks given")
+    n = rows.height
+    tiled = pl.concat([rows.with_columns(pl.lit(c, dtype=pl.Int64).alias("candidate")) for c in range(len(masks))])
+    stack = stacked_masks(masks, modules)
+
+    def factory(idx: list[int]) -> Edits:
+        cand = torch.as_tensor([i // n for i in idx], dtype=torch.long)
+        return V.edits(variant, modules, masks={layer: m[cand.to(m.device)] for layer, m in stack.items()})
+
+    return tiled, factory
+
+
 def evaluate_masks(
     model: nn.Module,
     tokenizer,
@@ -222,23 +242,34 @@ def evaluate_masks(
     (:func:`postdiff.models.forward.grouped_batches`), so two masks whose edits are equal give equal
     records, in bf16 too.
     """
-    if variant.mode not in MASKED:
-        raise ValueError(f"variant {variant.name!r}: mode {variant.mode!r} takes no mask (one of {MASKED})")
-    if not masks:
-        raise ValueError("evaluate_masks: no masks given")
-    n = rows.height
-    tiled = pl.concat([rows.with_columns(pl.lit(c, dtype=pl.Int64).alias("candidate")) for c in range(len(masks))])
-    stack = stacked_masks(masks, modules)
-
-    def factory(idx: list[int]) -> Edits:
-        cand = torch.as_tensor([i // n for i in idx], dtype=torch.long)
-        return V.edits(variant, modules, masks={layer: m[cand.to(m.device)] for layer, m in stack.items()})
-
+    tiled, factory = _candidates(rows, variant, modules, masks)
     batches = grouped_batches([len(p) for p in rows["prefix_ids"].to_list()], len(masks), batch_size)
     return generate_records(
         model, tokenizer, tiled, variant.name, max_new_tokens, batch_size, edit_factory=factory, keep=("candidate",),
         batches=batches,
     )
+
+
+def verify_masks(
+    model: nn.Module,
+    tokenizer,
+    rows: pl.DataFrame,
+    variant: Variant,
+    modules: Mapping[int, TopKSurrogate],
+    masks: Sequence[Mapping[int, Sequence[int]]],
+    max_new_tokens: int,
+    batch_size: int,
+    margin: float,
+) -> tuple[pl.DataFrame, Verified]:
+    """The records of :func:`evaluate_masks`, generating only ``masks[0]`` (the incumbent) and
+    the masks whose teacher-forced argmax leaves its tokens
+    (:func:`postdiff.models.generation.verify_then_generate`); a mask that keeps them has its
+    records, as its greedy output is its tokens."""
+    tiled, factory = _candidates(rows, variant, modules, masks)
+    outputs, verified = verify_then_generate(model, tokenizer, rows["prefix_ids"].to_list(), len(masks), factory,
+                                             max_new_tokens, batch_size, margin)
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids, _ in outputs]
+    return records_frame(tiled, variant.name, outputs, texts, None, ("candidate",)), verified
 
 
 def read_rows(split_path: str, teacher_path: str) -> pl.DataFrame:

@@ -76,8 +76,8 @@ class _Batch:
         self.start = min(len(rows[i][0]) for i in idx) - 1
 
     @torch.inference_mode()
-    def logprobs(self, model: nn.Module, edits: Edits) -> Tensor:
-        """Float32 log-probs ``[N, V]`` at the batch's answer positions, row-major."""
+    def logits(self, model: nn.Module, edits: Edits) -> Tensor:
+        """Float32 logits ``[N, V]`` at the batch's answer positions, row-major."""
         with intervene(model, edits, self.answer_mask):
             logits = model(
                 input_ids=self.input_ids,
@@ -85,7 +85,11 @@ class _Batch:
                 use_cache=False,
                 logits_to_keep=self.input_ids.shape[1] - self.start,
             ).logits
-        return torch.log_softmax(logits[self.answer_mask[:, self.start :]].float(), dim=-1)
+        return logits[self.answer_mask[:, self.start :]].float()
+
+    def logprobs(self, model: nn.Module, edits: Edits) -> Tensor:
+        """Float32 log-probs ``[N, V]`` at the batch's answer positions, row-major."""
+        return torch.log_softmax(self.logits(model, edits), dim=-1)
 
 
 def _batches(rows: Sequence[Row], batch_size: int, model: nn.Module, desc: str) -> Iterator[_Batch]:
@@ -107,6 +111,17 @@ def answer_logprobs(
     for batch in _batches(rows, batch_size, model, "answer log-probs"):
         lp = batch.logprobs(model, edits_for(batch.idx, variant))
         yield from zip(batch.idx, lp.split(batch.counts))
+
+
+def answer_argmax(
+    model: nn.Module, rows: Sequence[Row], batch_size: int, edit_factory: EditFactory
+) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """Yield ``(row index, argmax [n], margin [n])`` per row, in batch order: the greedy token at
+    each answer position of a teacher-forced pass and its logit's lead over the runner-up."""
+    for batch in _batches(rows, batch_size, model, "answer argmax"):
+        top = batch.logits(model, edit_factory(batch.idx)).topk(2, dim=-1)
+        margin = top.values[:, 0] - top.values[:, 1]
+        yield from zip(batch.idx, top.indices[:, 0].split(batch.counts), margin.split(batch.counts))
 
 
 def reference_logprobs(model: nn.Module, rows: Sequence[Row], batch_size: int) -> list[Tensor]:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from postdiff.models.forward import EditFactory, Edits, as_variant, edits_for, length_sorted_batches
+from postdiff.models.forward import EditFactory, Edits, answer_argmax, as_variant, edits_for, length_sorted_batches
 from postdiff.models.hook import intervene
 from postdiff.models.loading import stop_set
 from postdiff.models.template import left_padded_prompts
@@ -81,3 +82,87 @@ def generate(
                 results[i] = cut_at_eos(out[row, ids.shape[1] :].tolist(), eos)
             bar.update(len(idx))
     return results
+
+
+@dataclass
+class Verified:
+    """What verification decided for the non-incumbent rows of one call: ``verified`` took the
+    incumbent's tokens; ``diverged`` had another greedy token (``diverged_at``: how many first
+    did so at each answer position); ``near_tie`` agreed but with a margin under the
+    tolerance, or had an incumbent that did. The last two were generated."""
+
+    rows: int = 0
+    verified: int = 0
+    diverged: int = 0
+    near_tie: int = 0
+    diverged_at: dict[int, int] = field(default_factory=dict)
+
+
+def verify_then_generate(
+    model: nn.Module,
+    tokenizer,
+    prefixes: Sequence[Sequence[int]],
+    n_groups: int,
+    edit_factory: EditFactory,
+    max_new_tokens: int,
+    batch_size: int,
+    margin: float,
+) -> tuple[list[tuple[list[int], bool]], Verified]:
+    """Greedy ``(token_ids, eos)`` of ``n_groups`` copies of the prompts (copy ``g`` of prompt
+    ``i`` is row ``g * n + i``; ``edit_factory`` gets those indices), as :func:`generate` gives
+    them, generating only what the incumbent (copy 0) does not settle.
+
+    Greedy decoding is its argmax at each position, so a copy whose teacher-forced argmax on
+    the incumbent's tokens (stop token included) is those tokens would generate them. A pass
+    without the KV cache rounds differently from a cached decode: a position whose top two
+    logits are within ``margin`` of each other, in the copy or in the incumbent, does not
+    count as agreement. A prompt with a copy that does not agree is generated again from
+    scratch, that copy and the incumbent in one batch, and its agreeing copies take the
+    incumbent's new tokens: copies with equal edits still get equal tokens, in bf16 too."""
+    n = len(prefixes)
+    incumbent = generate(model, tokenizer, prefixes, max_new_tokens, batch_size, edit_factory=edit_factory)
+    rows = [(prefixes[r % n], incumbent[r % n][0]) for r in range(n_groups * n)]
+    agrees, diverges_at = [False] * len(rows), [-1] * len(rows)
+    for r, argmax, lead in answer_argmax(model, rows, batch_size, edit_factory):
+        wrong = (argmax.cpu() != torch.as_tensor(rows[r][1])).nonzero()
+        diverges_at[r] = int(wrong[0]) if len(wrong) else -1
+        agrees[r] = not len(wrong) and bool((lead >= margin).all())
+    held = [agrees[r] and agrees[r % n] for r in range(len(rows))]
+    redo = {i: [i, *(r for r in range(n + i, len(rows), n) if not held[r])] for i in range(n) if not all(held[i::n])}
+    outputs = [incumbent[r % n] for r in range(len(rows))]
+    if redo:
+        order = [r for copies in redo.values() for r in copies]
+        batches = _prompt_batches(list(redo.values()), [len(prefixes[i]) for i in redo], batch_size)
+        at = {r: k for k, r in enumerate(order)}
+        again = generate(model, tokenizer, [rows[r][0] for r in order], max_new_tokens, batch_size,
+                         edit_factory=lambda idx: edit_factory([order[k] for k in idx]),
+                         batches=[[at[r] for r in batch] for batch in batches])
+        for r in range(len(rows)):
+            if r % n in redo:
+                outputs[r] = again[at[r if r in at else r % n]]
+    return outputs, _verified(held, diverges_at, n)
+
+
+def _prompt_batches(copies: list[list[int]], lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Batches of row indices that keep each prompt's ``copies`` together (longest prompts
+    first), as many prompts a batch as ``batch_size`` rows allow (at least one)."""
+    batches: list[list[int]] = [[]]
+    for k in sorted(range(len(copies)), key=lambda k: -lengths[k]):
+        if batches[-1] and len(batches[-1]) + len(copies[k]) > batch_size:
+            batches.append([])
+        batches[-1].extend(copies[k])
+    return batches
+
+
+def _verified(held: list[bool], diverges_at: list[int], n: int) -> Verified:
+    stats = Verified(rows=len(held) - n)
+    for r in range(n, len(held)):
+        if diverges_at[r] >= 0:
+            stats.diverged += 1
+            stats.diverged_at[diverges_at[r]] = stats.diverged_at.get(diverges_at[r], 0) + 1
+        elif held[r]:
+            stats.verified += 1
+        else:
+            stats.near_tie += 1
+    stats.diverged_at = dict(sorted(stats.diverged_at.items()))
+    return stats

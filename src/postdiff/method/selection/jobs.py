@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import Any
 
@@ -24,8 +24,8 @@ import numpy as np
 import polars as pl
 
 from postdiff.method import variants as V
-from postdiff.method.evaluate import RECORD_SCHEMA, check_budget, evaluate_masks, load_pt
-from postdiff.method.selection.maskfile import layer_mask
+from postdiff.method.evaluate import RECORD_SCHEMA, check_budget, evaluate_masks, load_pt, verify_masks
+from postdiff.method.selection.maskfile import layer_mask, read_mask_file
 from postdiff.method.selection.scoring import aligned_records, selector_inputs
 from postdiff.method.selection.search import (
     ROLES,
@@ -64,6 +64,8 @@ DEFAULTS = {
     "fill_to_cap": True,
     "evidence": "split",
     "split_seed": 0,
+    "verify": False,
+    "verify_margin": 0.001,
 }
 
 
@@ -118,6 +120,8 @@ class Selection:
     # Records of every mask of each batched call in this job, call by call: a step's incumbent
     # and chosen records come from the same call.
     calls: list[dict[Mask, pl.DataFrame]] = field(default_factory=list)
+    # With ``verify``, what verification decided in each call (:class:`~postdiff.models.generation.Verified`).
+    verified: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def read(cls, job: Job, rule: Rule) -> Selection:
@@ -235,8 +239,16 @@ class Selection:
         def objective(masks: list[Mask]) -> list[float]:
             if not masks:
                 return []
-            records = evaluate_masks(model, tokenizer, self.rows, self.variant, modules, [layer_mask(m) for m in masks],
-                                     int(p["max_new_tokens"]), self.job.batch_size())
+            args = (model, tokenizer, self.rows, self.variant, modules, [layer_mask(m) for m in masks],
+                    int(p["max_new_tokens"]), self.job.batch_size())
+            if p.get("verify", DEFAULTS["verify"]):
+                records, verified = verify_masks(*args, float(p.get("verify_margin", DEFAULTS["verify_margin"])))
+                self.verified.append({"call": len(self.calls) + 1, "masks": len(masks), **asdict(verified)})
+                log.info("call %d: %d of %d candidate rows verified, %d diverged (first at %s), %d near ties",
+                         len(self.calls) + 1, verified.verified, verified.rows, verified.diverged,
+                         verified.diverged_at, verified.near_tie)
+            else:
+                records = evaluate_masks(*args)
             call = {mask: records.filter(pl.col("candidate") == c).drop("candidate") for c, mask in enumerate(masks)}
             self.calls.append(call)
             return [self.score(call[mask], "choose") for mask in masks]
@@ -286,6 +298,8 @@ class Selection:
                 "base_objective": self.base,
                 "cutoff": self.cutoff,
                 "exclusion": self.exclusion,
+                # The point whose job selected: itself, or the sweep point whose pool it shares.
+                "selected_at": {"cutoff": self.cutoff, "exclusion": self.exclusion},
                 "lambda": self.lam,
                 "size_cap": self.size_cap,
                 "accept": self.accept_rule,
@@ -296,9 +310,25 @@ class Selection:
                 "n_candidates": len(self.pool),
                 "cap_bound": len(self.pool) < self.n_admitted,
                 "pool": [list(pair) for pair in self.pool],
+                **({"verified": self.verified} if self.verified else {}),
             },
             out["mask"],
         )
+
+
+    def reuse(self) -> None:
+        """A sweep point's outputs from another point's selection over the same pool (inputs
+        ``shared_mask``, ``shared_steps``, ``shared_records``): its mask, steps and records,
+        with this point's thresholds and admitted count."""
+        shared = read_mask_file(self.job.input["shared_mask"])
+        if [tuple(pair) for pair in shared["pool"]] != self.pool:
+            raise ValueError(f"{self.job.input['shared_mask']}: its pool is not this point's; it cannot stand for this selection")
+        log.info("pool shared with the point at %s: its selection, not another one", shared["selected_at"])
+        out = self.job.output
+        write_parquet(pl.read_parquet(self.job.input["shared_steps"]), out["steps"])
+        write_parquet(pl.read_parquet(self.job.input["shared_records"]), out["records"])
+        write_json({**shared, "cutoff": self.cutoff, "exclusion": self.exclusion, "n_admitted": self.n_admitted,
+                    "cap_bound": len(self.pool) < self.n_admitted}, out["mask"])
 
 
 def _rule(job: Job) -> Rule:
@@ -315,8 +345,12 @@ def select(job: Job) -> None:
     rule's thresholds (``cap_cutoff`` and ``verb_exclusion``, or ``verb_cutoff``); input:
     ``variant`` (FullDelta spec), ``split``, ``teacher`` (selector), ``scores`` and the references'
     records (``pt_records``, ``it_records``, and for VMask ``full_records``); output: ``mask``
-    (JSON), ``steps`` and ``records`` (Parquet)."""
+    (JSON), ``steps`` and ``records`` (Parquet). With inputs ``shared_*``, another sweep
+    point's selection over the same pool, it copies that (:meth:`Selection.reuse`) and loads
+    no model."""
     sel = Selection.read(job, _rule(job))
+    if "shared_mask" in job.input:
+        return sel.reuse()
     objective = sel.objective() if sel.pool else None
     mask, value, steps = forward_select(sel.pool, objective, sel.base, sel.size_cap, sel.accept(sel.latest), sel.fill_to_cap)
     sel.write(mask, value, steps, sel.step_records(mask))

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 import polars as pl
 
 from postdiff.method.selection.maskfile import forced, mask_of, read_mask_file
-from postdiff.method.selection.search import Pair
+from postdiff.method.selection.search import RULES, Pair, candidates
 from postdiff.workflow.io import write_parquet, write_text
 from postdiff.workflow.runtime import Job
 
@@ -26,6 +26,21 @@ SWEEP_SCHEMA = {"rule": pl.String, "cutoff": pl.Float64, "exclusion": pl.Float64
                 "n_admitted": pl.Int64, "n_pool": pl.Int64, "cap_bound": pl.Boolean, "pool_jaccard": pl.Float64,
                 "n_features": pl.Int64, "mask": pl.String, "mask_jaccard": pl.Float64, "same_as_locked": pl.Boolean,
                 "objective": pl.Float64, "forced": pl.Boolean, "pools_differ": pl.Boolean}
+
+
+# A sweep point: (verb_exclusion, cap_cutoff), as numbers or in their path form.
+Point = tuple[float | str, float | str]
+
+
+def pool_owner(scores: pl.DataFrame, points: Sequence[Point], point: Point, max_candidates: int | None) -> Point:
+    """The first of ``points`` (then ``point`` itself) whose CapMask candidate pool is
+    ``point``'s. Selection reads nothing of a point but its pool, so two points with one pool
+    select the same mask: only the owner selects, and the others copy its result."""
+    def pool(p: Point) -> list[Pair]:
+        return candidates(scores, RULES["cap"], float(p[1]), float(p[0]), max_candidates)
+
+    mine = pool(point)
+    return next(p for p in [*points, point] if p == point or pool(p) == mine)
 
 
 def sweep_table(masks: Sequence[Mapping], locked: Mapping) -> pl.DataFrame:
