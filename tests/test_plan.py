@@ -155,11 +155,11 @@ def test_the_command_prints_the_table_and_its_assumptions(capsys: pytest.Capture
     main(["--configfile", str(workdir / "config/gemma3-4b.yaml"), "--directory", str(workdir)])
     out = capsys.readouterr().out
     total = next(line for line in out.splitlines() if line.startswith("total"))
-    assert total.split()[1:4] == ["128", "64", "64"]
+    assert total.split()[1:4] == ["130", "64", "64"]
     low, high = map(float, total.split()[-1].split("-"))
     assert 2 < low < high < 6  # GPU-hours: a band, not one figure
     assert "seed 0 26 / 26; seed 1 26 / 26" in out and THROUGHPUT_LINE in out and "width: 2560" in out
-    assert "SLURM submissions: 75 (64 GPU jobs; the other 53 jobs are localrules" in out
+    assert "SLURM submissions: 77 (64 GPU jobs; the other 53 jobs are localrules" in out
     # Each GPU rule's runtime request, and the site settings still to fill in, by name.
     assert "  train_surrogate: 4 jobs, 35 min" in out and "  evaluate: 27 jobs, 10 min" in out
     for name in ("default-resources: slurm_partition: 'SET_ME_partition'", "default-resources: slurm_account: 'SET_ME_account'",
