@@ -37,13 +37,24 @@ for _rule in workflow.rules:
         raise WorkflowError(f"rule {_rule.name}: take its params from stage(entry, ...) (workflow/rules/common.smk)")
 
 
+# A group job (slurm/config.yaml's `groups:`) is one submission; the cap on GPU_SLOT applies
+# inside each group only, never to how many jobs the cluster runs at once.
+resource_scopes:
+    **{GPU_SLOT: "local"},
+
+
 onstart:
     from postdiff.models.preflight import exit_on_problems
-    from postdiff.workflow.config import placeholder_problems
+    from postdiff.workflow.config import group_problems, placeholder_problems
 
     # Locally the SLURM keys are ignored; on a cluster a placeholder would reach sbatch.
     if not workflow.local_exec and (site := placeholder_problems(config)):
         print("\n".join(["postdiff: the cluster settings are not filled in:", *site]), file=sys.stderr)
+        sys.exit(1)
+    # Locally groups are ignored; on a cluster, without the cap, a group would ask for a GPU per job.
+    grouped = sorted(rule.name for rule in workflow.rules if rule.group is not None)
+    if not workflow.local_exec and (problem := group_problems(grouped, dict(workflow.global_resources.unwrapped_items()))):
+        print(f"postdiff: {problem}", file=sys.stderr)
         sys.exit(1)
     exit_on_problems(config)
 

@@ -41,7 +41,7 @@ wildcard_constraints:
 SRC = Path(workflow.basedir) / "src"
 sys.path.insert(0, str(SRC))
 from postdiff.workflow.codehash import code_hash as _code_hash, tree_hash
-from postdiff.workflow.config import (SHARED_GATES, SURROGATE_MODES, cross_reference_problems, seeded as _seeded,
+from postdiff.workflow.config import (GPU_SLOT, SHARED_GATES, SURROGATE_MODES, cross_reference_problems, seeded as _seeded,
                                      gpu_request, grown, sweep_pairs as _sweep_pairs, threshold, variant_table)
 
 
@@ -109,7 +109,8 @@ def gpu_resources(rule):
         if key in res:
             res[key] = lambda wildcards, attempt, value=res[key], cap=caps.get(key): grown(
                 value(wildcards) if callable(value) else value, attempt, cap)
-    return {**res, "attempt": lambda wildcards, attempt: attempt}
+    # GPU_SLOT: one per model job, under either gpu_flag; a grouped run caps it at 1 (group_problems).
+    return {**res, GPU_SLOT: 1, "attempt": lambda wildcards, attempt: attempt}
 
 
 @functools.cache

@@ -6,7 +6,7 @@ imports it while it parses the rules."""
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 
@@ -35,6 +35,23 @@ def gpu_request(resources: Mapping[str, Any], flag: str) -> dict[str, Any]:
     n, model = res.pop("gpu", 1), res.pop("gpu_model", None)
     res["gres"] = f"gpu:{model}:{n}" if model else f"gpu:{n}"
     return res
+
+
+# The resource every model job holds one of (workflow/rules/common.smk); a cluster run that groups
+# model jobs caps it at 1, so that Snakemake runs a group's jobs one after another.
+GPU_SLOT = "gpu_slot"
+
+
+def group_problems(grouped: Sequence[str], limits: Mapping[str, Any]) -> str | None:
+    """Why grouping the rules ``grouped`` is unsafe under the run's ``--resources`` ``limits``, or
+    None. Snakemake sizes a group by stacking its parallel jobs only as far as the limits force it:
+    without ``gpu_slot=1`` a group of n independent model jobs asks for n GPUs (``--gpus``), or
+    with ``--gres`` for one GPU and the runtime of its longest job only."""
+    if not grouped or limits.get(GPU_SLOT) == 1:
+        return None
+    return (f"rules {', '.join(grouped)} are grouped, but --resources has {GPU_SLOT}={limits.get(GPU_SLOT)}: "
+            f"add {GPU_SLOT}=1 (slurm/config.yaml has it; a --resources on the command line replaces the "
+            "profile's list), or drop the groups")
 
 
 PLACEHOLDER = "SET_ME"
