@@ -92,7 +92,7 @@ def test_bytes_by_hand() -> None:
 def test_job_counts_are_the_dry_runs(configfile: str, tmp_path: Path) -> None:
     workdir = copy_workflow(tmp_path)
     expected = planned_jobs(workdir, configfile=configfile)  # snakemake -n's own job stats
-    config, jobs = dag_jobs(workdir, [workdir / configfile])
+    config, jobs, _ = dag_jobs(workdir, [workdir / configfile])
     counts: dict[str, int] = {}
     for job in jobs:
         counts[job.rule] = counts.get(job.rule, 0) + 1
@@ -106,7 +106,7 @@ def test_job_counts_are_the_dry_runs(configfile: str, tmp_path: Path) -> None:
 
 def assert_plan_matches_run(workdir: Path, configfile: str) -> None:
     """The preview of a finished run against what the run did: tokens, and bytes on disk."""
-    config, jobs = dag_jobs(workdir, [workdir / configfile])
+    config, jobs, _ = dag_jobs(workdir, [workdir / configfile])
     run = workdir / "results" / config["run"]
     # Before anything is written, split sizes come from suite.sizes per slice: the files agree.
     assert split_sizes(config, workdir / "nowhere") == split_sizes(config, run) == {
@@ -159,7 +159,10 @@ def test_the_command_prints_the_table_and_its_assumptions(capsys: pytest.Capture
     low, high = map(float, total.split()[-1].split("-"))
     assert 2 < low < high < 6  # GPU-hours: a band, not one figure
     assert "seed 0 26 / 26; seed 1 26 / 26" in out and THROUGHPUT_LINE in out and "width: 2560" in out
-    assert "SLURM submissions: 77 (64 GPU jobs; the other 53 jobs are localrules" in out
+    # The profile's groups: a seed's gates and surrogate metrics, a seed's evaluations per split.
+    assert "job groups, 77 without (64 GPU jobs and 13 CPU jobs; the other 53 jobs are localrules" in out
+    assert "SLURM submissions: 48 with " in out
+    assert "  seed0/gates: 5 jobs, gpu 1, 50 min" in out and "  seed1/eval_test: 11 jobs, gpu 1, 110 min" in out
     # Each GPU rule's runtime request, and the site settings still to fill in, by name.
     assert "  train_surrogate: 4 jobs, 35 min" in out and "  evaluate: 27 jobs, 10 min" in out
     for name in ("default-resources: slurm_partition: 'SET_ME_partition'", "default-resources: slurm_account: 'SET_ME_account'",

@@ -13,8 +13,10 @@ a selection may find fewer candidates than ``max_candidates``: their counts are 
 GPU-hours are the tokens over :class:`Estimates`' throughputs plus a model-load time per model
 job, as a low-high band: estimates, not measurements. The same figures set each model job's
 ``runtime`` request (its high estimate times ``resources.runtime_margin``; common.smk), and the
-preview prints what the DAG asks per rule. It also names each SLURM site setting that is unset or
-still a ``SET_ME`` placeholder. Nothing here imports torch or transformers: it runs on a login node.
+preview prints what the DAG asks per rule. SLURM submissions are counted with the profile's job
+groups (``groups``, ``group-components``, ``resources``) and without, with what each group asks.
+It also names each SLURM site setting that is unset or still a ``SET_ME`` placeholder. Nothing
+here imports torch or transformers: it runs on a login node.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import polars as pl
 from postdiff.data.checkers import SLICES
 from postdiff.data.splits import SPLITS
 from postdiff.models.preflight import BUILTIN
+from postdiff.workflow.config import group_problems
 
 # Estimates for one H100 in bf16 at Gemma 3 4B's size (config/gemma3-4b.yaml's header): not
 # measured, no GPU was lent when they were set (issues 20, 27). Each is a (low, high) range;
@@ -106,7 +109,8 @@ class JobFacts:
     gpu: bool
     loads: bool  # its params carry `device`: it loads the pair (tests/test_resources.py)
     runtime: int | None = None  # minutes it asks for at its first attempt
-    submitted: bool = True  # on a cluster it is a submission of its own (not a localrule)
+    submitted: bool = True  # on a cluster it is a submitted job (not a localrule)
+    group: str | None = None  # the group job it is submitted in, with the profile's groups
 
     @property
     def seed(self) -> int | None:
@@ -120,25 +124,66 @@ def requests_gpu(resources: Mapping) -> bool:
     return bool(resources.get("gpu", 0)) or str(resources.get("gres", "")).startswith("gpu")
 
 
-def dag_jobs(workdir: Path, configfiles: Sequence[Path]) -> tuple[dict, list[JobFacts]]:
-    """The resolved config and every job a run from scratch would run (a dry run in `workdir`)."""
+@dataclass(frozen=True)
+class Grouping:
+    """A profile's job groups: rule -> group id (``groups``), group id -> how many unconnected
+    parts it may join (``group-components``), and the ``resources`` limits that size a group."""
+
+    groups: Mapping[str, str] = field(default_factory=dict)
+    components: Mapping[str, int] = field(default_factory=dict)
+    limits: Mapping[str, int] = field(default_factory=dict)
+
+
+def _pairs(entries: Sequence[str] | None) -> dict[str, str]:
+    """A profile's ``KEY=VALUE`` list as Snakemake's command line reads it."""
+    return dict(str(e).split("=", 1) for e in entries or [])
+
+
+def read_grouping(profile: Path) -> Grouping:
+    """The job groups a run with the SLURM ``profile`` submits (none without the file)."""
+    import yaml
+
+    given = (yaml.safe_load(profile.read_text()) if profile.is_file() else None) or {}
+    return Grouping(groups=_pairs(given.get("groups")),
+                    components={k: int(v) for k, v in _pairs(given.get("group-components")).items()},
+                    limits={k: int(v) for k, v in _pairs(given.get("resources")).items()})
+
+
+@dataclass(frozen=True)
+class GroupFacts:
+    """One group job: its id, jobs and what it asks SLURM for (as Snakemake sizes it on a cluster)."""
+
+    name: str
+    jobs: int
+    resources: Mapping[str, int | str]
+
+
+def dag_jobs(workdir: Path, configfiles: Sequence[Path],
+             grouping: Grouping = Grouping()) -> tuple[dict, list[JobFacts], list[GroupFacts]]:
+    """The resolved config, every job a run from scratch would run (a dry run in `workdir`) and
+    the group jobs that `grouping` makes of them."""
     from snakemake.api import SnakemakeApi
-    from snakemake.settings.types import ConfigSettings, DAGSettings, OutputSettings, ResourceSettings
+    from snakemake.resources import GroupResources
+    from snakemake.settings.types import ConfigSettings, DAGSettings, GroupSettings, OutputSettings, ResourceSettings
 
     # The workflow sets HF_HOME / HF_HUB_OFFLINE from its config in this process: keep ours.
     # Snakemake's own dry-run listing goes to the (discarded) stderr: the table is the output.
     with mock.patch.dict(os.environ), redirect_stderr(io.StringIO()), SnakemakeApi(OutputSettings(quiet={"all"})) as api:
         workflow = api.workflow(
-            resource_settings=ResourceSettings(cores=1),
+            resource_settings=ResourceSettings(cores=None, resources=dict(grouping.limits)),
             config_settings=ConfigSettings(configfiles=[Path(c).resolve() for c in configfiles]),
             snakefile=workdir / "Snakefile",
             workdir=workdir,
         )
-        # As if nothing had run: the cost of the whole run, whatever is on disk.
-        workflow.dag(DAGSettings(forceall=True)).execute_workflow(executor="dryrun")
+        # As if nothing had run: the cost of the whole run, whatever is on disk. A dry run forms
+        # groups as a cluster run does (a local run ignores them).
+        workflow.dag(DAGSettings(forceall=True)).execute_workflow(
+            executor="dryrun",
+            group_settings=GroupSettings(overwrite_groups=dict(grouping.groups), group_components=dict(grouping.components)))
         inner = workflow._workflow  # the API hands out no job list; the DAG after the dry run holds it
         # Stages in the order the Snakefile includes their rule files.
         order = {stage: i for i, stage in enumerate(dict.fromkeys(Path(r.snakefile).stem for r in inner.rules))}
+        groups = {job: inner.dag.get_job_group(job) for job in inner.dag.jobs}
         jobs = [
             JobFacts(
                 rule=job.rule.name,
@@ -148,10 +193,20 @@ def dag_jobs(workdir: Path, configfiles: Sequence[Path]) -> tuple[dict, list[Job
                 loads="device" in dict(job.params.items()),
                 runtime=dict(job.resources.items()).get("runtime"),
                 submitted=not (job.rule.name in inner._localrules or job.rule.norun),
+                group=groups[job].jobid if groups[job] is not None else None,
             )
             for job in inner.dag.jobs
         ]
-        return dict(inner.config), sorted(jobs, key=lambda j: (order[j.stage], j.rule))
+        # Sized as the submitting process does (run_local False: levels of a chain take the max,
+        # not the sum); the dry run's own sizing is the local one.
+        group_facts = [
+            GroupFacts(group.groupid, len(group.jobs), GroupResources.basic_layered(
+                toposorted_jobs=group.toposorted, constraints=inner.global_resources, run_local=False,
+                additive_resources=["runtime"], sortby=["runtime"]))
+            for group in {g.jobid: g for g in groups.values() if g is not None}.values()
+        ]
+        return (dict(inner.config), sorted(jobs, key=lambda j: (order[j.stage], j.rule)),
+                sorted(group_facts, key=lambda g: g.name))
 
 
 @dataclass(frozen=True)
@@ -352,6 +407,19 @@ def _fmt(x: float) -> str:
     return f"{x:.0f}"
 
 
+def submissions(jobs: Sequence[JobFacts]) -> int:
+    """SLURM submissions: one per group job, and one per submitted job in no group."""
+    return len({j.group for j in jobs if j.submitted and j.group}) + sum(j.submitted and not j.group for j in jobs)
+
+
+def group_requests(groups: Sequence[GroupFacts]) -> list[str]:
+    """Per group job: its jobs, the GPU it asks for and its runtime (minutes, at attempt 1)."""
+    def gpus(res: Mapping[str, int | str]) -> str:
+        return f"gres {res['gres']}" if "gres" in res else f"gpu {res.get('gpu', 0)}"
+
+    return [f"  {g.name}: {g.jobs} jobs, {gpus(g.resources)}, {g.resources.get('runtime')} min" for g in groups]
+
+
 def runtimes(jobs: Sequence[JobFacts]) -> list[str]:
     """Per GPU rule: its jobs and the minutes they ask for (the DAG's own requests)."""
     asked: dict[str, list[int]] = {}
@@ -389,7 +457,8 @@ def site_problems(config: Mapping, profile: Path) -> list[str]:
     return [f"{key}: {'unset' if value is None else repr(value)}" for key, value in wanted.items() if _unset(value)]
 
 
-def report(config: Mapping, jobs: Sequence[JobFacts], workdir: Path, est: Estimates, profile: Path) -> str:
+def report(config: Mapping, jobs: Sequence[JobFacts], workdir: Path, est: Estimates, profile: Path,
+           groups: Sequence[GroupFacts] = (), grouping: Grouping = Grouping()) -> str:
     stages, ln, d = plan(config, jobs, workdir, est)
     head = ("stage", "jobs", "gpu", "loads", "generated", "forced", "cache B", "surrogate B", "GPU-h low-high")
     rows = [head]
@@ -413,7 +482,8 @@ def report(config: Mapping, jobs: Sequence[JobFacts], workdir: Path, est: Estima
         "",
         f"run {config['run']}: shared by every seed {gpu.get(None, 0)} GPU jobs / {loads.get(None, 0)} model loads; "
         + "; ".join(f"seed {s} {gpu[s]} / {loads[s]}" for s in seeds),
-        f"SLURM submissions: {sum(j.submitted for j in jobs)} ({total.gpu_jobs} GPU jobs; the other "
+        f"SLURM submissions: {submissions(jobs)} with {profile}'s job groups, {sum(j.submitted for j in jobs)} "
+        f"without ({total.gpu_jobs} GPU jobs and {sum(j.submitted and not j.gpu for j in jobs)} CPU jobs; the other "
         f"{total.jobs - sum(j.submitted for j in jobs)} jobs are localrules, run by Snakemake itself)",
         f"lengths: prefix {ln.prefix:.1f}, answer {ln.answer:.1f} tokens per prompt ({ln.source})",
         f"width: {d if d is not None else 'unknown (the pair config is not in the local cache)'}",
@@ -424,7 +494,11 @@ def report(config: Mapping, jobs: Sequence[JobFacts], workdir: Path, est: Estima
         f"runtime requests per GPU rule at attempt 1 (high estimate x resources.runtime_margin "
         f"{config['resources']['runtime_margin']}, or resources.gpu.runtime when set):",
         *runtimes(jobs),
+        f"group jobs ({len(groups)}; a group is one submission, and each of its jobs still loads the pair):",
+        *group_requests(groups),
     ]
+    if unsafe := group_problems(sorted(grouping.groups), grouping.limits):
+        lines.append(f"  unsafe: {unsafe}")
     missing = site_problems(config, profile)
     lines += ["SLURM site settings to fill in before submitting (slurm/README.md):", *(f"  {m}" for m in missing)] \
         if missing else ["SLURM site settings: partition, account and GPU type all set"]
@@ -438,11 +512,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--estimates", type=Path, help="YAML of figures replacing the default estimates "
                         "(generated: {batch: [low, high]}, forced, surrogate_rows, load_s: [low, high])")
     parser.add_argument("--profile", type=Path, default=Path("slurm/config.yaml"),
-                        help="the SLURM profile whose site settings to check (relative to --directory)")
+                        help="the SLURM profile whose site settings to check and job groups to count (relative to --directory)")
     args = parser.parse_args(argv)
     workdir = args.directory.resolve()
-    config, jobs = dag_jobs(workdir, args.configfile)
-    print(report(config, jobs, workdir, read_estimates(args.estimates), workdir / args.profile))
+    profile = workdir / args.profile
+    grouping = read_grouping(profile)
+    config, jobs, groups = dag_jobs(workdir, args.configfile, grouping)
+    print(report(config, jobs, workdir, read_estimates(args.estimates), profile, groups, grouping))
 
 
 if __name__ == "__main__":
