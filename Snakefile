@@ -52,9 +52,9 @@ onstart:
         print("\n".join(["postdiff: the cluster settings are not filled in:", *site]), file=sys.stderr)
         sys.exit(1)
     # Locally groups are ignored; on a cluster, without the cap, a group would ask for a GPU per job.
-    grouped = sorted(rule.name for rule in workflow.rules if rule.group is not None)
-    if not workflow.local_exec and (problem := group_problems(grouped, dict(workflow.global_resources.unwrapped_items()))):
-        print(f"postdiff: {problem}", file=sys.stderr)
+    groups = {rule.name: str(rule.group) for rule in workflow.rules if rule.group is not None}
+    if not workflow.local_exec and (unsafe := group_problems(groups, dict(workflow.global_resources.unwrapped_items()))):
+        print("\n".join(["postdiff: the job groups are unsafe:", *unsafe]), file=sys.stderr)
         sys.exit(1)
     exit_on_problems(config)
 

@@ -497,8 +497,7 @@ def report(config: Mapping, jobs: Sequence[JobFacts], workdir: Path, est: Estima
         f"group jobs ({len(groups)}; a group is one submission, and each of its jobs still loads the pair):",
         *group_requests(groups),
     ]
-    if unsafe := group_problems(sorted(grouping.groups), grouping.limits):
-        lines.append(f"  unsafe: {unsafe}")
+    lines += [f"  unsafe: {problem}" for problem in group_problems(grouping.groups, grouping.limits)]
     missing = site_problems(config, profile)
     lines += ["SLURM site settings to fill in before submitting (slurm/README.md):", *(f"  {m}" for m in missing)] \
         if missing else ["SLURM site settings: partition, account and GPU type all set"]

@@ -42,16 +42,20 @@ def gpu_request(resources: Mapping[str, Any], flag: str) -> dict[str, Any]:
 GPU_SLOT = "gpu_slot"
 
 
-def group_problems(grouped: Sequence[str], limits: Mapping[str, Any]) -> str | None:
-    """Why grouping the rules ``grouped`` is unsafe under the run's ``--resources`` ``limits``, or
-    None. Snakemake sizes a group by stacking its parallel jobs only as far as the limits force it:
-    without ``gpu_slot=1`` a group of n independent model jobs asks for n GPUs (``--gpus``), or
-    with ``--gres`` for one GPU and the runtime of its longest job only."""
-    if not grouped or limits.get(GPU_SLOT) == 1:
-        return None
-    return (f"rules {', '.join(grouped)} are grouped, but --resources has {GPU_SLOT}={limits.get(GPU_SLOT)}: "
-            f"add {GPU_SLOT}=1 (slurm/config.yaml has it; a --resources on the command line replaces the "
-            "profile's list), or drop the groups")
+def group_problems(groups: Mapping[str, str], limits: Mapping[str, Any]) -> list[str]:
+    """Why the job groups ``groups`` (rule -> group id template) are unsafe on a cluster under the
+    run's ``--resources`` ``limits``; empty when they are not. Snakemake sizes a group by stacking
+    its parallel jobs only as far as the limits force it: without ``gpu_slot=1`` a group of n
+    independent model jobs asks for n GPUs (``--gpus``), or with ``--gres`` for one GPU and the
+    runtime of its longest job only. And a group id with a "/" (``{seeddir}`` is "seed<N>/") is
+    never submitted: the SLURM plugin 2.8.0 fails on the job script's name and the run waits forever."""
+    problems = [f"rule {rule}: group id {template!r} can contain '/' (use {{seed}} or no seed)"
+                for rule, template in groups.items() if "/" in template or "{seeddir}" in template]
+    if groups and limits.get(GPU_SLOT) != 1:
+        problems.append(f"rules {', '.join(sorted(groups))} are grouped, but --resources has {GPU_SLOT}="
+                        f"{limits.get(GPU_SLOT)}: add {GPU_SLOT}=1 (slurm/config.yaml has it; a --resources on "
+                        "the command line replaces the profile's list), or drop the groups")
+    return problems
 
 
 PLACEHOLDER = "SET_ME"
