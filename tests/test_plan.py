@@ -159,10 +159,12 @@ def test_the_command_prints_the_table_and_its_assumptions(capsys: pytest.Capture
     low, high = map(float, total.split()[-1].split("-"))
     assert 2 < low < high < 6  # GPU-hours: a band, not one figure
     assert "seed 0 26 / 26; seed 1 26 / 26" in out and THROUGHPUT_LINE in out and "width: 2560" in out
-    # The profile's groups: a seed's gates and surrogate metrics, a seed's evaluations per split.
+    # The profile's groups: a split's teacher and caches, a seed's gates and surrogate metrics, a
+    # variant's evaluations on a split; one GPU each, for their jobs' runtimes added up.
     assert "job groups, 77 without (64 GPU jobs and 13 CPU jobs; the other 53 jobs are localrules" in out
-    assert "SLURM submissions: 48 with " in out
-    assert "  seed0/gates: 5 jobs, gpu 1, 50 min" in out and "  seed1/eval_test: 11 jobs, gpu 1, 110 min" in out
+    assert "SLURM submissions: 53 with " in out and "group jobs (21;" in out and "unsafe" not in out
+    assert "  seed0_gates: 5 jobs, gpu 1, 50 min" in out and "  eval_test_CapMask: 2 jobs, gpu 1, 20 min" in out
+    assert "  inputs_train: 2 jobs, gpu 1, 20 min" in out and "  eval_test_PT: 1 jobs, gpu 1, 10 min" in out
     # Each GPU rule's runtime request, and the site settings still to fill in, by name.
     assert "  train_surrogate: 4 jobs, 35 min" in out and "  evaluate: 27 jobs, 10 min" in out
     for name in ("default-resources: slurm_partition: 'SET_ME_partition'", "default-resources: slurm_account: 'SET_ME_account'",

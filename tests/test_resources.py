@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 from unittest import mock
 
 import pytest
 from snakemake.api import SnakemakeApi
-from snakemake.settings.types import ConfigSettings, DAGSettings, GroupSettings, OutputSettings, ResourceSettings
+from snakemake.settings.types import ConfigSettings, DAGSettings, OutputSettings, ResourceSettings
 from workflow_utils import REPO, copy_workflow
 
 from postdiff import plan
@@ -124,50 +125,52 @@ def test_gres_sites_get_gres_only_and_the_preview_still_counts_gpu_jobs(tmp_path
     assert resources["gres"] == "gpu:SET_ME_gpu_type:1" and "gpu" not in resources and "gpu_model" not in resources
 
 
-def _group_jobs(workdir: Path, configfiles: list[Path], grouping: plan.Grouping) -> list:
-    """The group jobs of a dry run with `grouping`, as the SLURM executor gets them."""
-    with mock.patch.dict(os.environ), SnakemakeApi(OutputSettings(quiet={"all"})) as api:
-        workflow = api.workflow(resource_settings=ResourceSettings(cores=None, resources=dict(grouping.limits)),
-                                config_settings=ConfigSettings(configfiles=configfiles),
-                                snakefile=workdir / "Snakefile", workdir=workdir)
-        workflow.dag(DAGSettings()).execute_workflow(executor="dryrun", group_settings=GroupSettings(
-            overwrite_groups=dict(grouping.groups), group_components=dict(grouping.components)))
-        dag = workflow._workflow.dag
-        return list({g.jobid: g for job in dag.jobs if (g := dag.get_job_group(job)) is not None}.values())
-
-
-def _sbatch(job) -> str:
-    """The sbatch call the SLURM plugin makes for `job`, from the plugin's own functions."""
+def _sbatch(group: plan.GroupFacts) -> str:
+    """The sbatch call the SLURM plugin makes for a group job that asks for `group`'s resources,
+    built with the plugin's own functions."""
     submit = pytest.importorskip("snakemake_executor_plugin_slurm.submit_string")
+    from snakemake.iocontainers import ResourceList
     from snakemake_executor_plugin_slurm.utils import set_gres_string
 
+    job = SimpleNamespace(resources=ResourceList(fromdict=dict(group.resources)), threads=group.resources["_cores"])
     params = dict(run_uuid="u", slurm_logfile="log", comment_str="c", account="", partition="", workdir="w")
     return submit.get_submit_command(job, params) + set_gres_string(job)
 
 
 @pytest.mark.parametrize("gpu_flag", ["gpus", "gres"])
 def test_a_group_of_the_profile_asks_for_one_gpu_and_its_jobs_runtimes(gpu_flag: str, tmp_path: Path) -> None:
-    """slurm/config.yaml groups independent model jobs; gpu_slot=1 stacks them in time, so the
-    group's sbatch asks for one GPU, by one flag, for the sum of its jobs' runtimes."""
+    """slurm/config.yaml groups model jobs, chains and independent ones; gpu_slot=1 stacks them in
+    time, so each group's sbatch asks for one GPU, by one flag, for the sum of its jobs' runtimes."""
     workdir = copy_workflow(tmp_path)
     overlay = workdir / "config" / "flag.yaml"
     overlay.write_text(f"resources: {{gpu_flag: {gpu_flag}}}\n")
     grouping = plan.read_grouping(REPO / "slurm" / "config.yaml")
-    assert grouping.limits == {"gpu_slot": 1} and plan.group_problems(sorted(grouping.groups), grouping.limits) is None
-    groups = _group_jobs(workdir, [workdir / GEMMA, overlay], grouping)
-    assert len(groups) == 8 and max(len(g.jobs) for g in groups) == 11
+    assert grouping.limits == {"gpu_slot": 1} and plan.group_problems(grouping.groups, grouping.limits) == []
+    _, jobs, groups = plan.dag_jobs(workdir, [workdir / GEMMA, overlay], grouping)
+    assert len(groups) == 21 and max(g.jobs for g in groups) == 5
     one_gpu = "--gpus=SET_ME_gpu_type:1" if gpu_flag == "gpus" else "--gres=gpu:SET_ME_gpu_type:1"
+    runtimes: dict[str, int] = {}
+    for job in jobs:
+        if job.group:
+            runtimes[job.group] = runtimes.get(job.group, 0) + int(job.runtime)
+    assert sorted(runtimes.values()) == sorted(int(g.resources["runtime"]) for g in groups)
     for group in groups:
         call = _sbatch(group)
         assert call.count("--gpus") + call.count("--gres") == 1 and one_gpu in call, call
-        runtime = sum(dict(job.resources.items())["runtime"] for job in group.jobs)
-        assert f" -t {runtime} " in call and "--mem 64000 " in call and "--cpus-per-task=8" in call, call
+        assert f" -t {group.resources['runtime']} " in call and "--mem 64000 " in call and "--cpus-per-task=8" in call, call
 
-    # Without the cap Snakemake puts them side by side: 11 GPUs, or one GPU for 10 minutes.
-    uncapped = max(_group_jobs(workdir, [workdir / GEMMA, overlay], plan.Grouping(grouping.groups, grouping.components)),
-                   key=lambda g: len(g.jobs))
-    assert (" --gpus=SET_ME_gpu_type:11" in _sbatch(uncapped)) if gpu_flag == "gpus" else (" -t 10 " in _sbatch(uncapped))
-    assert "add gpu_slot=1" in plan.group_problems(["evaluate"], {})
+    # Without the cap Snakemake puts a seed's gates side by side: 5 GPUs, or one GPU for 10 minutes.
+    _, _, uncapped = plan.dag_jobs(workdir, [workdir / GEMMA, overlay], plan.Grouping(grouping.groups, grouping.components))
+    gates = _sbatch(next(g for g in uncapped if g.name == "seed0_gates"))
+    assert ("--gpus=SET_ME_gpu_type:5" in gates) if gpu_flag == "gpus" else (" -t 10 " in gates), gates
+
+
+def test_unsafe_groups_are_named() -> None:
+    assert plan.group_problems({}, {}) == []
+    no_cap, slash = plan.group_problems({"evaluate": "eval_{eval_split}"}, {}), plan.group_problems(
+        {"evaluate": "{seeddir}eval", "teacher": "a/b"}, {"gpu_slot": 1})
+    assert len(no_cap) == 1 and "add gpu_slot=1" in no_cap[0]
+    assert [p.split(":")[0] for p in slash] == ["rule evaluate", "rule teacher"]
 
 
 def test_gpu_request_keeps_gpus_or_folds_them_into_gres() -> None:
