@@ -133,7 +133,7 @@ def _sbatch(group: plan.GroupFacts) -> str:
     from snakemake_executor_plugin_slurm.utils import set_gres_string
 
     job = SimpleNamespace(resources=ResourceList(fromdict=dict(group.resources)), threads=group.resources["_cores"])
-    params = dict(run_uuid="u", slurm_logfile="log", comment_str="c", account="", partition="", workdir="w")
+    params = {"run_uuid": "u", "slurm_logfile": "log", "comment_str": "c", "account": "", "partition": "", "workdir": "w"}
     return submit.get_submit_command(job, params) + set_gres_string(job)
 
 

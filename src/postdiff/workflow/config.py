@@ -6,7 +6,7 @@ imports it while it parses the rules."""
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 
