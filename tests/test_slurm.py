@@ -2,13 +2,16 @@
 
 Through SLURM it runs the model chain up to one seed's R^2 table (pair training, teacher,
 caches, surrogates: GPU-resource jobs and local jobs): every job pays the executor's
-submission and status checks, so the whole tiny run would take 12 minutes of CI.
+submission and status checks, so the whole tiny run would take 12 minutes of CI. The profile's
+job groups are on: each split's teacher and cache, and the seed's two surrogate-metrics jobs, go
+as one group job each.
 
 Needs a running SLURM with an idle node: `bash .ci/slurm-up.sh` (see slurm/README.md).
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -62,10 +65,20 @@ def test_slurm_tables_match_local(request: pytest.FixtureRequest, tmp_path: Path
         "--profile", "slurm",
         # The plugin's first status check waits 40 s by default; these jobs take seconds.
         "--slurm-init-seconds-before-status-checks", "1",
-        # Caps each job's mem_mb at what the test node has, or sbatch rejects the job.
-        "--resources", f"mem_mb={NODE_MEM_MB}",
+        # Caps each job's mem_mb at what the test node has, or sbatch rejects the job. This list
+        # replaces the profile's: gpu_slot=1 keeps its groups to one GPU (onstart insists).
+        "--resources", f"mem_mb={NODE_MEM_MB}", "gpu_slot=1",
+        "--verbose",  # the plugin logs each sbatch call
     )
-    assert "submitted with SLURM jobid" in proc.stdout + proc.stderr, "no job went through SLURM"
+    log = proc.stdout + proc.stderr
+    assert "submitted with SLURM jobid" in log, "no job went through SLURM"
+    # Group jobs: a split's teacher and cache (a chain), the seed's two metrics jobs (side by
+    # side unless capped); each one submission with one GPU for its two 10-minute runtimes.
+    calls = re.findall(r"sbatch call: (.*)", log)
+    for name in ("group_inputs_train_cache_shard_teacher", "group_seed0_gates_surrogate_metrics"):
+        group = [c for c in calls if f"/{name}/" in c]
+        assert len(group) == 1, (name, group)
+        assert re.findall(r"--(?:gpus|gres)\S*", group[0]) == ["--gpus=1"] and " -t 20 " in group[0], group[0]
 
     # The local run is asked for only now: the SLURM run, mostly waiting on the scheduler's
     # status checks, overlaps whatever another worker is doing, building the local run included.
