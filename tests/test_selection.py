@@ -12,7 +12,8 @@ from test_evaluate import NEW, F, World, split_frame
 
 from postdiff.method import surrogate
 from postdiff.method import variants as V
-from postdiff.method.evaluate import evaluate, evaluate_masks, read_rows, teacher_records, verify_masks
+from postdiff.method.evaluate import evaluate, evaluate_masks, verify_masks
+from postdiff.method.records import read_rows, teacher_records
 from postdiff.method.selection.baselines import baseline_masks, mass_mask, random_mask, score_mask
 from postdiff.method.selection.jobs import (
     STEP_RECORD_SCHEMA,

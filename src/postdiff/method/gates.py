@@ -36,7 +36,7 @@ from scipy.optimize import minimize_scalar
 from torch import Tensor, nn
 
 from postdiff.method import variants as V
-from postdiff.method.evaluate import read_rows
+from postdiff.method.records import read_rows
 from postdiff.method.spec import Variant
 from postdiff.method.surrogate import TopKSurrogate
 from postdiff.models.forward import reference_logprobs, variant_kl

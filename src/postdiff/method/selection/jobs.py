@@ -24,7 +24,8 @@ import numpy as np
 import polars as pl
 
 from postdiff.method import variants as V
-from postdiff.method.evaluate import RECORD_SCHEMA, check_budget, evaluate_masks, load_pt, verify_masks
+from postdiff.method.evaluate import evaluate_masks, load_pt, verify_masks
+from postdiff.method.records import RECORD_SCHEMA, check_budget
 from postdiff.method.selection.maskfile import layer_mask, read_mask_file
 from postdiff.method.selection.scoring import aligned_records, selector_inputs
 from postdiff.method.selection.search import (

@@ -26,7 +26,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from postdiff.method import variants as V
-from postdiff.method.evaluate import join_teacher, load_pt
+from postdiff.method.evaluate import load_pt
+from postdiff.method.records import join_teacher
 from postdiff.method.selection.scores import SCORE_SCHEMA, endpoint_values, feature_scores
 from postdiff.method.spec import Variant
 from postdiff.method.surrogate import TopKSurrogate
