@@ -8,6 +8,7 @@ from test_evaluate import F, World
 
 from postdiff.method import variants as V
 from postdiff.method.evaluate import evaluate
+from postdiff.method.selection.scoreplot import plot_scores
 from postdiff.method.selection.scores import (
     ENDPOINTS,
     SCORE_SCHEMA,
@@ -21,7 +22,6 @@ from postdiff.models.forward import block_outputs
 from postdiff.models.hook import intervene
 from postdiff.models.loading import load_model
 from postdiff.models.template import teacher_forced_batch
-from postdiff.stats.figures import plot_scores
 from postdiff.workflow.runtime import Job
 
 

@@ -21,7 +21,7 @@ TORCH = {
     "postdiff.outputs.stability",
 }
 TRAINING = {"postdiff.models.toy.plant", "postdiff.models.toy.train"}
-FIGURES = {"postdiff.stats.figures"}
+FIGURES = {"postdiff.stats.figures", "postdiff.method.selection.scoreplot"}
 
 
 def stage_modules() -> set[str]:

@@ -43,7 +43,7 @@ rule scores_plot:
     benchmark:
         f"{RUN}/benchmarks/seed{{seed}}/selection/scores_plot.tsv"
     params:
-        **stage("postdiff.stats.figures:plot_scores", top_n=config["scoring"]["top_n"]),
+        **stage("postdiff.method.selection.scoreplot:plot_scores", top_n=config["scoring"]["top_n"]),
     conda:
         ENV
     script:

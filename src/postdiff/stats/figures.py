@@ -1,6 +1,6 @@
-"""Figure 1 (main variants), Figure 2 (one-layer ablation, threshold sweep), the spread across
-surrogate seeds and the top features by score, drawn with seaborn. Every figure of the run is
-drawn here, so that only figure jobs import seaborn (a second and a half per job).
+"""Figure 1 (main variants), Figure 2 (one-layer ablation, threshold sweep) and the spread across
+surrogate seeds, drawn with seaborn. Figures live apart from the tables and stages they plot, so
+that only figure jobs import seaborn (a second and a half per job).
 
 Figures are built on an Agg canvas without pyplot, so no global backend or state is touched.
 """
@@ -19,7 +19,6 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from postdiff.method.selection.scores import SCORES
 from postdiff.stats import bootstrap, metrics, tables
 from postdiff.workflow.io import atomic_path
 from postdiff.workflow.runtime import Job
@@ -29,7 +28,6 @@ log = logging.getLogger(__name__)
 FIGURE1_METRICS = ("Cap", "KL", "Len")
 FIGURE2_METRICS = ("KL", "Cap")
 SEED_FIGURE_METRICS = ("Cap", "CapRec", "VerbCarry", "KL", "Len")
-DEFAULT_TOP_N = 10
 SWEEP_COLUMNS = {"cutoff": pl.Float64, "exclusion": pl.Float64, "strict": pl.Boolean, "objective": pl.Float64,
                  "mask": pl.String, "same_as_locked": pl.Boolean, "forced": pl.Boolean, "pools_differ": pl.Boolean}
 FORCED_LABEL = "forced: no step passed, the pool's top by score"
@@ -184,23 +182,3 @@ def draw_seeds(table: pl.DataFrame) -> Figure:
 def seed_figure(job: Job) -> None:
     """Stage. input.table: :func:`postdiff.stats.seeds.seed_table`'s Parquet; output.png/pdf."""
     save(draw_seeds(pl.read_parquet(job.input["table"])), job.output)
-
-
-def draw_scores(table: pl.DataFrame, top_n: int = DEFAULT_TOP_N) -> Figure:
-    """Top features by each score."""
-    fig = new_figure(4.5 * len(SCORES), 0.35 * top_n + 1.5)
-    for ax, (column, label) in zip(fig.subplots(1, len(SCORES)), SCORES.items()):
-        top = table.sort(column, descending=True).head(top_n)
-        names = [f"L{layer}:{feature}" for layer, feature in zip(top["layer"], top["feature"])]
-        sns.barplot(x=top[column].to_numpy(), y=names, ax=ax, color=sns.color_palette()[0], orient="h")
-        ax.set_title(f"top {top_n} by {label} score")
-        ax.set_xlabel(f"{column} (z across features)")
-    return fig
-
-
-def plot_scores(job: Job) -> None:
-    """Stage: the top ``params.top_n`` features by each score (input ``scores``, from
-    :func:`postdiff.method.selection.scoring.score_features`) as a PNG (``plot``)."""
-    fig = draw_scores(pl.read_parquet(job.input["scores"]), int(job.params.get("top_n", DEFAULT_TOP_N)))
-    with atomic_path(job.output["plot"]) as tmp:
-        fig.savefig(tmp, format="png", dpi=150)

@@ -134,7 +134,7 @@ def score_features(job: Job) -> None:
 
     input: ``variant`` (FullDelta spec JSON), ``split``, ``teacher`` (selector), ``records``
     (FullDelta's selector records); params: ``ridge_alpha``, ``pt``, ``dtype``, ``device``,
-    ``batch_size``; output: ``scores`` (Parquet). The plot is :func:`postdiff.stats.figures.plot_scores`'s own job, so
+    ``batch_size``; output: ``scores`` (Parquet). The plot is :func:`postdiff.method.selection.scoreplot.plot_scores`'s own job, so
     a plot-only param never reruns the scoring.
     """
     variant, rows = selector_inputs(job, "scoring")
