@@ -166,7 +166,7 @@ def _seed_panel(ax, table: pl.DataFrame, metric: str, legend: bool) -> None:
 
 
 def draw_seeds(table: pl.DataFrame) -> Figure:
-    """One panel per key Table 1 metric present in ``table`` (:func:`across_seeds`' layout)."""
+    """One panel per key Table 1 metric present in ``table`` (:func:`postdiff.stats.seeds.across_seeds`' layout)."""
     defined = table.filter(pl.col("n_finite") > 0)["Metric"].to_list()
     shown = [m for m in SEED_FIGURE_METRICS if m in defined]
     if not shown:

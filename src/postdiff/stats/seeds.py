@@ -1,5 +1,6 @@
-"""Results across surrogate seeds: every seed's Table 1 side by side with the mean and range, and
-a figure of the spread. (How stable the masks are is :mod:`postdiff.outputs.stability`.)
+"""Results across surrogate seeds: every seed's Table 1 side by side with the mean and range. (The
+figure of the spread is :func:`postdiff.stats.figures.seed_figure`; how stable the masks are is
+:mod:`postdiff.outputs.stability`.)
 """
 
 from __future__ import annotations
