@@ -20,9 +20,9 @@ from workflow_utils import copy_workflow, snakemake
 
 from postdiff.method import surrogate
 from postdiff.method.selection.maskfile import forced
-from postdiff.models.toy.plant import PLANT_FILE, planted_directions
+from postdiff.models.toy.settings import PLANT_FILE
 from postdiff.outputs.claims import CLAIMS, comparison_claims
-from postdiff.outputs.planted import alignment
+from postdiff.outputs.planted import alignment, planted_directions
 from postdiff.stats import metrics
 
 pytestmark = pytest.mark.slow

@@ -15,13 +15,11 @@ from test_models import save_tiny
 from postdiff.method import surrogate
 from postdiff.method import variants as V
 from postdiff.method.evaluate import (
-    RECORD_SCHEMA,
     evaluate,
     evaluate_masks,
     evaluate_variant,
-    join_teacher,
-    read_rows,
 )
+from postdiff.method.records import RECORD_SCHEMA, join_teacher, read_rows, teacher_variant
 from postdiff.method.spec import Variant
 from postdiff.method.teacher import teacher
 from postdiff.models.forward import variant_kl
@@ -157,6 +155,15 @@ def test_it_records_reuse_the_teacher_without_loading_a_model(world):
     assert records["n_tokens"].to_list() == teach["n_tokens"].to_list()
     assert records["eos"].to_list() == teach["eos"].to_list()
     assert records["kl"].to_list() == [0.0] * teach.height
+    # Rule evaluate_teacher's own stage, which imports no torch, writes the same records.
+    variant = world.variant("IT", "it")
+    job = Job(input={"variant": world.write_variant(variant), "split": world.split, "teacher": world.teacher},
+              output={"records": str(world.root / "records" / "IT-teacher.parquet")}, params={"max_new_tokens": NEW})
+    teacher_variant(job)
+    assert pl.read_parquet(job.output["records"]).equals(records)
+    job.input["variant"] = world.write_variant(world.variant("PT", "pt"))
+    with pytest.raises(ValueError, match="variant 'PT' has mode 'pt'; only IT's records are its teacher rows"):
+        teacher_variant(job)
 
 
 def test_full_variant_edits_and_zero_gates_give_pt(world, pt, it):

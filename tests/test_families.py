@@ -26,7 +26,8 @@ from postdiff.data.splits import assign_splits
 from postdiff.data.suite import builtin_suite
 from postdiff.method import variants as V
 from postdiff.method.cache import cache_shard, load_split
-from postdiff.method.evaluate import evaluate_variant, read_rows
+from postdiff.method.evaluate import evaluate_variant
+from postdiff.method.records import read_rows
 from postdiff.method.gates import calibrate
 from postdiff.method.spec import Variant
 from postdiff.method.standardise import standardiser

@@ -21,7 +21,6 @@ from postdiff.method.gates import (
     choice_report,
     contenders,
     coordinate_search,
-    gate_table,
     grid_winner,
     neighbours,
     tie_test,
@@ -29,6 +28,7 @@ from postdiff.method.gates import (
 from postdiff.method.spec import Variant
 from postdiff.models.forward import answer_logprobs
 from postdiff.models.loading import load_model
+from postdiff.stats.tables import gate_table
 from postdiff.workflow.runtime import Job
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -28,8 +29,10 @@ from postdiff.plan import (
     read_estimates,
     report,
     runtime_request,
+    selection_share,
     site_problems,
     split_sizes,
+    verified_share,
 )
 
 REHEARSAL = "config/rehearsal.yaml"
@@ -76,6 +79,44 @@ def _job(rule: str, gpu: bool = True, **wildcards: str) -> JobFacts:
 )
 def test_work_of_a_job_by_hand(job: JobFacts, expected: tuple) -> None:
     assert job_work(job, CONFIG, SIZES, LN) == expected
+
+
+def test_verified_selection_work_by_hand() -> None:
+    """With selection.verify, 3/4 of candidate rows settled: each step decodes the incumbent's 12
+    rows, the unsettled quarter of its candidates' and, at most, one incumbent row again per
+    unsettled row; every row is teacher-forced on prefix and budget (10 + 6 tokens)."""
+    config = {**CONFIG, "selection": {**CONFIG["selection"], "verify": True}}
+    unsettled = [0.25 * c * 12 for c in (4, 3, 2)]  # of (5 + 4 + 3) masks, the incumbent first
+    decoded = sum(12 + 2 * u for u in unsettled)
+    assert job_work(_job("select_cap", seed="0"), config, SIZES, LN, 0.75) == (decoded * 6,
+                                                                                decoded * 10 + 12 * 12 * 16, 0)
+    # Verification off: the share is not used.
+    assert job_work(_job("select_cap", seed="0"), CONFIG, SIZES, LN, 0.75) == (12 * 12 * 6, 12 * 12 * 10, 0)
+    # Nothing settled: every row decodes, and every prompt's incumbent once more.
+    none = sum(12 + c * 12 + 12 for c in (4, 3, 2))
+    assert job_work(_job("select_cap", seed="0"), config, SIZES, LN, 0.0)[0] == none * 6
+
+
+def test_the_verified_share_is_the_benchmarks_at_the_configs_margin(tmp_path: Path) -> None:
+    results = tmp_path / "bench" / "results"
+    results.mkdir(parents=True)
+    step = {"candidate_rows": 100, "share_verified": 0.9}
+    meta = {"run": "results/default", "seed": 0, "device": "cpu", "torch": "2.13.0+cpu"}
+    (results / "selection_verify.json").write_text(json.dumps(
+        {**meta, "verify_margin": 0.001, "verify_vs_plain": {"8": {"1": step, "2": {**step, "candidate_rows": 300,
+                                                                                       "share_verified": 0.5}}}}))
+    (results / "selection_verify_other.json").write_text(json.dumps(
+        {**meta, "verify_margin": 0.05, "verify_vs_plain": {"8": {"1": {**step, "share_verified": 0.1}}}}))
+    found = verified_share(tmp_path, 0.001)
+    assert found.share == pytest.approx((90 + 150) / 400)
+    assert found.source.startswith("measured: bench/results/selection_verify.json (results/default seed 0, cpu")
+    assert verified_share(tmp_path, 0.05).share == pytest.approx(0.1) and verified_share(tmp_path, 0.2) is None
+    on = {"selection": {"verify": True, "verify_margin": 0.05}}
+    assert selection_share(on, tmp_path, None)[0] == pytest.approx(0.1)
+    assert selection_share(on, tmp_path, 0.7) == (0.7, "selection.verify on: 70.0% of candidate rows verified, not "
+                                                       "generated (given by --verified-share)")
+    assert selection_share({"selection": {"verify": True, "verify_margin": 0.2}}, tmp_path, None)[0] == 0.0
+    assert selection_share({"selection": {"verify": False}}, tmp_path, 0.7)[0] is None
 
 
 def test_bytes_by_hand() -> None:

@@ -11,9 +11,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from postdiff.data.world import make_world
 from postdiff.models.toy import corpus
-from postdiff.models.toy.plant import Neurons, PlantConfig, group_of, planted, widened
+from postdiff.models.toy.plant import Neurons, group_of, planted, widened
+from postdiff.models.toy.settings import PlantConfig, ToyConfig
 from postdiff.models.toy.shipped import toy_mismatch
-from postdiff.models.toy.train import ToyConfig, model_config
+from postdiff.models.toy.train import model_config
 from postdiff.outputs.planted import alignment, mask_alignment
 
 D = 16

@@ -16,7 +16,8 @@ from test_plan import assert_plan_matches_run
 from workflow_utils import copy_workflow, snakemake
 
 from postdiff.method import variants as V
-from postdiff.method.evaluate import answer_kl, read_rows
+from postdiff.method.evaluate import answer_kl
+from postdiff.method.records import read_rows
 from postdiff.method.spec import Variant
 from postdiff.models.forward import reference_logprobs
 from postdiff.models.loading import load_model

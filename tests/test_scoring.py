@@ -8,17 +8,16 @@ from test_evaluate import F, World
 
 from postdiff.method import variants as V
 from postdiff.method.evaluate import evaluate
-from postdiff.method.selection.scoring import (
+from postdiff.method.selection.scoreplot import plot_scores
+from postdiff.method.selection.scores import (
     ENDPOINTS,
     SCORE_SCHEMA,
     endpoint_values,
     feature_scores,
-    feature_summaries,
-    plot_scores,
-    score_features,
     standardised_coefficients,
     zscore,
 )
+from postdiff.method.selection.scoring import feature_summaries, score_features
 from postdiff.models.forward import block_outputs
 from postdiff.models.hook import intervene
 from postdiff.models.loading import load_model

@@ -4,7 +4,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from postdiff.stats import seeds
+from postdiff.stats import figures, seeds
 from postdiff.workflow.runtime import Job
 
 NAN = math.nan
@@ -55,10 +55,10 @@ def test_seed_table_and_figure_stages(tmp_path):
         seeds.seed_table(Job(input={"tables": paths}, output=out, params={"seeds": [3]}))
 
     figs = {k: str(tmp_path / f"seeds.{k}") for k in ("png", "pdf")}
-    seeds.seed_figure(Job(input={"table": out["parquet"]}, output=figs))
+    figures.seed_figure(Job(input={"table": out["parquet"]}, output=figs))
     assert Path(figs["png"]).read_bytes()[:4] == b"\x89PNG"
     assert Path(figs["pdf"]).read_bytes()[:4] == b"%PDF"
-    fig = seeds.draw_seeds(table)
+    fig = figures.draw_seeds(table)
     assert [ax.get_title() for ax in fig.axes] == [
         "Cap (higher is better)", "CapRec (higher is better)", "KL (lower is better)"]
     # A metric no seed defines (CapRec of a pair with no gap) gets no panel; a partly defined one
@@ -67,4 +67,4 @@ def test_seed_table_and_figure_stages(tmp_path):
         pl.when(pl.col("Metric") == "CapRec").then(float("nan")).otherwise(pl.col(c)).alias(c)
         for c in ("seed_3", "seed_5", "mean", "min", "max")
     ).with_columns(n_finite=pl.when(pl.col("Metric") == "CapRec").then(0).otherwise(pl.col("n_finite")))
-    assert [ax.get_title() for ax in seeds.draw_seeds(undefined).axes] == ["Cap (higher is better)", "KL (lower is better)"]
+    assert [ax.get_title() for ax in figures.draw_seeds(undefined).axes] == ["Cap (higher is better)", "KL (lower is better)"]

@@ -12,7 +12,8 @@ from test_evaluate import NEW, F, World, split_frame
 
 from postdiff.method import surrogate
 from postdiff.method import variants as V
-from postdiff.method.evaluate import evaluate, evaluate_masks, read_rows, teacher_records, verify_masks
+from postdiff.method.evaluate import evaluate, evaluate_masks, verify_masks
+from postdiff.method.records import read_rows, teacher_records
 from postdiff.method.selection.baselines import baseline_masks, mass_mask, random_mask, score_mask
 from postdiff.method.selection.jobs import (
     STEP_RECORD_SCHEMA,
@@ -407,28 +408,37 @@ def test_selection_stages_pick_the_feature_that_makes_the_gold_answers(world, tm
         assert [c["call"] for c in checks] == [1, 2, 3][: len(checks)] and all(c["verified"] <= c["rows"] for c in checks)
         for key in ("steps", "records"):
             assert pl.read_parquet(verified[key]).equals(pl.read_parquet(out[key])), key
-        # The same selection as a cluster runs it: two candidate shards per step, merged.
-        state, step_rows, step_records = [], [], []
-        for step in (1, 2):
-            values = [str(tmp_path / f"{rule}_s{step}_{s}.parquet") for s in range(2)]
-            shard_records = [str(tmp_path / f"{rule}_s{step}_{s}_records.parquet") for s in range(2)]
-            for s, (path, rec_path) in enumerate(zip(values, shard_records)):
-                select_shard(Job(input={**inputs, "state": state}, output={"values": path, "records": rec_path},
-                                 params={**params, "shard": s, "n_shards": 2}))
-            step_rows.append(str(tmp_path / f"{rule}_s{step}_rows.parquet"))
-            step_records.append(str(tmp_path / f"{rule}_s{step}_records.parquet"))
-            select_step(Job(input={**inputs, "state": state, "values": values, "records": shard_records},
-                            output={"state": str(tmp_path / f"{rule}_s{step}.json"), "steps": step_rows[-1],
-                                    "records": step_records[-1]},
-                            params=params))
-            state = str(tmp_path / f"{rule}_s{step}.json")
-        sharded = {"mask": str(tmp_path / f"{rule}_sharded.json"), "steps": str(tmp_path / f"{rule}_sharded.parquet"),
-                   "records": str(tmp_path / f"{rule}_sharded_records.parquet")}
-        select_finish(Job(input={**inputs, "state": state, "steps": step_rows, "step_records": step_records},
-                          output=sharded, params=params))
-        assert json.loads(open(sharded["mask"]).read()) == json.loads(open(out["mask"]).read())
-        assert pl.read_parquet(sharded["steps"]).equals(pl.read_parquet(out["steps"]))
-        assert pl.read_parquet(sharded["records"]).equals(pl.read_parquet(out["records"]))
+        # The same selection as a cluster runs it: two candidate shards per step, merged; with
+        # verify, each shard's counts reach the mask file through the step files.
+        for verify in (False, True):
+            state, step_rows, step_records = [], [], []
+            run = {**params, "verify": verify, "verify_margin": 1e-3}
+            for step in (1, 2):
+                shard = [{k: str(tmp_path / f"{rule}_{verify}_s{step}_{s}{k}")
+                          for k in ("values", "records", "verified")} for s in range(2)]
+                for s, files in enumerate(shard):
+                    select_shard(Job(input={**inputs, "state": state}, output=files,
+                                     params={**run, "shard": s, "n_shards": 2}))
+                step_rows.append(str(tmp_path / f"{rule}_{verify}_s{step}_rows.parquet"))
+                step_records.append(str(tmp_path / f"{rule}_{verify}_s{step}_records.parquet"))
+                select_step(Job(input={**inputs, "state": state, **{k: [f[k] for f in shard] for k in shard[0]}},
+                                output={"state": str(tmp_path / f"{rule}_{verify}_s{step}.json"),
+                                        "steps": step_rows[-1], "records": step_records[-1]},
+                                params=run))
+                state = str(tmp_path / f"{rule}_{verify}_s{step}.json")
+            sharded = {k: str(tmp_path / f"{rule}_{verify}_sharded_{k}") for k in out}
+            select_finish(Job(input={**inputs, "state": state, "steps": step_rows, "step_records": step_records},
+                              output=sharded, params=run))
+            mask = json.loads(open(sharded["mask"]).read())
+            calls = mask.pop("verified", [])
+            assert mask == json.loads(open(out["mask"]).read())
+            # Every step's call in each shard that had candidates to try, its rows that shard's.
+            tried = pl.read_parquet(out["steps"]).group_by("step").len().sort("step")["len"].to_list()
+            expected = [(t, s) for t, n in enumerate(tried, 1) for s in range(2) if s < n] if verify else []
+            assert [(c["call"], c["shard"]) for c in calls] == expected
+            assert all(c["verified"] + c["diverged"] + c["near_tie"] == c["rows"] for c in calls)
+            assert pl.read_parquet(sharded["steps"]).equals(pl.read_parquet(out["steps"]))
+            assert pl.read_parquet(sharded["records"]).equals(pl.read_parquet(out["records"]))
         result = json.loads((tmp_path / f"{rule}.json").read_text())
         steps = pl.read_parquet(out["steps"])
         assert result["n_candidates"] == 4 and steps.filter(pl.col("step") == 1).height == 4

@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from postdiff.models.toy.plant import PLANT_FILE
+from postdiff.models.toy.settings import CONFIG_FILE, PLANT_FILE
 from postdiff.models.toy.shipped import SUMS, install, ship, toy_mismatch, verify
-from postdiff.models.toy.train import CONFIG_FILE
 from postdiff.workflow.io import read_json
 from postdiff.workflow.runtime import Job
 

@@ -4,7 +4,8 @@ import torch
 from test_models import save_tiny
 from transformers import GenerationConfig
 
-from postdiff.method.evaluate import generate_records, read_rows
+from postdiff.method.evaluate import generate_records
+from postdiff.method.records import read_rows
 from postdiff.method.teacher import SCHEMA, completions_frame, teacher
 from postdiff.models.generation import generate
 from postdiff.models.hook import LayerEdit

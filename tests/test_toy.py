@@ -12,10 +12,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from postdiff.data.world import make_world, math_half
 from postdiff.models.template import encode_prefix, render
 from postdiff.models.toy import corpus
+from postdiff.models.toy.settings import CONFIG_FILE, ToyConfig
 from postdiff.models.toy.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, train_tokenizer
 from postdiff.models.toy.train import (
-    CONFIG_FILE,
-    ToyConfig,
     build_tokenizer,
     pack_rows,
     sft_batches,

@@ -11,12 +11,16 @@ answer lengths come from the run's teacher files once the teacher has run, else 
 are counted at their ``max_new_tokens``: without IT's early stop they decode to it, nearly all. Selection and gate searches may stop early and
 a selection may find fewer candidates than ``max_candidates``: their counts are upper bounds.
 GPU-hours are the tokens over :class:`Estimates`' throughputs plus a model-load time per model
-job, as a low-high band: estimates, not measurements. The same figures set each model job's
-``runtime`` request (its high estimate times ``resources.runtime_margin``; common.smk), and the
-preview prints what the DAG asks per rule. SLURM submissions are counted with the profile's job
-groups (``groups``, ``group-components``, ``resources``) and without, with what each group asks.
-It also names each SLURM site setting that is unset or still a ``SET_ME`` placeholder. Nothing
-here imports torch or transformers: it runs on a login node.
+job, as a low-high band: estimates, not measurements. With ``selection.verify`` a selection
+generates only the candidates that verification does not settle; that share is measured
+(:func:`verified_share`, from ``bench/selection.py``'s results), not estimated. The same figures,
+less that share (a selection asks for the time of generating every candidate, which a
+verification that settles nothing could need), set each model job's ``runtime`` request (its
+high estimate times ``resources.runtime_margin``; common.smk), and the preview prints what the
+DAG asks per rule. SLURM submissions are counted with the profile's job groups (``groups``,
+``group-components``, ``resources``) and without, with what each group asks. It also names each
+SLURM site setting that is unset or still a ``SET_ME`` placeholder. Nothing here imports torch
+or transformers: it runs on a login node.
 """
 
 from __future__ import annotations
@@ -91,6 +95,35 @@ def read_estimates(path: Path | None) -> Estimates:
     if "generated" in given:
         figures["generated"] = {int(b): tuple(float(x) for x in v) for b, v in given["generated"].items()}
     return Estimates(**figures)
+
+
+# bench/selection.py's results (bench/results/README.md): the share of candidate rows verified.
+VERIFY_RESULTS = "bench/results/selection_verify*.json"
+
+
+@dataclass(frozen=True)
+class VerifiedShare:
+    """The share of candidate rows that verification settles without generating them, and its source."""
+
+    share: float
+    source: str
+
+
+def verified_share(workdir: Path, margin: float) -> VerifiedShare | None:
+    """Candidate rows verified over all candidate rows in the benchmark results measured at
+    ``margin`` (``selection.verify_margin``: it decides the share), every step and batch size
+    pooled; None when no result was measured at that margin."""
+    rows, verified, sources = 0.0, 0.0, []
+    for path in sorted(workdir.glob(VERIFY_RESULTS)):
+        result = json.loads(path.read_text())
+        if not math.isclose(float(result.get("verify_margin", math.nan)), margin):
+            continue
+        steps = [step for by_step in result["verify_vs_plain"].values() for step in by_step.values()]
+        rows += sum(step["candidate_rows"] for step in steps)
+        verified += sum(step["share_verified"] * step["candidate_rows"] for step in steps)
+        sources.append(f"{path.relative_to(workdir)} ({result['run']} seed {result['seed']}, {result['device']}, "
+                       f"torch {result['torch']})")
+    return VerifiedShare(verified / rows, "measured: " + "; ".join(sources)) if rows else None
 
 
 ASSUMED_PREFIX = 40  # template + prompt tokens, the real suite on Gemma's tokenizer
@@ -278,8 +311,25 @@ def _shard_share(n: int, n_shards: int) -> float:
     return n / max(1, n_shards)
 
 
-def job_work(job: JobFacts, config: Mapping, sizes: Mapping[str, int], ln: Lengths) -> tuple[float, float, float]:
-    """(generated, forced, surrogate rows) of one job."""
+def selection_work(groups: Sequence[float], n: int, max_new_tokens: int, ln: Lengths,
+                   verified: float | None) -> tuple[float, float, float]:
+    """(generated, forced, 0) of selection calls over ``n`` prompts, each call with ``groups[k]``
+    masks, the incumbent first. Plainly every row decodes to the budget. With the share
+    ``verified`` of candidate rows settled by verification, the incumbent decodes, every row is
+    teacher-forced on its tokens (prefix and answer), and a prompt with unsettled rows decodes
+    them again beside its incumbent: at most one more incumbent row per unsettled row or prompt."""
+    rows = sum(groups) * n
+    if verified is None:
+        return rows * max_new_tokens, rows * ln.prefix, 0
+    unsettled = [(1 - verified) * (g - 1) * n for g in groups]
+    decoded = sum(n + u + min(n, u) for u in unsettled)
+    return decoded * max_new_tokens, decoded * ln.prefix + rows * (ln.prefix + max_new_tokens), 0
+
+
+def job_work(job: JobFacts, config: Mapping, sizes: Mapping[str, int], ln: Lengths,
+             verified: float | None = None) -> tuple[float, float, float]:
+    """(generated, forced, surrogate rows) of one job; ``verified``: the share of candidate rows
+    that selection's verification settles when ``selection.verify`` is on (None: all generated)."""
     seq = ln.prefix + ln.answer
     sel, ev = config["selection"], config["evaluate"]
     rule, wc = job.rule, job.wildcards
@@ -306,15 +356,16 @@ def job_work(job: JobFacts, config: Mapping, sizes: Mapping[str, int], ln: Lengt
         return 0, sizes["calib"] * seq * (1 + passes), 0  # IT's reference once, then each KL pass
     if rule == "score_features":
         return 0, 2 * sizes["selector"] * seq, 0
-    # Every step generates the incumbent and each remaining candidate (an upper bound: a pool
+    # Every step evaluates the incumbent and each remaining candidate (an upper bound: a pool
     # smaller than max_candidates, or a selection that stops, does less).
     steps = range(min(sel["size_cap"], sel["max_candidates"]))
+    share = verified if sel.get("verify") else None
     if rule in ("select_cap", "select_vmask") and job.gpu:
-        rows = sum(sel["max_candidates"] - t + 1 for t in steps) * sizes["selector"]
-        return rows * sel["max_new_tokens"], rows * ln.prefix, 0
+        groups = [sel["max_candidates"] - t + 1 for t in steps]
+        return selection_work(groups, sizes["selector"], sel["max_new_tokens"], ln, share)
     if rule.endswith("_shard") and rule.startswith("select_"):
-        rows = (_shard_share(sel["max_candidates"], sel["n_shards"]) + 1) * sizes["selector"]
-        return rows * sel["max_new_tokens"], rows * ln.prefix, 0
+        groups = [_shard_share(sel["max_candidates"], sel["n_shards"]) + 1]
+        return selection_work(groups, sizes["selector"], sel["max_new_tokens"], ln, share)
     return 0, 0, 0
 
 
@@ -323,9 +374,9 @@ GENERATING = {"teacher": "teacher", "evaluate": "evaluate"}
 
 
 def job_seconds(job: JobFacts, config: Mapping, sizes: Mapping[str, int], ln: Lengths, est: Estimates,
-                bound: int) -> float:
+                bound: int, verified: float | None = None) -> float:
     """GPU seconds of one job at ``bound`` (LOW: the high throughputs and the low load time)."""
-    generated, forced, rows = job_work(job, config, sizes, ln)
+    generated, forced, rows = job_work(job, config, sizes, ln, verified)
     slow = HIGH - bound  # the high time takes the low throughputs
     section = GENERATING.get(job.rule, "selection")
     rate = est.rate(int(config[section]["batch_size"]), slow) if generated else 1.0
@@ -369,15 +420,16 @@ def disk_bytes(config: Mapping, sizes: Mapping[str, int], ln: Lengths, d: int | 
     }
 
 
-def plan(config: Mapping, jobs: Sequence[JobFacts], workdir: Path,
-         est: Estimates) -> tuple[dict[str, Stage], Lengths, int | None]:
-    """Per stage, in the order of `jobs`: counts, work, GPU time and bytes of a run in `workdir`."""
+def plan(config: Mapping, jobs: Sequence[JobFacts], workdir: Path, est: Estimates,
+         verified: float | None = None) -> tuple[dict[str, Stage], Lengths, int | None]:
+    """Per stage, in the order of `jobs`: counts, work, GPU time and bytes of a run in `workdir`;
+    ``verified`` as for :func:`job_work`."""
     run_dir = workdir / "results" / str(config["run"])
     sizes, ln, d = split_sizes(config, run_dir), lengths(config, run_dir), width(config, workdir)
     stages: dict[str, Stage] = {}
     for job in jobs:
         stage = stages.setdefault(job.stage, Stage())
-        generated, forced, rows = job_work(job, config, sizes, ln)
+        generated, forced, rows = job_work(job, config, sizes, ln, verified)
         stage.jobs += 1
         stage.gpu_jobs += job.gpu
         stage.loads += job.loads
@@ -386,7 +438,7 @@ def plan(config: Mapping, jobs: Sequence[JobFacts], workdir: Path,
         stage.surrogate_rows += rows
         if job.gpu:
             for bound in (LOW, HIGH):
-                stage.seconds[bound] += job_seconds(job, config, sizes, ln, est, bound)
+                stage.seconds[bound] += job_seconds(job, config, sizes, ln, est, bound, verified)
     for name, written in disk_bytes(config, sizes, ln, d).items():
         stages.setdefault(name, Stage()).disk_bytes.update(written)
     return stages, ln, d
@@ -457,9 +509,30 @@ def site_problems(config: Mapping, profile: Path) -> list[str]:
     return [f"{key}: {'unset' if value is None else repr(value)}" for key, value in wanted.items() if _unset(value)]
 
 
+def selection_share(config: Mapping, workdir: Path, given: float | None) -> tuple[float | None, str]:
+    """The verified share that selection's work is counted with (None: verification is off, all
+    generated) and a line saying where it comes from: ``given``, else measured at the config's
+    ``verify_margin``, else none verified (an upper bound)."""
+    sel = config["selection"]
+    if not sel.get("verify"):
+        return None, "selection.verify off: every candidate is generated"
+    margin = float(sel["verify_margin"])
+    if given is not None:
+        return given, (f"selection.verify on: {given:.1%} of candidate rows verified, not generated "
+                       "(given by --verified-share)")
+    found = verified_share(workdir, margin)
+    if found is None:
+        return 0.0, (f"selection.verify on: no {VERIFY_RESULTS} measured at verify_margin {margin}: counted as "
+                     "none verified, every candidate generated and teacher-forced (an upper bound)")
+    return found.share, (f"selection.verify on: {found.share:.1%} of candidate rows verified, not generated, at "
+                         f"verify_margin {margin} ({found.source}; another pair, device or dtype may settle "
+                         "another share: --verified-share replaces it)")
+
+
 def report(config: Mapping, jobs: Sequence[JobFacts], workdir: Path, est: Estimates, profile: Path,
-           groups: Sequence[GroupFacts] = (), grouping: Grouping = Grouping()) -> str:
-    stages, ln, d = plan(config, jobs, workdir, est)
+           groups: Sequence[GroupFacts] = (), grouping: Grouping = Grouping(), given_share: float | None = None) -> str:
+    share, share_line = selection_share(config, workdir, given_share)
+    stages, ln, d = plan(config, jobs, workdir, est, share)
     head = ("stage", "jobs", "gpu", "loads", "generated", "forced", "cache B", "surrogate B", "GPU-h low-high")
     rows = [head]
     total = Stage()
@@ -486,6 +559,7 @@ def report(config: Mapping, jobs: Sequence[JobFacts], workdir: Path, est: Estima
         f"without ({total.gpu_jobs} GPU jobs and {sum(j.submitted and not j.gpu for j in jobs)} CPU jobs; the other "
         f"{total.jobs - sum(j.submitted for j in jobs)} jobs are localrules, run by Snakemake itself)",
         f"lengths: prefix {ln.prefix:.1f}, answer {ln.answer:.1f} tokens per prompt ({ln.source})",
+        share_line,
         f"width: {d if d is not None else 'unknown (the pair config is not in the local cache)'}",
         "assumptions (estimates for one H100 in bf16 at 4B size, not measured; --estimates FILE replaces them): "
         + est.line(),
@@ -510,14 +584,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--directory", type=Path, default=Path.cwd(), help="the workflow's directory (default: here)")
     parser.add_argument("--estimates", type=Path, help="YAML of figures replacing the default estimates "
                         "(generated: {batch: [low, high]}, forced, surrogate_rows, load_s: [low, high])")
+    parser.add_argument("--verified-share", type=float, help="with selection.verify: the share of candidate rows "
+                        "that verification settles (default: measured, " + VERIFY_RESULTS + " at the config's verify_margin)")
     parser.add_argument("--profile", type=Path, default=Path("slurm/config.yaml"),
                         help="the SLURM profile whose site settings to check and job groups to count (relative to --directory)")
     args = parser.parse_args(argv)
     workdir = args.directory.resolve()
+    if args.verified_share is not None and not 0 <= args.verified_share <= 1:
+        parser.error(f"--verified-share must be between 0 and 1, got {args.verified_share}")
     profile = workdir / args.profile
     grouping = read_grouping(profile)
     config, jobs, groups = dag_jobs(workdir, args.configfile, grouping)
-    print(report(config, jobs, workdir, read_estimates(args.estimates), profile, groups, grouping))
+    print(report(config, jobs, workdir, read_estimates(args.estimates), profile, groups, grouping, args.verified_share))
 
 
 if __name__ == "__main__":

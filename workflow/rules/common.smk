@@ -290,10 +290,11 @@ def previous_state(work):
     return lambda wc: [] if int(wc.step) == 1 else _filled(f"{work}/step{int(wc.step) - 1}.json", wc)
 
 
-def step_values(work, suffix=""):
-    """Input function: every candidate shard's objective values (or, with `suffix` "_records",
-    its candidates' selector records) of one step."""
-    return lambda wc: [_filled(f"{work}/step{wc.step}/shard{s}{suffix}.parquet", wc) for s in range(SEL["n_shards"])]
+def step_values(work, suffix=".parquet"):
+    """Input function: every candidate shard's objective values (or, with `suffix`
+    "_records.parquet", its candidates' selector records; "_verified.json", what verification
+    decided in its call) of one step."""
+    return lambda wc: [_filled(f"{work}/step{wc.step}/shard{s}{suffix}", wc) for s in range(SEL["n_shards"])]
 
 
 def last_step(work):

@@ -2,7 +2,7 @@
 # records. The selector split feeds scoring and selection; the test split feeds the tables.
 # Each split is cut into `evaluate.n_shards` jobs per variant and a cheap merge joins them; with
 # one shard the job writes the variant's records itself (a merge job would only copy them). IT's
-# records are its teacher rows (postdiff.method.evaluate.teacher_records): one local job per split, no GPU.
+# records are its teacher rows (postdiff.method.records.teacher_records): one local job per split, no GPU.
 
 EVAL = config["evaluate"]
 SHARDED_EVAL = EVAL["n_shards"] > 1
@@ -87,11 +87,7 @@ rule evaluate_teacher:
     benchmark:
         f"{RUN}/benchmarks/{RECORDS}.tsv"
     params:
-        **stage(
-            "postdiff.method.evaluate:evaluate_variant",
-            max_new_tokens=EVAL["max_new_tokens"],
-            batch_size=EVAL["batch_size"],
-        ),
+        **stage("postdiff.method.records:teacher_variant", max_new_tokens=EVAL["max_new_tokens"]),
     conda:
         ENV
     script:

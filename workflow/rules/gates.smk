@@ -94,7 +94,7 @@ rule gate_table:
     benchmark:
         f"{RUN}/benchmarks/seed{{seed}}/gates/table.tsv"
     params:
-        **stage("postdiff.method.gates:gate_table", names=[*gate_names(), "mean"]),
+        **stage("postdiff.stats.tables:gate_table", names=[*gate_names(), "mean"]),
     conda:
         ENV
     script:

@@ -238,7 +238,7 @@ rule seed_figure:
     benchmark:
         f"{RUN}/benchmarks/figures/seeds.tsv"
     params:
-        **stage("postdiff.stats.seeds:seed_figure"),
+        **stage("postdiff.stats.figures:seed_figure"),
     conda:
         ENV
     script:

@@ -43,7 +43,7 @@ rule scores_plot:
     benchmark:
         f"{RUN}/benchmarks/seed{{seed}}/selection/scores_plot.tsv"
     params:
-        **stage("postdiff.method.selection.scoring:plot_scores", top_n=config["scoring"]["top_n"]),
+        **stage("postdiff.method.selection.scoreplot:plot_scores", top_n=config["scoring"]["top_n"]),
     conda:
         ENV
     script:
@@ -103,6 +103,7 @@ for target, sel in SELECTIONS.items():
             output:
                 values=f"{sel['work']}/step{{step}}/shard{{shard}}.parquet",
                 records=f"{sel['work']}/step{{step}}/shard{{shard}}_records.parquet",
+                verified=f"{sel['work']}/step{{step}}/shard{{shard}}_verified.json",
             log:
                 f"{RUN}/logs/{sel['log']}/step{{step}}/shard{{shard}}.log",
             benchmark:
@@ -132,7 +133,8 @@ for target, sel in SELECTIONS.items():
                 **sel["input"],
                 state=previous_state(sel["work"]),
                 values=step_values(sel["work"]),
-                records=step_values(sel["work"], "_records"),
+                records=step_values(sel["work"], "_records.parquet"),
+                verified=step_values(sel["work"], "_verified.json"),
             output:
                 state=f"{sel['work']}/step{{step}}.json",
                 steps=f"{sel['work']}/step{{step}}.parquet",

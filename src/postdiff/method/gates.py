@@ -36,13 +36,13 @@ from scipy.optimize import minimize_scalar
 from torch import Tensor, nn
 
 from postdiff.method import variants as V
-from postdiff.method.evaluate import read_rows
+from postdiff.method.records import read_rows
 from postdiff.method.spec import Variant
 from postdiff.method.surrogate import TopKSurrogate
 from postdiff.models.forward import reference_logprobs, variant_kl
 from postdiff.models.loading import load_pair
 from postdiff.stats import bootstrap, metrics
-from postdiff.workflow.io import read_json, write_json, write_parquet, write_text
+from postdiff.workflow.io import write_json, write_parquet
 from postdiff.workflow.runtime import Job
 
 log = logging.getLogger(__name__)
@@ -328,27 +328,3 @@ def calibrate(job: Job) -> None:
     write_parquet(curve, job.output["curve"])
     write_json(choice, job.output["choice"])
     write_json({str(layer): alpha for layer, alpha in gates.items()}, job.output["gates"])
-
-
-GATE_TABLE_SCHEMA = {"gates": pl.String, "alpha": pl.String, "calib_kl": pl.Float64, "tested_on": pl.String,
-                     "grid_winner": pl.String, "n_compared": pl.Int64, "n_not_measured": pl.Int64,
-                     "closest": pl.String, "closest_kl": pl.Float64, "diff": pl.Float64, "lo": pl.Float64,
-                     "hi": pl.Float64, "tie": pl.Boolean, "n_tied": pl.Int64, "tied": pl.String}
-
-
-def gate_table(job: Job) -> None:
-    """Stage: one row per gates file of a seed (input ``choices``, named by params ``names``):
-    the chosen gates, calib KL, the grid's winner, the compared gates (winner and neighbours)
-    closest in KL with its tie test, whether any compared gates tie, and every measured gate
-    vector that ties. Output ``csv``."""
-    rows = []
-    for name, path in zip(job.params["names"], job.inputs("choices"), strict=True):
-        c = read_json(path)
-        closest = c["closest"] or {}
-        rows.append({"gates": name, "alpha": json.dumps(c["gates"]), "calib_kl": c["kl"], "tested_on": c["tested_on"],
-                     "grid_winner": json.dumps(c["grid_winner"]), "n_compared": len(c["compared"]),
-                     "n_not_measured": len(c["not_measured"]),
-                     "closest": json.dumps(closest["gates"]) if closest else None, "closest_kl": closest.get("kl"),
-                     **{k: closest.get(k) for k in ("diff", "lo", "hi")}, "tie": c["tie"], "n_tied": c["n_tied"],
-                     "tied": json.dumps([t["gates"] for t in c["tied"]])})
-    write_text(pl.DataFrame(rows, schema=GATE_TABLE_SCHEMA).write_csv(), job.output["csv"])

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from postdiff.method import surrogate
 from postdiff.method.cache import check_shard, read_tensor
-from postdiff.method.evaluate import read_rows
+from postdiff.method.records import read_rows
 from postdiff.method.selection.maskfile import mask_of, read_mask_file
 from postdiff.method.standardise import load_standardiser
 from postdiff.method.surrogate import TopKSurrogate

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import polars as pl
 import torch
@@ -19,7 +20,7 @@ from torch import Tensor
 
 from postdiff.method import surrogate
 from postdiff.method.selection.maskfile import mask_of, read_mask_file
-from postdiff.models.toy.plant import PLANT_FILE, planted_directions
+from postdiff.models.toy.settings import PLANT_FILE
 from postdiff.workflow.io import read_json, write_parquet, write_text
 from postdiff.workflow.runtime import Job
 
@@ -27,6 +28,11 @@ log = logging.getLogger(__name__)
 
 SCHEMA = {"mask": pl.String, "layer": pl.Int64, "feature": pl.Int64, "group": pl.String, "max_cos": pl.Float64,
           "in_span": pl.Float64}
+
+
+def planted_directions(record: Mapping[str, Any]) -> dict[str, tuple[int, Tensor]]:
+    """Group -> (block, planted directions ``[n, d_model]``) from a :data:`PLANT_FILE` record."""
+    return {name: (int(g["layer"]), torch.tensor(g["directions"])) for name, g in record["groups"].items()}
 
 
 def alignment(D: Tensor, directions: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,4 +1,6 @@
-"""Figure 1 (main variants) and Figure 2 (one-layer ablation, threshold sweep), drawn with seaborn.
+"""Figure 1 (main variants), Figure 2 (one-layer ablation, threshold sweep) and the spread across
+surrogate seeds, drawn with seaborn. Figures live apart from the tables and stages they plot, so
+that only figure jobs import seaborn (a second and a half per job).
 
 Figures are built on an Agg canvas without pyplot, so no global backend or state is touched.
 """
@@ -17,7 +19,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from postdiff.stats import bootstrap, metrics
+from postdiff.stats import bootstrap, metrics, tables
 from postdiff.workflow.io import atomic_path
 from postdiff.workflow.runtime import Job
 
@@ -25,6 +27,7 @@ log = logging.getLogger(__name__)
 
 FIGURE1_METRICS = ("Cap", "KL", "Len")
 FIGURE2_METRICS = ("KL", "Cap")
+SEED_FIGURE_METRICS = ("Cap", "CapRec", "VerbCarry", "KL", "Len")
 SWEEP_COLUMNS = {"cutoff": pl.Float64, "exclusion": pl.Float64, "strict": pl.Boolean, "objective": pl.Float64,
                  "mask": pl.String, "same_as_locked": pl.Boolean, "forced": pl.Boolean, "pools_differ": pl.Boolean}
 FORCED_LABEL = "forced: no step passed, the pool's top by score"
@@ -137,3 +140,45 @@ def figure2(job: Job) -> None:
     references to show); input.sweep: sweep summary Parquet; params as figure1; output.png/pdf."""
     sweep = read_sweep(job.input["sweep"])
     save(draw_figure2(_estimates(job, FIGURE2_METRICS), sweep), job.output)
+
+
+def _label(metric: str) -> str:
+    return f"{metric} ({'lower' if metric in tables.LOWER_IS_BETTER else 'higher'} is better)"
+
+
+def _seed_panel(ax, table: pl.DataFrame, metric: str, legend: bool) -> None:
+    """Each seed's estimate as a dot, the min-max range as a line and the mean as a bar."""
+    rows = table.filter(pl.col("Metric") == metric)
+    variants = rows["Variant"].to_list()
+    seed_columns = [c for c in rows.columns if c.startswith("seed_")]
+    # An undefined estimate (CapRec with no gap) leaves its variant's slot empty.
+    dots = rows.unpivot(index="Variant", on=seed_columns, variable_name="seed").filter(pl.col("value").is_not_nan())
+    defined = (rows["n_finite"] > 0).to_numpy()
+    x = np.arange(len(variants))[defined]
+    ax.vlines(x, rows["min"].to_numpy()[defined], rows["max"].to_numpy()[defined], color="grey", linewidth=2, zorder=1)
+    sns.stripplot(x=dots["Variant"].to_list(), y=dots["value"].to_numpy(), hue=dots["seed"].str.replace("seed_", "seed ").to_list(),
+                  order=variants, jitter=0.15, size=5, legend=legend, ax=ax, zorder=2)
+    ax.scatter(x, rows["mean"].to_numpy()[defined], marker="_", s=400, color="black", zorder=3, label="mean")
+    ax.set_title(_label(metric))
+    ax.set_xlabel("")
+    for label in ax.get_xticklabels():
+        label.set(rotation=60, ha="right", rotation_mode="anchor")
+
+
+def draw_seeds(table: pl.DataFrame) -> Figure:
+    """One panel per key Table 1 metric present in ``table`` (:func:`postdiff.stats.seeds.across_seeds`' layout)."""
+    defined = table.filter(pl.col("n_finite") > 0)["Metric"].to_list()
+    shown = [m for m in SEED_FIGURE_METRICS if m in defined]
+    if not shown:
+        raise ValueError(f"draw_seeds: none of {SEED_FIGURE_METRICS} has an estimate in the table")
+    fig = new_figure(3.2 * len(shown), 4.5)
+    axes = np.atleast_1d(fig.subplots(1, len(shown)))
+    for k, (ax, metric) in enumerate(zip(axes, shown)):
+        _seed_panel(ax, table, metric, legend=k == len(shown) - 1)
+    axes[-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1, 1))
+    return fig
+
+
+def seed_figure(job: Job) -> None:
+    """Stage. input.table: :func:`postdiff.stats.seeds.seed_table`'s Parquet; output.png/pdf."""
+    save(draw_seeds(pl.read_parquet(job.input["table"])), job.output)

@@ -1,5 +1,6 @@
-"""Results across surrogate seeds: every seed's Table 1 side by side with the mean and range, and
-a figure of the spread. (How stable the masks are is :mod:`postdiff.outputs.stability`.)
+"""Results across surrogate seeds: every seed's Table 1 side by side with the mean and range. (The
+figure of the spread is :func:`postdiff.stats.figures.seed_figure`; how stable the masks are is
+:mod:`postdiff.outputs.stability`.)
 """
 
 from __future__ import annotations
@@ -10,16 +11,13 @@ from collections.abc import Mapping
 
 import numpy as np
 import polars as pl
-import seaborn as sns
-from matplotlib.figure import Figure
 
-from postdiff.stats import figures, tables
+from postdiff.stats import tables
 from postdiff.workflow.io import write_parquet
 from postdiff.workflow.runtime import Job
 
 log = logging.getLogger(__name__)
 
-SEED_FIGURE_METRICS = ("Cap", "CapRec", "VerbCarry", "KL", "Len")
 def _check_same_rows(tables_by_seed: Mapping[int, pl.DataFrame]) -> tuple[list[str], list[str]]:
     """The first table's variants and metrics, after checking every table has the same ones."""
     first_seed, first = next(iter(tables_by_seed.items()))
@@ -68,7 +66,7 @@ def across_seeds(tables_by_seed: Mapping[int, pl.DataFrame]) -> pl.DataFrame:
 
 def seed_table(job: Job) -> None:
     """Stage. input.tables: every seed's table1.csv, in the order of params.seeds (ints);
-    output.csv/md/tex (as Table 1's) and output.parquet (what :func:`seed_figure` reads)."""
+    output.csv/md/tex (as Table 1's) and output.parquet (what :func:`postdiff.stats.figures.seed_figure` reads)."""
     paths, seeds = job.inputs("tables"), [int(s) for s in job.params["seeds"]]
     if len(paths) != len(seeds) or len(set(seeds)) != len(seeds):
         raise ValueError(f"seed_table: need one table per distinct seed, got {len(paths)} tables for seeds {seeds}")
@@ -76,45 +74,3 @@ def seed_table(job: Job) -> None:
     tables.write_all(table, table, None, job.output)
     write_parquet(table, job.output["parquet"])
     log.info("across seeds %s: %d variants x metrics", seeds, table.height)
-
-
-def _label(metric: str) -> str:
-    return f"{metric} ({'lower' if metric in tables.LOWER_IS_BETTER else 'higher'} is better)"
-
-
-def _seed_panel(ax, table: pl.DataFrame, metric: str, legend: bool) -> None:
-    """Each seed's estimate as a dot, the min-max range as a line and the mean as a bar."""
-    rows = table.filter(pl.col("Metric") == metric)
-    variants = rows["Variant"].to_list()
-    seed_columns = [c for c in rows.columns if c.startswith("seed_")]
-    # An undefined estimate (CapRec with no gap) leaves its variant's slot empty.
-    dots = rows.unpivot(index="Variant", on=seed_columns, variable_name="seed").filter(pl.col("value").is_not_nan())
-    defined = (rows["n_finite"] > 0).to_numpy()
-    x = np.arange(len(variants))[defined]
-    ax.vlines(x, rows["min"].to_numpy()[defined], rows["max"].to_numpy()[defined], color="grey", linewidth=2, zorder=1)
-    sns.stripplot(x=dots["Variant"].to_list(), y=dots["value"].to_numpy(), hue=dots["seed"].str.replace("seed_", "seed ").to_list(),
-                  order=variants, jitter=0.15, size=5, legend=legend, ax=ax, zorder=2)
-    ax.scatter(x, rows["mean"].to_numpy()[defined], marker="_", s=400, color="black", zorder=3, label="mean")
-    ax.set_title(_label(metric))
-    ax.set_xlabel("")
-    for label in ax.get_xticklabels():
-        label.set(rotation=60, ha="right", rotation_mode="anchor")
-
-
-def draw_seeds(table: pl.DataFrame) -> Figure:
-    """One panel per key Table 1 metric present in ``table`` (:func:`across_seeds`' layout)."""
-    defined = table.filter(pl.col("n_finite") > 0)["Metric"].to_list()
-    shown = [m for m in SEED_FIGURE_METRICS if m in defined]
-    if not shown:
-        raise ValueError(f"draw_seeds: none of {SEED_FIGURE_METRICS} has an estimate in the table")
-    fig = figures.new_figure(3.2 * len(shown), 4.5)
-    axes = np.atleast_1d(fig.subplots(1, len(shown)))
-    for k, (ax, metric) in enumerate(zip(axes, shown)):
-        _seed_panel(ax, table, metric, legend=k == len(shown) - 1)
-    axes[-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1, 1))
-    return fig
-
-
-def seed_figure(job: Job) -> None:
-    """Stage. input.table: :func:`seed_table`'s Parquet; output.png/pdf."""
-    figures.save(draw_seeds(pl.read_parquet(job.input["table"])), job.output)

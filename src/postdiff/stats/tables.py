@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -9,7 +10,7 @@ from collections.abc import Mapping, Sequence
 import polars as pl
 
 from postdiff.stats import bootstrap, metrics
-from postdiff.workflow.io import write_text
+from postdiff.workflow.io import read_json, write_text
 from postdiff.workflow.runtime import Job
 
 log = logging.getLogger(__name__)
@@ -130,3 +131,29 @@ def r2_table(job: Job) -> None:
     """input.metrics: per-layer surrogate metrics (layer, split, n, r2, dead_fraction)."""
     frame = pl.concat([pl.read_parquet(p) for p in job.input["metrics"]]).sort(["layer", "split"])
     write_all(frame, frame, None, job.output)
+
+
+# The gates' table lives here, not beside the calibration (postdiff.method.gates), so that its
+# job reads JSON without importing torch.
+GATE_TABLE_SCHEMA = {"gates": pl.String, "alpha": pl.String, "calib_kl": pl.Float64, "tested_on": pl.String,
+                     "grid_winner": pl.String, "n_compared": pl.Int64, "n_not_measured": pl.Int64,
+                     "closest": pl.String, "closest_kl": pl.Float64, "diff": pl.Float64, "lo": pl.Float64,
+                     "hi": pl.Float64, "tie": pl.Boolean, "n_tied": pl.Int64, "tied": pl.String}
+
+
+def gate_table(job: Job) -> None:
+    """Stage: one row per gates file of a seed (input ``choices``, named by params ``names``): the
+    chosen gates, calib KL, the grid's winner, the compared gates (winner and neighbours)
+    closest in KL with its tie test, whether any compared gates tie, and every measured gate
+    vector that ties. Output ``csv``."""
+    rows = []
+    for name, path in zip(job.params["names"], job.inputs("choices"), strict=True):
+        c = read_json(path)
+        closest = c["closest"] or {}
+        rows.append({"gates": name, "alpha": json.dumps(c["gates"]), "calib_kl": c["kl"], "tested_on": c["tested_on"],
+                     "grid_winner": json.dumps(c["grid_winner"]), "n_compared": len(c["compared"]),
+                     "n_not_measured": len(c["not_measured"]),
+                     "closest": json.dumps(closest["gates"]) if closest else None, "closest_kl": closest.get("kl"),
+                     **{k: closest.get(k) for k in ("diff", "lo", "hi")}, "tie": c["tie"], "n_tied": c["n_tied"],
+                     "tied": json.dumps([t["gates"] for t in c["tied"]])})
+    write_text(pl.DataFrame(rows, schema=GATE_TABLE_SCHEMA).write_csv(), job.output["csv"])

@@ -24,7 +24,8 @@ import numpy as np
 import polars as pl
 
 from postdiff.method import variants as V
-from postdiff.method.evaluate import RECORD_SCHEMA, check_budget, evaluate_masks, load_pt, verify_masks
+from postdiff.method.evaluate import evaluate_masks, load_pt, verify_masks
+from postdiff.method.records import RECORD_SCHEMA, check_budget
 from postdiff.method.selection.maskfile import layer_mask, read_mask_file
 from postdiff.method.selection.scoring import aligned_records, selector_inputs
 from postdiff.method.selection.search import (
@@ -367,6 +368,13 @@ def _previous(job: Job, sel: Selection) -> State:
     return state
 
 
+def _verified_so_far(job: Job) -> list[dict[str, Any]]:
+    """With ``verify``, what verification decided in each shard's call of every step so far, as
+    the state file (input ``state``) carries it to the next step and on to the mask file."""
+    path = job.input.get("state")
+    return read_json(path).get("verified", []) if path else []
+
+
 # A shard's records: its candidates' (layer, feature) and its incumbent's (-1, -1), one call.
 INCUMBENT = (-1, -1)
 
@@ -379,8 +387,9 @@ def select_shard(job: Job) -> None:
     """Stage: one shard of one selection step: the incumbent and this shard's candidates in one
     batched call. As :func:`select`, plus params ``shard`` and ``n_shards`` and input ``state``
     (the previous step's, absent for step 1); output ``values`` (Parquet: layer, feature, the
-    candidate's objective and the incumbent's from the same call) and ``records``. A stopped
-    selection evaluates nothing and loads no model."""
+    candidate's objective and the incumbent's from the same call), ``records`` and ``verified``
+    (JSON: with ``verify``, what verification decided in the call, as :func:`select`'s mask file
+    has it per call; else empty). A stopped selection evaluates nothing and loads no model."""
     sel = Selection.read(job, _rule(job))
     state = _previous(job, sel)
     tried = shard_candidates(state, int(job.params["shard"]), int(job.params["n_shards"]))
@@ -392,6 +401,7 @@ def select_shard(job: Job) -> None:
         pl.lit(c[0]).alias("layer"), pl.lit(c[1]).alias("feature")) for c in ([INCUMBENT, *tried] if tried else [])]
     write_parquet(pl.concat([r.select(*SHARD_RECORD_SCHEMA) for r in records]) if records
                   else pl.DataFrame(schema=SHARD_RECORD_SCHEMA), job.output["records"])
+    write_json(sel.verified, job.output["verified"])
 
 
 def _read_all(paths: str | Sequence[str]) -> list[pl.DataFrame]:
@@ -400,10 +410,14 @@ def _read_all(paths: str | Sequence[str]) -> list[pl.DataFrame]:
 
 def select_step(job: Job) -> None:
     """Stage: merge one step's shards into the next state. Input as :func:`select_shard` plus
-    ``values`` and ``records`` (every shard's); output ``state`` (JSON), ``steps`` (this step's
-    rows) and ``records`` (the taken step's incumbent and chosen records, from one shard's call)."""
+    ``values``, ``records`` and ``verified`` (every shard's); output ``state`` (JSON, with the
+    verification counts of every step's shards so far), ``steps`` (this step's rows) and
+    ``records`` (the taken step's incumbent and chosen records, from one shard's call)."""
     sel = Selection.read(job, _rule(job))
     state = _previous(job, sel)
+    calls = [{**call, "call": state.step + 1, "shard": shard}
+             for shard, path in enumerate(job.inputs("verified")) for call in read_json(path)]
+    verified = [*_verified_so_far(job), *calls]
     shards = list(zip(_read_all(job.input["values"]), _read_all(job.input["records"]), strict=True))
     values = pl.concat([v for v, _ in shards])
     tried = [(int(a), int(b)) for a, b in values.select("layer", "feature").iter_rows()]
@@ -423,7 +437,7 @@ def select_step(job: Job) -> None:
                            .select(list(STEP_RECORD_SCHEMA)) for role, f in zip(ROLES, records(state.chosen[-1]))])
     write_parquet(steps, job.output["steps"])
     write_parquet(taken, job.output["records"])
-    write_json(state.to_json(), job.output["state"])
+    write_json({**state.to_json(), **({"verified": verified} if verified else {})}, job.output["state"])
 
 
 def select_finish(job: Job) -> None:
@@ -435,4 +449,5 @@ def select_finish(job: Job) -> None:
     if not state.stopped:
         raise ValueError(f"{job.input['state']}: selection has not finished after step {state.step}")
     records = pl.concat(_read_all(job.input["step_records"]))
+    sel.verified = _verified_so_far(job)
     sel.write(state.chosen, state.objective, steps, records.sort("step", maintain_order=True))

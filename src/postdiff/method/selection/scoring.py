@@ -17,9 +17,7 @@ saw them (README, "The positive control").
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
@@ -28,42 +26,18 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from postdiff.method import variants as V
-from postdiff.method.evaluate import join_teacher, load_pt
+from postdiff.method.evaluate import load_pt
+from postdiff.method.records import join_teacher
+from postdiff.method.selection.scores import SCORE_SCHEMA, endpoint_values, feature_scores
 from postdiff.method.spec import Variant
 from postdiff.method.surrogate import TopKSurrogate
 from postdiff.models.forward import block_outputs, length_sorted_batches
 from postdiff.models.hook import LayerEdit, intervene
 from postdiff.models.template import teacher_forced_batch
-from postdiff.workflow.io import atomic_path, write_parquet
+from postdiff.workflow.io import write_parquet
 from postdiff.workflow.runtime import Job
 
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
-
-log = logging.getLogger(__name__)
-
 DEFAULT_RIDGE_ALPHA = 1.0
-DEFAULT_TOP_N = 10
-# Endpoint -> (record field, slice where it is defined; None: every prompt).
-ENDPOINTS: dict[str, tuple[str, str | None]] = {
-    "qa": ("em", "QA"),
-    "math": ("em", "Math"),
-    "format": ("format_pass", "Format"),
-    "brevity": ("brevity_excess", "Brevity"),
-    "refusal": ("refusal", None),
-}
-CAPABILITY = ("qa", "math", "format")
-SCORES = {"cap_score": "capability", "verb_score": "verbosity", "refusal_score": "refusal"}
-SCORE_SCHEMA = {
-    "layer": pl.Int64,
-    "feature": pl.Int64,
-    "cap_score": pl.Float64,
-    "verb_score": pl.Float64,
-    "refusal_score": pl.Float64,
-    **{f"coef_{e}": pl.Float64 for e in ENDPOINTS},
-    "mean_z": pl.Float64,
-    "activation_mass": pl.Float64,
-}
 
 
 def _recording(edit: LayerEdit, sae: TopKSurrogate, sink: dict[int, Tensor], layer: int) -> LayerEdit:
@@ -104,62 +78,6 @@ def feature_summaries(
     return out, counts
 
 
-def standardised_coefficients(X: np.ndarray, y: np.ndarray, alpha: float) -> np.ndarray:
-    """Ridge coefficients ``[P]`` of standardised ``y`` on standardised columns of ``X [n, P]``.
-
-    A constant column (a dead feature) or a constant endpoint gets coefficient 0.
-    """
-    # scikit-learn costs a second or two to import: selection, feature-card and stability jobs
-    # import this module for its selector helpers and never regress.
-    from sklearn.linear_model import Ridge
-
-    coef = np.zeros(X.shape[1])
-    live = np.ptp(X, axis=0) > 0
-    if len(y) < 2 or np.ptp(y) == 0 or not live.any():
-        return coef
-    Xl = X[:, live]
-    Xs = (Xl - Xl.mean(0)) / Xl.std(0)
-    ys = (y - y.mean()) / y.std()
-    coef[live] = Ridge(alpha=alpha, fit_intercept=False).fit(Xs, ys).coef_
-    return coef
-
-
-def zscore(values: np.ndarray) -> np.ndarray:
-    """Across features; all-equal values give zeros, not NaN."""
-    sd = values.std()
-    return np.zeros_like(values) if sd == 0 else (values - values.mean()) / sd
-
-
-def endpoint_values(records: pl.DataFrame) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Endpoint -> (row indices where defined, values), rows in ``records`` order."""
-    out = {}
-    for name, (field, slice_name) in ENDPOINTS.items():
-        defined = records[field].is_not_null()
-        if slice_name is not None:
-            defined &= records["slice"] == slice_name
-        rows = np.flatnonzero(defined.to_numpy())
-        out[name] = (rows, records[field].cast(pl.Float64).to_numpy()[rows])
-    return out
-
-
-def feature_scores(
-    summaries: np.ndarray, endpoints: Mapping[str, tuple[np.ndarray, np.ndarray]], ridge_alpha: float
-) -> dict[str, np.ndarray]:
-    """Raw standardised coefficients ``coef_<endpoint>`` and the three z-scored scores."""
-    coefs = {}
-    for name in ENDPOINTS:
-        rows, y = endpoints[name]
-        if len(rows) < 2:
-            log.warning("endpoint %s is defined on %d selector prompts: coefficients set to 0", name, len(rows))
-        coefs[f"coef_{name}"] = standardised_coefficients(summaries[rows], y, ridge_alpha)
-    return {
-        **coefs,
-        "cap_score": zscore(np.mean([coefs[f"coef_{e}"] for e in CAPABILITY], axis=0)),
-        "verb_score": zscore(-coefs["coef_brevity"]),
-        "refusal_score": zscore(coefs["coef_refusal"]),
-    }
-
-
 def score_table(
     summaries: Mapping[int, Tensor],
     counts: Tensor,
@@ -185,23 +103,6 @@ def score_table(
         },
         schema=SCORE_SCHEMA,
     )
-
-
-def draw_top(table: pl.DataFrame, top_n: int = DEFAULT_TOP_N) -> Figure:
-    """Top features by each score."""
-    # seaborn costs a second to import; selection jobs import this module and never draw.
-    import seaborn as sns
-
-    from postdiff.stats.figures import new_figure
-
-    fig = new_figure(4.5 * len(SCORES), 0.35 * top_n + 1.5)
-    for ax, (column, label) in zip(fig.subplots(1, len(SCORES)), SCORES.items()):
-        top = table.sort(column, descending=True).head(top_n)
-        names = [f"L{layer}:{feature}" for layer, feature in zip(top["layer"], top["feature"])]
-        sns.barplot(x=top[column].to_numpy(), y=names, ax=ax, color=sns.color_palette()[0], orient="h")
-        ax.set_title(f"top {top_n} by {label} score")
-        ax.set_xlabel(f"{column} (z across features)")
-    return fig
 
 
 def check_selector(split: pl.DataFrame, path: str) -> None:
@@ -233,7 +134,7 @@ def score_features(job: Job) -> None:
 
     input: ``variant`` (FullDelta spec JSON), ``split``, ``teacher`` (selector), ``records``
     (FullDelta's selector records); params: ``ridge_alpha``, ``pt``, ``dtype``, ``device``,
-    ``batch_size``; output: ``scores`` (Parquet). The plot is :func:`plot_scores`'s own job, so
+    ``batch_size``; output: ``scores`` (Parquet). The plot is :func:`postdiff.method.selection.scoreplot.plot_scores`'s own job, so
     a plot-only param never reruns the scoring.
     """
     variant, rows = selector_inputs(job, "scoring")
@@ -247,10 +148,3 @@ def score_features(job: Job) -> None:
     summaries, counts = feature_summaries(model, pairs, variant, modules, job.batch_size())
     table = score_table(summaries, counts, modules, records, ridge_alpha)
     write_parquet(table, job.output["scores"])
-
-
-def plot_scores(job: Job) -> None:
-    """Stage: the top ``params.top_n`` features by each score (input ``scores``) as a PNG (``plot``)."""
-    fig = draw_top(pl.read_parquet(job.input["scores"]), int(job.params.get("top_n", DEFAULT_TOP_N)))
-    with atomic_path(job.output["plot"]) as tmp:
-        fig.savefig(tmp, format="png", dpi=150)

@@ -23,9 +23,8 @@ import copy
 import dataclasses
 import logging
 import random
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,41 +36,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from postdiff.data.world import make_world
 from postdiff.models.toy.corpus import Example, is_brevity, sft_examples
 from postdiff.models.toy.tokenizer import EOS_ID
-from postdiff.models.toy.train import CONFIG_FILE, Batch, ToyConfig, save_model, settings_from_params, sft_batches
+from postdiff.models.toy.settings import CONFIG_FILE, PLANT_FILE, PlantConfig, ToyConfig
+from postdiff.models.toy.train import Batch, save_model, sft_batches
 from postdiff.workflow.io import read_json
 from postdiff.workflow.runtime import Job
 
 log = logging.getLogger(__name__)
 
-PLANT_FILE = "postdiff_plant.json"  # the planted neurons' settings and directions, beside config.json
 CAP_KINDS = ("capital", "antonym", "math")
-
-
-@dataclass(frozen=True)
-class PlantConfig:
-    """Every knob of the planted change; a stage's params may set any subset of these keys. The
-    defaults are the shipped control pair's (``config/control.yaml``)."""
-
-    seed: int = 0
-    cap_layer: int = 1
-    verb_layer: int = 1
-    n_cap: int = 2
-    n_verb: int = 2
-    steps: int = 400
-    batch_size: int = 32
-    lr: float = 1e-2
-    eos_weight: float = 3.0  # stopping is one token per answer; without weight it is learned last
-    keep_weight: float = 1.0  # KL to the model before this group on the other group's prompts
-    # Mean norm of the neurons' output over every position: a neuron that fires everywhere moves
-    # the mean of delta, which a surrogate keeps in b_dec and a mask (no b_dec) never adds back.
-    sparsity: float = 0.1
-    # Squared norm of the neurons' mean output over answer positions, where the surrogate is
-    # fitted: it starts b_dec at that mean, and a mean the neurons share stays there.
-    center: float = 1.0
-
-    @classmethod
-    def from_params(cls, params: Mapping[str, Any]) -> PlantConfig:
-        return settings_from_params(cls, params, "plant")
 
 
 class Neurons(nn.Module):
@@ -243,11 +215,6 @@ def plant(model: nn.Module, tokenizer, toy: ToyConfig, cfg: PlantConfig) -> tupl
         },
     }
     return widened(model, [cap_neurons, verb_neurons]), record
-
-
-def planted_directions(record: Mapping[str, Any]) -> dict[str, tuple[int, Tensor]]:
-    """Group -> (block, planted directions ``[n, d_model]``) from a :data:`PLANT_FILE` record."""
-    return {name: (int(g["layer"]), torch.tensor(g["directions"])) for name, g in record["groups"].items()}
 
 
 def train_planted(job: Job) -> None:

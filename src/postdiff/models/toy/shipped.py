@@ -19,8 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from postdiff.models.toy.plant import PLANT_FILE, PlantConfig
-from postdiff.models.toy.train import CONFIG_FILE, ToyConfig
+from postdiff.models.toy.settings import CONFIG_FILE, PLANT_FILE, PlantConfig, ToyConfig
 from postdiff.workflow.io import atomic_path, read_json, sha256_file, write_text
 from postdiff.workflow.runtime import Job
 

@@ -13,7 +13,6 @@ import math
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from transformers import (
 from postdiff.data.world import make_world
 from postdiff.models.template import encode_prefixes, teacher_forced_batch
 from postdiff.models.toy.corpus import Example, pt_blocks, sft_examples, tokenizer_texts
+from postdiff.models.toy.settings import CONFIG_FILE, ToyConfig
 from postdiff.models.toy.tokenizer import BOS_ID, EOS_ID, PAD_ID, train_tokenizer
 from postdiff.workflow.io import atomic_path, read_json, write_json
 from postdiff.workflow.runtime import Job
@@ -40,51 +40,7 @@ log = logging.getLogger(__name__)
 
 SEQ_LEN = 128
 SLIDING_WINDOW = 64
-CONFIG_FILE = "postdiff_toy.json"  # the ToyConfig a model was trained with, beside config.json
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # input_ids, attention_mask, loss_mask
-
-
-@dataclass(frozen=True)
-class ToyConfig:
-    """Every knob of the toy pair; a stage's params may set any subset of these keys.
-
-    The defaults were measured on 2 CPU cores: the 1.1M-parameter model sees each made-up fact
-    about 200 times in 20 epochs and trains in about 3 minutes; with 120 sightings, or the
-    2.4M-parameter model at half the epochs, memorisation of the capitals failed in some runs.
-    Two-digit arithmetic is not learned at this budget, so the PT-to-IT gap comes from QA and
-    Format; the arithmetic in the corpus still gives the Math slice PT-like and IT-like shapes.
-    """
-
-    world_seed: int = 0
-    n_countries: int = 240
-    seed: int = 0
-    architecture: str = "gemma3"  # or "llama": no norm after each block's MLP, so an MLP edit is additive
-    vocab_size: int = 1024
-    hidden_size: int = 128
-    intermediate_size: int = 512
-    num_layers: int = 4
-    num_heads: int = 4
-    batch_size: int = 16
-    pt_epochs: int = 20
-    pt_lr: float = 3e-3
-    math_fraction: float = 0.25  # share of all arithmetic problems in each PT epoch
-    fact_repeats: int = 8  # statements of each capital and antonym per PT epoch
-    it_epochs: int = 3
-    it_lr: float = 2e-4
-    it_math: int = 400  # arithmetic examples per IT epoch
-
-    @classmethod
-    def from_params(cls, params: Mapping[str, Any]) -> ToyConfig:
-        return settings_from_params(cls, params, "toy")
-
-
-def settings_from_params(cls: type, params: Mapping[str, Any], what: str) -> Any:
-    """A frozen settings dataclass from any subset of its keys, each cast to its default's type."""
-    defaults = dataclasses.asdict(cls())
-    unknown = sorted(set(params) - set(defaults))
-    if unknown:
-        raise ValueError(f"unknown {what} param(s) {unknown}; known: {sorted(defaults)}")
-    return cls(**{k: type(defaults[k])(v) for k, v in params.items()})
 
 
 ARCHITECTURES = ("gemma3", "llama")
