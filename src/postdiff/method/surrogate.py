@@ -356,7 +356,7 @@ def draw_curve(curve: pl.DataFrame) -> Figure:
     # (every evaluation and gates job) should not pay it.
     import seaborn as sns
 
-    from postdiff.stats.figures import new_figure
+    from postdiff.stats.canvas import new_figure
 
     long = curve.unpivot(index="step", on=["loss", "mse", "aux"], variable_name="term")
     fig = new_figure(6, 4)

@@ -2,7 +2,8 @@
 surrogate seeds, drawn with seaborn. Figures live apart from the tables and stages they plot, so
 that only figure jobs import seaborn (a second and a half per job).
 
-Figures are built on an Agg canvas without pyplot, so no global backend or state is touched.
+Figures are built on an Agg canvas without pyplot (:mod:`postdiff.stats.canvas`), so no global
+backend or state is touched.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import numpy as np
 import polars as pl
 import seaborn as sns
 from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from postdiff.stats import bootstrap, metrics, tables
+from postdiff.stats import bootstrap, metrics
+from postdiff.stats.canvas import new_figure
 from postdiff.workflow.io import atomic_path
 from postdiff.workflow.runtime import Job
 
@@ -33,12 +34,6 @@ SWEEP_COLUMNS = {"cutoff": pl.Float64, "exclusion": pl.Float64, "strict": pl.Boo
 FORCED_LABEL = "forced: no step passed, the pool's top by score"
 _LABELS = {"Cap": "Cap (higher is better)", "KL": "KL to IT (lower is better)",
            "Len": "Len, tokens (lower is better)"}
-
-
-def new_figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
 
 
 def _bars(ax: Axes, estimates: pl.DataFrame, metric: str) -> None:
@@ -143,7 +138,7 @@ def figure2(job: Job) -> None:
 
 
 def _label(metric: str) -> str:
-    return f"{metric} ({'lower' if metric in tables.LOWER_IS_BETTER else 'higher'} is better)"
+    return f"{metric} ({'lower' if metric in metrics.LOWER_IS_BETTER else 'higher'} is better)"
 
 
 def _seed_panel(ax, table: pl.DataFrame, metric: str, legend: bool) -> None:

@@ -42,6 +42,8 @@ BASE = {
 RELATIVE = ("CapRec", "VerbCarry")
 METRICS = ("KL", "Cap", "CapRec", "Len", "BrevEx", "VerbCarry", "QA_EM", "QA_Lenient",
            "Math_EM", "Math_Lenient", "Format_Pass", "Refusal", "OverRefusal")
+# Smaller is the better end of these; of every other metric, larger.
+LOWER_IS_BETTER = frozenset({"KL", "Len", "BrevEx", "VerbCarry", "OverRefusal"})
 
 Prompts = Mapping[str, np.ndarray]  # field -> [..., n] float, prompts in the shared order
 

@@ -17,7 +17,6 @@ log = logging.getLogger(__name__)
 
 TABLE1_DIGITS = {"KL": 3, "Cap": 3, "CapRec": 3, "Len": 2, "BrevEx": 2, "VerbCarry": 3,
                  "QA_EM": 3, "QA_Lenient": 3, "Math_EM": 3, "Math_Lenient": 3, "Format_Pass": 3, "Refusal": 3, "OverRefusal": 3}
-LOWER_IS_BETTER = frozenset({"KL", "Len", "BrevEx", "VerbCarry", "OverRefusal"})
 _LATEX_ESCAPES = {c: "\\" + c for c in "&%$#_{}"} | {"~": r"\textasciitilde{}",
                                                       "^": r"\textasciicircum{}",
                                                       "\\": r"\textbackslash{}"}
@@ -39,7 +38,7 @@ def reading(metric: str, lo: float, hi: float) -> str:
     if lo <= 0 <= hi:
         return "CI includes 0"
     higher = lo > 0
-    better = higher != (metric in LOWER_IS_BETTER)
+    better = higher != (metric in metrics.LOWER_IS_BETTER)
     return f"CI excludes 0: {'higher' if higher else 'lower'} ({'better' if better else 'worse'})"
 
 

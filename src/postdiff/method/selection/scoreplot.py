@@ -8,7 +8,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 
 from postdiff.method.selection.scores import SCORES
-from postdiff.stats.figures import new_figure
+from postdiff.stats.canvas import new_figure
 from postdiff.workflow.io import atomic_path
 from postdiff.workflow.runtime import Job
 
