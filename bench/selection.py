@@ -5,10 +5,12 @@ On a finished run's selector artifacts (its resolved config, one seed's FullDelt
 and locked CapMask, the PT and IT selector records), each step the locked selection took is
 evaluated again, at each batch size of ``--batches``: every mask of the step (its incumbent
 first) by one plain batched generation (``selection.verify: false``), then by
-verify-then-generate (the incumbent generated, every mask teacher-forced on its tokens, the
-rest generated). Per step it records both times, masks per second, the speed-up, the share
-of candidate rows verified, diverged and within the margin, and whether the two gave equal
-records. ``--pools`` also times plain steps of ``P`` single-feature masks against ``P = 1``
+verify-then-generate (the incumbent generated watching the features the other masks add; a
+mask whose added features stay silent on a prompt takes its tokens there with no pass, every
+other mask is teacher-forced on them, the rest generated). Per step it records both times,
+masks per second, the speed-up, the share of candidate rows settled (``share_verified``) and
+of those with no pass (``share_identical``), diverged and within the margin, and whether the
+two gave equal records. ``--pools`` also times plain steps of ``P`` single-feature masks against ``P = 1``
 (``per_candidate_ratio`` below 1: batching candidates pays). The run's own selection wall
 times (its benchmark files) are reported alongside.
 
@@ -86,7 +88,8 @@ def compare_step(sel: Selection, modules: dict, masks: list[Mask], batch_size: i
         "verify_masks_per_s": len(masks) / verify_s,
         "speedup": plain_s / verify_s,
         "candidate_rows": verified.rows,
-        "share_verified": verified.verified / verified.rows if verified.rows else None,
+        "share_identical": verified.identical / verified.rows if verified.rows else None,
+        "share_verified": (verified.identical + verified.verified) / verified.rows if verified.rows else None,
         "share_diverged": verified.diverged / verified.rows if verified.rows else None,
         "share_near_tie": verified.near_tie / verified.rows if verified.rows else None,
         "diverged_at": {str(k): v for k, v in verified.diverged_at.items()},
@@ -161,7 +164,8 @@ def main() -> None:
     for b, per_step in comparison.items():
         for t, row in per_step.items():
             print(f"batch {b} step {t}: {row['masks']} masks, plain {row['plain_s']:.2f} s, verify {row['verify_s']:.2f} s "
-                  f"(x{row['speedup']:.2f}), verified {row['share_verified']:.3f}, equal {row['records_equal']}",
+                  f"(x{row['speedup']:.2f}), settled {row['share_verified']:.3f} ({row['share_identical']:.3f} with no pass), "
+                  f"equal {row['records_equal']}",
                   file=sys.stderr)
     pools = [int(p) for p in args.pools.split(",") if p]
     result = {

@@ -12,7 +12,7 @@ from test_evaluate import NEW, F, World, split_frame
 
 from postdiff.method import surrogate
 from postdiff.method import variants as V
-from postdiff.method.evaluate import evaluate, evaluate_masks, verify_masks
+from postdiff.method.evaluate import evaluate, evaluate_masks, silent_features, tile_masks, verify_masks
 from postdiff.method.records import read_rows, teacher_records
 from postdiff.method.selection.baselines import baseline_masks, mass_mask, random_mask, score_mask
 from postdiff.method.selection.jobs import (
@@ -398,7 +398,7 @@ def test_selection_stages_pick_the_feature_that_makes_the_gold_answers(world, tm
                   "scores": str(tmp_path / "scores.parquet"), **paths}
         params = {**world.model_params, **params, "selection": rule, "lambda": 0.5, "size_cap": 2, "max_candidates": 4,
                   "max_new_tokens": NEW, "batch_size": 16, "gain_bootstrap": {"B": 500, "seed": 0, "level": 0.95},
-                  "fill_to_cap": False, "evidence": "same"}
+                  "fill_to_cap": False, "evidence": "same", "verify": False}
         select(Job(input=inputs, output=out, params=params))
         # Verify-then-generate selects the same mask from the same records.
         verified = {k: str(tmp_path / f"{rule}_verified_{k}") for k in out}
@@ -436,7 +436,7 @@ def test_selection_stages_pick_the_feature_that_makes_the_gold_answers(world, tm
             tried = pl.read_parquet(out["steps"]).group_by("step").len().sort("step")["len"].to_list()
             expected = [(t, s) for t, n in enumerate(tried, 1) for s in range(2) if s < n] if verify else []
             assert [(c["call"], c["shard"]) for c in calls] == expected
-            assert all(c["verified"] + c["diverged"] + c["near_tie"] == c["rows"] for c in calls)
+            assert all(c["identical"] + c["verified"] + c["diverged"] + c["near_tie"] == c["rows"] for c in calls)
             assert pl.read_parquet(sharded["steps"]).equals(pl.read_parquet(out["steps"]))
             assert pl.read_parquet(sharded["records"]).equals(pl.read_parquet(out["records"]))
         result = json.loads((tmp_path / f"{rule}.json").read_text())
@@ -511,9 +511,32 @@ def test_verified_masks_have_the_records_of_full_generation(world, mode):
         records, verified = verify_masks(model, tok, rows, template, modules, masks, NEW, batch_size, 1e-3)
         assert records.equals(expected), batch_size
         assert verified.rows == (len(masks) - 1) * rows.height
-        assert verified.verified + verified.diverged + verified.near_tie == verified.rows
-        assert verified.verified >= rows.height and verified.diverged > 0
+        assert verified.identical + verified.verified + verified.diverged + verified.near_tie == verified.rows
+        # The incumbent's copy differs in no feature; other masks' extra features stay silent on
+        # some prompts and fire on others, which the pass then settles or generates.
+        assert verified.identical > rows.height and verified.verified > 0 and verified.diverged > 0
         assert sum(verified.diverged_at.values()) == verified.diverged
+
+
+def test_silent_features_prove_only_equal_generations(world):
+    """Every copy that watching the incumbent's features calls identical generates, beside the
+    incumbent in one batch, exactly the incumbent's tokens: the proof never takes a copy whose
+    tokens would differ, and it takes some but not all of the others."""
+    model, tok = load_model(world.pt, "float32", "cpu")
+    full = world.variant("FullDelta", "full")
+    modules, _ = V.materialise(full, "cpu")
+    template = Variant(name="x", mode="add_mask", gates=full.gates, surrogates=full.surrogates)
+    rows = world.rows()
+    masks = [{0: [1]}, *({0: [1], layer: sorted({1, f})} for layer in (0, 1) for f in range(0, F, 2))]
+    _, factory = tile_masks(rows, template, modules, masks)
+    prefixes, n = rows["prefix_ids"].to_list(), rows.height
+    watch = silent_features(modules, masks, n, factory)
+    identical = watch.identical(generate(model, tok, prefixes, NEW, 8, edit_factory=watch.edit_factory))
+    assert all(identical[:n]) and 0 < sum(identical[n:]) < len(identical) - n
+    every = generate(model, tok, prefixes * len(masks), NEW, 8, edit_factory=factory,
+                     batches=grouped_batches([len(p) for p in prefixes], len(masks), 8))
+    assert [every[r] == every[r % n] for r in range(len(every)) if identical[r]] == [True] * sum(identical)
+    assert any(every[r] != every[r % n] for r in range(len(every)))
 
 
 def test_a_candidate_that_changes_one_token_mid_answer_is_generated(world):

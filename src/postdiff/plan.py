@@ -316,8 +316,9 @@ def selection_work(groups: Sequence[float], n: int, max_new_tokens: int, ln: Len
     """(generated, forced, 0) of selection calls over ``n`` prompts, each call with ``groups[k]``
     masks, the incumbent first. Plainly every row decodes to the budget. With the share
     ``verified`` of candidate rows settled by verification, the incumbent decodes, every row is
-    teacher-forced on its tokens (prefix and answer), and a prompt with unsettled rows decodes
-    them again beside its incumbent: at most one more incumbent row per unsettled row or prompt."""
+    teacher-forced on its tokens (prefix and answer; an upper bound, as a row whose added
+    features stay silent needs no pass), and a prompt with unsettled rows decodes them again
+    beside its incumbent: at most one more incumbent row per unsettled row or prompt."""
     rows = sum(groups) * n
     if verified is None:
         return rows * max_new_tokens, rows * ln.prefix, 0

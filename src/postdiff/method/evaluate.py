@@ -19,7 +19,8 @@ from postdiff.method.records import records_frame, teacher_records, variant_rows
 from postdiff.method.spec import MASKED, Variant
 from postdiff.method.surrogate import TopKSurrogate
 from postdiff.models.forward import EditFactory, Edits, grouped_batches, variant_kl
-from postdiff.models.generation import Verified, generate, verify_then_generate
+from postdiff.models.generation import Verified, Watch, generate, verify_then_generate
+from postdiff.models.hook import LayerEdit
 from postdiff.models.loading import load_model, load_pair
 from postdiff.workflow.runtime import Job
 
@@ -85,7 +86,7 @@ def stacked_masks(masks: Sequence[Mapping[int, Sequence[int]]], modules: Mapping
     return out
 
 
-def _candidates(
+def tile_masks(
     rows: pl.DataFrame, variant: Variant, modules: Mapping[int, TopKSurrogate], masks: Sequence[Mapping[int, Sequence[int]]]
 ) -> tuple[pl.DataFrame, EditFactory]:
     """Rows tiled over the masks (``candidate`` column; copy ``c`` of row ``i`` is ``c * n + i``)
@@ -122,12 +123,55 @@ def evaluate_masks(
     (:func:`postdiff.models.forward.grouped_batches`), so two masks whose edits are equal give equal
     records, in bf16 too.
     """
-    tiled, factory = _candidates(rows, variant, modules, masks)
+    tiled, factory = tile_masks(rows, variant, modules, masks)
     batches = grouped_batches([len(p) for p in rows["prefix_ids"].to_list()], len(masks), batch_size)
     return generate_records(
         model, tokenizer, tiled, variant.name, max_new_tokens, batch_size, edit_factory=factory, keep=("candidate",),
         batches=batches,
     )
+
+
+def silent_features(
+    modules: Mapping[int, TopKSurrogate], masks: Sequence[Mapping[int, Sequence[int]]], n: int, factory: EditFactory
+) -> Watch:
+    """The incumbent ``masks[0]`` generates watching the features in which any other mask
+    differs from it; a mask whose differing features all stay at ``z = 0`` over a prompt's
+    answer positions has the incumbent's edits there (``z * mask`` is the same vector), so the
+    incumbent's tokens. The surrogate's code at a layer depends only on the tokens and on the
+    edits before that layer, so this holds layer by layer."""
+    differ = [{(layer, j) for layer in modules for j in set(m.get(layer, ())) ^ set(masks[0].get(layer, ()))}
+              for m in masks]
+    watched = {layer: sorted(js) for layer in modules if (js := {j for at, j in set().union(*differ) if at == layer})}
+    column = {(layer, j): c for layer, js in watched.items() for c, j in enumerate(js)}
+    steps: dict[tuple[int, ...], dict[int, list[Tensor]]] = {}
+
+    def edit_factory(idx: list[int]) -> Edits:
+        seen = steps[tuple(idx)] = {}
+
+        def watching(layer: int, edit: LayerEdit) -> LayerEdit:
+            sae, cols = modules[layer], torch.as_tensor(watched[layer], dtype=torch.long)
+            seen[layer] = []
+
+            def fn(h: Tensor) -> Tensor:
+                # One call per decoding step (the prefill's is its last column): its newest position.
+                z = sae.encode(h.to(sae.b_dec.dtype))[:, -1]
+                seen[layer].append((z[:, cols.to(z.device)] != 0).cpu())
+                return edit.fn(h)
+
+            return LayerEdit(alpha=edit.alpha, fn=fn)
+
+        return {layer: watching(layer, edit) if layer in watched else edit for layer, edit in factory(idx).items()}
+
+    def identical(incumbent: Sequence[tuple[list[int], bool]]) -> list[bool]:
+        fired = {}
+        for idx, by_layer in steps.items():
+            for layer, calls in by_layer.items():
+                seen = torch.stack(calls, dim=1)  # [rows, steps, watched]
+                fired.update({(layer, i): seen[row, : len(incumbent[i][0])].any(dim=0) for row, i in enumerate(idx)})
+        return [not any(fired[layer, r % n][column[layer, j]] for layer, j in differ[r // n])
+                for r in range(len(masks) * n)]
+
+    return Watch(edit_factory, identical)
 
 
 def verify_masks(
@@ -144,10 +188,12 @@ def verify_masks(
     """The records of :func:`evaluate_masks`, generating only ``masks[0]`` (the incumbent) and
     the masks whose teacher-forced argmax leaves its tokens
     (:func:`postdiff.models.generation.verify_then_generate`); a mask that keeps them has its
-    records, as its greedy output is its tokens."""
-    tiled, factory = _candidates(rows, variant, modules, masks)
+    records, as its greedy output is its tokens. A mask whose extra features stay silent on a
+    prompt (:func:`silent_features`) needs no pass there."""
+    tiled, factory = tile_masks(rows, variant, modules, masks)
     outputs, verified = verify_then_generate(model, tokenizer, rows["prefix_ids"].to_list(), len(masks), factory,
-                                             max_new_tokens, batch_size, margin)
+                                             max_new_tokens, batch_size, margin,
+                                             silent_features(modules, masks, rows.height, factory))
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids, _ in outputs]
     return records_frame(tiled, variant.name, outputs, texts, None, ("candidate",)), verified
 

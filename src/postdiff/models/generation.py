@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -86,16 +86,35 @@ def generate(
 
 @dataclass
 class Verified:
-    """What verification decided for the non-incumbent rows of one call: ``verified`` took the
-    incumbent's tokens; ``diverged`` had another greedy token (``diverged_at``: how many first
-    did so at each answer position); ``near_tie`` agreed but with a margin under the
-    tolerance, or had an incumbent that did. The last two were generated."""
+    """What verification decided for the non-incumbent rows of one call: ``identical`` had the
+    incumbent's edits at every position of its tokens, so its tokens with no pass; ``verified``
+    took the incumbent's tokens from a teacher-forced pass; ``diverged`` had another greedy
+    token (``diverged_at``: how many first did so at each answer position); ``near_tie`` agreed
+    but with a margin under the tolerance, or had an incumbent that did. The last two were
+    generated."""
 
     rows: int = 0
+    identical: int = 0
     verified: int = 0
     diverged: int = 0
     near_tie: int = 0
     diverged_at: dict[int, int] = field(default_factory=dict)
+
+
+# Given the incumbent's outputs (one per prompt), whether each row (copy ``g`` of prompt ``i``
+# is row ``g * n + i``) has the incumbent's edits at every answer position of its tokens.
+Identical = Callable[[Sequence[tuple[list[int], bool]]], Sequence[bool]]
+
+
+@dataclass(frozen=True)
+class Watch:
+    """A proof of equal edits without a pass: the incumbent generates under
+    ``edit_factory(idx)`` (its own edits, watching what they see), after which ``identical``
+    names the copies whose edits were the incumbent's all along its tokens. Greedy decoding
+    that sees the same edits at the same positions emits the same tokens, bit for bit."""
+
+    edit_factory: EditFactory
+    identical: Identical
 
 
 def verify_then_generate(
@@ -107,40 +126,50 @@ def verify_then_generate(
     max_new_tokens: int,
     batch_size: int,
     margin: float,
+    watch: Watch | None = None,
 ) -> tuple[list[tuple[list[int], bool]], Verified]:
     """Greedy ``(token_ids, eos)`` of ``n_groups`` copies of the prompts (copy ``g`` of prompt
     ``i`` is row ``g * n + i``; ``edit_factory`` gets those indices), as :func:`generate` gives
     them, generating only what the incumbent (copy 0) does not settle.
 
-    Greedy decoding is its argmax at each position, so a copy whose teacher-forced argmax on
-    the incumbent's tokens (stop token included) is those tokens would generate them. A pass
-    without the KV cache rounds differently from a cached decode: a position whose top two
-    logits are within ``margin`` of each other, in the copy or in the incumbent, does not
-    count as agreement. A prompt with a copy that does not agree is generated again from
-    scratch, that copy and the incumbent in one batch, and its agreeing copies take the
-    incumbent's new tokens: copies with equal edits still get equal tokens, in bf16 too."""
+    A copy that ``watch`` proves identical takes the incumbent's tokens with no pass. Greedy
+    decoding is its argmax at each position, so another copy whose teacher-forced argmax on the
+    incumbent's tokens (stop token included) is those tokens would generate them. A pass without
+    the KV cache rounds differently from a cached decode: a position whose top two logits are
+    within ``margin`` of each other, in the copy or in the incumbent, does not count as
+    agreement. A prompt with a copy that does not agree is generated again from scratch, that
+    copy and the incumbent in one batch, and its settled copies take the incumbent's new tokens:
+    copies with equal edits still get equal tokens, in bf16 too."""
     n = len(prefixes)
-    incumbent = generate(model, tokenizer, prefixes, max_new_tokens, batch_size, edit_factory=edit_factory)
-    rows = [(prefixes[r % n], incumbent[r % n][0]) for r in range(n_groups * n)]
-    agrees, diverges_at = [False] * len(rows), [-1] * len(rows)
-    for r, argmax, lead in answer_argmax(model, rows, batch_size, edit_factory):
-        wrong = (argmax.cpu() != torch.as_tensor(rows[r][1])).nonzero()
+    incumbent = generate(model, tokenizer, prefixes, max_new_tokens, batch_size,
+                         edit_factory=watch.edit_factory if watch else edit_factory)
+    identical = [r < n or (watch is not None and bool(same)) for r, same in
+                 enumerate(watch.identical(incumbent) if watch else [False] * (n_groups * n))]
+    # Only prompts with a copy not proven identical need the pass, and their incumbent with them.
+    open_prompts = {r % n for r in range(n, n_groups * n) if not identical[r]}
+    forced = [r for r in range(n_groups * n) if r % n in open_prompts and (r < n or not identical[r])]
+    agrees, diverges_at = dict.fromkeys(forced, False), [-1] * (n_groups * n)
+    rows = [(prefixes[r % n], incumbent[r % n][0]) for r in forced]
+    for k, argmax, lead in answer_argmax(model, rows, batch_size, lambda idx: edit_factory([forced[k] for k in idx])):
+        r = forced[k]
+        wrong = (argmax.cpu() != torch.as_tensor(rows[k][1])).nonzero()
         diverges_at[r] = int(wrong[0]) if len(wrong) else -1
         agrees[r] = not len(wrong) and bool((lead >= margin).all())
-    held = [agrees[r] and agrees[r % n] for r in range(len(rows))]
-    redo = {i: [i, *(r for r in range(n + i, len(rows), n) if not held[r])] for i in range(n) if not all(held[i::n])}
-    outputs = [incumbent[r % n] for r in range(len(rows))]
+    held = [r < n or identical[r] or (agrees[r] and agrees[r % n]) for r in range(n_groups * n)]
+    redo = {i: [i, *(r for r in range(n + i, n_groups * n, n) if not held[r])]
+            for i in open_prompts if not all(held[i::n])}
+    outputs = [incumbent[r % n] for r in range(n_groups * n)]
     if redo:
         order = [r for copies in redo.values() for r in copies]
         batches = _prompt_batches(list(redo.values()), [len(prefixes[i]) for i in redo], batch_size)
         at = {r: k for k, r in enumerate(order)}
-        again = generate(model, tokenizer, [rows[r][0] for r in order], max_new_tokens, batch_size,
+        again = generate(model, tokenizer, [prefixes[r % n] for r in order], max_new_tokens, batch_size,
                          edit_factory=lambda idx: edit_factory([order[k] for k in idx]),
                          batches=[[at[r] for r in batch] for batch in batches])
-        for r in range(len(rows)):
+        for r in range(n_groups * n):
             if r % n in redo:
                 outputs[r] = again[at[r if r in at else r % n]]
-    return outputs, _verified(held, diverges_at, n)
+    return outputs, _verified(identical, held, diverges_at, n)
 
 
 def _prompt_batches(copies: list[list[int]], lengths: list[int], batch_size: int) -> list[list[int]]:
@@ -154,10 +183,12 @@ def _prompt_batches(copies: list[list[int]], lengths: list[int], batch_size: int
     return batches
 
 
-def _verified(held: list[bool], diverges_at: list[int], n: int) -> Verified:
+def _verified(identical: list[bool], held: list[bool], diverges_at: list[int], n: int) -> Verified:
     stats = Verified(rows=len(held) - n)
     for r in range(n, len(held)):
-        if diverges_at[r] >= 0:
+        if identical[r]:
+            stats.identical += 1
+        elif diverges_at[r] >= 0:
             stats.diverged += 1
             stats.diverged_at[diverges_at[r]] = stats.diverged_at.get(diverges_at[r], 0) + 1
         elif held[r]:

@@ -65,7 +65,7 @@ DEFAULTS = {
     "fill_to_cap": True,
     "evidence": "split",
     "split_seed": 0,
-    "verify": False,
+    "verify": True,
     "verify_margin": 0.001,
 }
 
@@ -245,9 +245,10 @@ class Selection:
             if p.get("verify", DEFAULTS["verify"]):
                 records, verified = verify_masks(*args, float(p.get("verify_margin", DEFAULTS["verify_margin"])))
                 self.verified.append({"call": len(self.calls) + 1, "masks": len(masks), **asdict(verified)})
-                log.info("call %d: %d of %d candidate rows verified, %d diverged (first at %s), %d near ties",
-                         len(self.calls) + 1, verified.verified, verified.rows, verified.diverged,
-                         verified.diverged_at, verified.near_tie)
+                log.info("call %d: of %d candidate rows %d identical (silent features), %d verified, "
+                         "%d diverged (first at %s), %d near ties", len(self.calls) + 1, verified.rows,
+                         verified.identical, verified.verified, verified.diverged, verified.diverged_at,
+                         verified.near_tie)
             else:
                 records = evaluate_masks(*args)
             call = {mask: records.filter(pl.col("candidate") == c).drop("candidate") for c, mask in enumerate(masks)}
