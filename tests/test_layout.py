@@ -87,7 +87,7 @@ def test_every_stage_entry_of_the_rules_is_a_function_of_its_module() -> None:
 
 
 # Public functions that read a job's files for several entries (not method: they return its inputs).
-JOB_READERS = {"postdiff.method.surrogate:cache_expect", "postdiff.method.selection.scoring:selector_inputs",
+JOB_READERS = {"postdiff.method.surrogate:cache_expect", "postdiff.method.selection.inputs:selector_inputs",
                "postdiff.models.preflight:fingerprints", "postdiff.method.records:variant_rows"}
 
 

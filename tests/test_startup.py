@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "transformers", "seaborn", "matplotlib")
 # Stages that run a model or read tensors, and what else they may import beyond torch.
 TORCH = {
-    "postdiff.method.cache", "postdiff.method.evaluate", "postdiff.method.gates", "postdiff.method.selection.jobs",
+    "postdiff.method.cache", "postdiff.method.evaluate", "postdiff.method.gates",
     "postdiff.method.selection.scoring", "postdiff.method.standardise", "postdiff.method.surrogate",
     "postdiff.method.teacher", "postdiff.outputs.export", "postdiff.outputs.features", "postdiff.outputs.planted",
     "postdiff.outputs.stability",

@@ -2,7 +2,9 @@
 (:func:`select_shard`, :func:`select_step`, :func:`select_finish`). Each reads the scores, the
 selector prompts and the references' records, evaluates masks by batched generation with PT
 (every prompt's rows in one batch, so identical edits give identical tokens whatever the batch
-size) and hands the objective values to :mod:`postdiff.method.selection.search`.
+size) and hands the objective values to :mod:`postdiff.method.selection.search`. The model and
+its code are imported when a job first evaluates a mask: one that copies another sweep point's
+selection or merges a sharded step imports no torch.
 
 Evidence (``evidence: split``, the default): the selector prompts are halved, stratified by
 slice and seeded; each step picks its best candidate by the gains on the ``choose`` half and
@@ -23,11 +25,9 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from postdiff.method import variants as V
-from postdiff.method.evaluate import evaluate_masks, load_pt, verify_masks
 from postdiff.method.records import RECORD_SCHEMA, check_budget
+from postdiff.method.selection.inputs import aligned_records, selector_inputs
 from postdiff.method.selection.maskfile import layer_mask, read_mask_file
-from postdiff.method.selection.scoring import aligned_records, selector_inputs
 from postdiff.method.selection.search import (
     ROLES,
     RULES,
@@ -196,6 +196,10 @@ class Selection:
     @cached_property
     def pt(self) -> tuple[Any, Any]:
         """The PT model and tokenizer, loaded on first use (a stopped selection never loads them)."""
+        # Imported here: a job that copies another point's selection or merges a sharded step
+        # has no model to run, and torch alone takes over a second to import.
+        from postdiff.method.evaluate import load_pt
+
         return load_pt(self.job.params)
 
     @property
@@ -233,6 +237,9 @@ class Selection:
     def objective(self) -> Callable[[list[Mask]], list[float]]:
         """Scores masks in one batched generation over the selector prompts; every prompt's rows
         share a batch, so identical edits give identical tokens whatever the batch size."""
+        from postdiff.method import variants as V
+        from postdiff.method.evaluate import evaluate_masks, verify_masks
+
         p = self.job.params
         model, tokenizer = self.pt
         modules = V.materialise(self.variant, next(model.parameters()).device)[0]

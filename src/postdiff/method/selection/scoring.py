@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from postdiff.method import variants as V
 from postdiff.method.evaluate import load_pt
-from postdiff.method.records import join_teacher
+from postdiff.method.selection.inputs import aligned_records, selector_inputs
 from postdiff.method.selection.scores import SCORE_SCHEMA, endpoint_values, feature_scores
 from postdiff.method.spec import Variant
 from postdiff.method.surrogate import TopKSurrogate
@@ -103,30 +103,6 @@ def score_table(
         },
         schema=SCORE_SCHEMA,
     )
-
-
-def check_selector(split: pl.DataFrame, path: str) -> None:
-    """Scoring and selection must never see held-out prompts."""
-    if "split" in split.columns and (split["split"] == "test").any():
-        raise ValueError(f"{path}: holds test-split prompts; scoring and selection read the selector split only")
-
-
-def selector_inputs(job: Job, stage: str) -> tuple[Variant, pl.DataFrame]:
-    """The FullDelta spec (input ``variant``) and the selector prompts (``split``) joined with
-    their teacher completions (``teacher``), each checked."""
-    variant = Variant.read(job.input["variant"])
-    if variant.mode != "full":
-        raise ValueError(f"{job.input['variant']}: {stage} needs the FullDelta spec, got mode {variant.mode!r}")
-    split = pl.read_parquet(job.input["split"])
-    check_selector(split, job.input["split"])
-    return variant, join_teacher(split, pl.read_parquet(job.input["teacher"]), job.input["split"], job.input["teacher"])
-
-
-def aligned_records(records: pl.DataFrame, ids: Sequence[str], path: str) -> pl.DataFrame:
-    """``records`` in the order of ``ids``; they must hold exactly those prompts."""
-    if records.height != len(ids) or set(records["id"]) != set(ids):
-        raise ValueError(f"{path}: records hold {records.height} prompts, not the {len(ids)} of the split")
-    return pl.DataFrame({"id": list(ids)}).join(records, on="id", how="left", maintain_order="left")
 
 
 def score_features(job: Job) -> None:
