@@ -143,8 +143,8 @@ def verify_then_generate(
     n = len(prefixes)
     incumbent = generate(model, tokenizer, prefixes, max_new_tokens, batch_size,
                          edit_factory=watch.edit_factory if watch else edit_factory)
-    identical = [r < n or (watch is not None and bool(same)) for r, same in
-                 enumerate(watch.identical(incumbent) if watch else [False] * (n_groups * n))]
+    proven = watch.identical(incumbent) if watch else [False] * (n_groups * n)
+    identical = [r < n or bool(proven[r]) for r in range(n_groups * n)]
     # Only prompts with a copy not proven identical need the pass, and their incumbent with them.
     open_prompts = {r % n for r in range(n, n_groups * n) if not identical[r]}
     forced = [r for r in range(n_groups * n) if r % n in open_prompts and (r < n or not identical[r])]
