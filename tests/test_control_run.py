@@ -48,10 +48,13 @@ def arrays(workdir: Path) -> metrics.PromptArrays:
     return metrics.align(metrics.read_eval([workdir / evals(v) for v in VARIANTS]))
 
 
-def cap_mask(workdir: Path) -> dict:
+def locked_point(workdir: Path) -> Path:
     cfg = yaml.safe_load((workdir / "config/control.yaml").read_text())["selection"]
-    point = f"verb_exclusion={float(cfg['verb_exclusion'])}/cap_cutoff={float(cfg['cap_cutoff'])}"
-    return json.loads((workdir / f"{RUN}/seed0/sweep/{point}/cap_mask.json").read_text())
+    return workdir / f"{RUN}/seed0/sweep/verb_exclusion={float(cfg['verb_exclusion'])}/cap_cutoff={float(cfg['cap_cutoff'])}"
+
+
+def cap_mask(workdir: Path) -> dict:
+    return json.loads((locked_point(workdir) / "cap_mask.json").read_text())
 
 
 def test_forward_selection_takes_a_planted_feature_by_its_gain(control_run: Path) -> None:
@@ -62,6 +65,13 @@ def test_forward_selection_takes_a_planted_feature_by_its_gain(control_run: Path
     first = mask["step_gains"][0]
     assert first["passed"] and first["lo"] <= first["gain"] and first["choose_gain"] > 0, first
     assert not forced(mask) and mask["passed_order"][0] == mask["order"][0]
+    # The pool is in score order, and its top feature is one that correlates with capability
+    # without moving it alone: step 1 measured it at no gain and took another. A mask in score
+    # order would start with a step that does not pass.
+    first_step = pl.read_parquet(locked_point(control_run) / "steps.parquet").filter(pl.col("step") == 1)
+    gain = {(layer, feature): g for layer, feature, g in first_step.select("layer", "feature", "gain").iter_rows()}
+    top, chosen = tuple(mask["pool"][0]), tuple(mask["order"][0])
+    assert top != chosen and gain[top] <= 0 < gain[chosen], (top, chosen, gain)
     layer, feature = mask["order"][0]
     D = surrogate.load(control_run / f"{RUN}/seed0/surrogate/L{layer}.safetensors")[0].D.detach()[:, [feature]]
     planted = planted_directions(json.loads((control_run / f"{RUN}/pair/it/{PLANT_FILE}").read_text()))
