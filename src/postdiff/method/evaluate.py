@@ -149,16 +149,9 @@ def silent_features(
         seen = steps[tuple(idx)] = {}
 
         def watching(layer: int, edit: LayerEdit) -> LayerEdit:
-            sae, cols = modules[layer], torch.as_tensor(watched[layer], dtype=torch.long)
-            seen[layer] = []
-
-            def fn(h: Tensor) -> Tensor:
-                # One call per decoding step (the prefill's is its last column): its newest position.
-                z = sae.encode(h.to(sae.b_dec.dtype))[:, -1]
-                seen[layer].append((z[:, cols.to(z.device)] != 0).cpu())
-                return edit.fn(h)
-
-            return LayerEdit(alpha=edit.alpha, fn=fn)
+            cols, calls = torch.as_tensor(watched[layer], dtype=torch.long), seen.setdefault(layer, [])
+            # One call per decoding step (the prefill's is its last column): its newest position.
+            return V.watched(edit, modules[layer], lambda z: calls.append((z[:, -1, cols.to(z.device)] != 0).cpu()))
 
         return {layer: watching(layer, edit) if layer in watched else edit for layer, edit in factory(idx).items()}
 

@@ -90,3 +90,14 @@ def edits(
         mean = means[layer] if means is not None and variant.mode == "mean" else None
         out[layer] = LayerEdit(alpha=variant.gates[layer], fn=layer_delta(variant.mode, sae, mask, mean))
     return out
+
+
+def watched(edit: LayerEdit, sae: TopKSurrogate, see: Callable[[Tensor], None]) -> LayerEdit:
+    """The same edit, also handing ``see`` the code ``z`` of each input it edits (the same input,
+    so the same ``z`` the edit uses)."""
+
+    def fn(h: Tensor) -> Tensor:
+        see(sae.encode(h.to(sae.b_dec.dtype)))
+        return edit.fn(h)
+
+    return LayerEdit(edit.alpha, fn)

@@ -32,22 +32,12 @@ from postdiff.method.selection.scores import SCORE_SCHEMA, endpoint_values, feat
 from postdiff.method.spec import Variant
 from postdiff.method.surrogate import TopKSurrogate
 from postdiff.models.forward import block_outputs, length_sorted_batches
-from postdiff.models.hook import LayerEdit, intervene
+from postdiff.models.hook import intervene
 from postdiff.models.template import teacher_forced_batch
 from postdiff.workflow.io import write_parquet
 from postdiff.workflow.runtime import Job
 
 DEFAULT_RIDGE_ALPHA = 1.0
-
-
-def _recording(edit: LayerEdit, sae: TopKSurrogate, sink: dict[int, Tensor], layer: int) -> LayerEdit:
-    """The same edit, also keeping the ``z`` it sees (same input, so the same ``z`` it uses)."""
-
-    def fn(h: Tensor) -> Tensor:
-        sink[layer] = sae.encode(h.to(sae.b_dec.dtype))
-        return edit.fn(h)
-
-    return LayerEdit(edit.alpha, fn)
 
 
 @torch.inference_mode()
@@ -69,7 +59,8 @@ def feature_summaries(
         ids, attn, ans = teacher_forced_batch([pairs[i][0] for i in idx], [pairs[i][1] for i in idx], pad_id=0)
         ans = ans.to(device)
         sink: dict[int, Tensor] = {}
-        recorded = {layer: _recording(edits[layer], modules[layer], sink, layer) for layer in layers}
+        recorded = {layer: V.watched(edits[layer], modules[layer], lambda z, layer=layer, sink=sink: sink.update({layer: z}))
+                    for layer in layers}
         with intervene(model, recorded, ans):
             block_outputs(model, ids.to(device), attn.to(device), [max(layers)])
         weight = ans.float() / ans.sum(1, keepdim=True)
