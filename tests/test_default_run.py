@@ -7,8 +7,8 @@ CPU kernel sets (``ATEN_CPU_CAPABILITY`` default, avx2, avx512) and surrogate se
 The second default seed adds nothing here that ``tests/test_workflow.py`` does not check on the
 tiny config (adding a seed, across-seed tables), so this run trains one. Its sweep keeps the
 locked cutoff and the one above it (pools of 7 and 5 features on seed 0, against 8 at 4.0): two
-cutoffs whose pools differ are what its assertion needs, and the third took 45 s of the suite's
-critical path. It runs only what the assertions read: the test evaluations of the variants they
+cutoffs whose pools differ are what its assertion needs, and the third was a 45 s job. It
+runs only what the assertions read: the test evaluations of the variants they
 name (Table 1's rows, computed as the table1 job computes them, without the four variants no
 assertion reads), the sweep summary, the gate table and the claims table, with every job they
 need. The figures, cards, exports, provenance and the whole Table 1 of a run are checked on the
