@@ -54,3 +54,37 @@ def test_a_stage_imports_only_what_it_uses(libs: frozenset[str]) -> None:
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
                           env={**os.environ, "PYTHONPATH": str(REPO / "src")})
     assert set(json.loads(proc.stdout.splitlines()[-1])) <= libs, modules
+
+
+def test_the_collector_is_paused_for_a_stage_import_and_a_model_load_then_restored(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import gc
+
+    from postdiff.models import loading
+    from postdiff.workflow.runtime import gc_paused, resolve
+
+    assert gc.isenabled()
+    with gc_paused():
+        assert not gc.isenabled()
+        with gc_paused():  # nested: the inner block leaves it paused
+            pass
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), gc_paused():
+        raise RuntimeError
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled(), "a collector that was off stays off"
+    finally:
+        gc.enable()
+
+    seen: list[bool] = []
+    real = loading.load_tokenizer
+    monkeypatch.setattr(loading, "load_tokenizer", lambda *a, **k: (seen.append(gc.isenabled()), real(*a, **k))[1])
+    loading.load_model(str(REPO / "workflow/resources/embedded_pair/pt"))
+    assert seen == [False] and gc.isenabled()
+    assert resolve("postdiff.workflow.runtime:gc_paused") is gc_paused and gc.isenabled()

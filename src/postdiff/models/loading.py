@@ -14,6 +14,7 @@ from torch import nn
 
 from postdiff.models.families import family_of
 from postdiff.models.template import prefix_bos, prefix_disagreement
+from postdiff.workflow.runtime import gc_paused
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,7 @@ def cpu_attention(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
+@gc_paused()  # the first load imports transformers' model code: seconds of Python objects
 def load_model(
     spec: str, dtype: str = "auto", device: str = "auto", partner: str | None = None
 ) -> tuple[nn.Module, object]:
