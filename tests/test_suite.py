@@ -114,6 +114,19 @@ def test_slice_counts_by_dict_and_bad_counts():
         generate_suite(0, {"QA": -1}, small)
 
 
+def test_brevity_kinds_narrow_the_brevity_slice_only(world, suite):
+    """The positive control's suite asks Brevity about antonyms only; every other slice is the
+    default suite's, prompt for prompt."""
+    narrow = generate_suite(0, DEFAULT_TOTAL, world, brevity_kinds=("antonym",))
+    brevity = narrow.filter(pl.col("slice") == "Brevity")
+    asks = pl.col("prompt").str.extract(r"the (capital|opposite) of")
+    assert brevity.height == DEFAULT_TOTAL and set(brevity.select(asks)["prompt"]) == {"opposite"}
+    assert set(suite.filter(pl.col("slice") == "Brevity").select(asks)["prompt"]) == {"capital", "opposite"}
+    assert narrow.filter(pl.col("slice") != "Brevity").equals(suite.filter(pl.col("slice") != "Brevity"))
+    with pytest.raises(ValueError, match=r"unknown brevity kind\(s\) \['city'\]"):
+        generate_suite(0, DEFAULT_TOTAL, world, brevity_kinds=("city",))
+
+
 def test_halves_give_disjoint_prompts(world):
     for s in SLICES:
         sft = {i.prompt for i in candidates(s, world, "sft")}

@@ -16,6 +16,7 @@ rule suite:
             "postdiff.data.suite:build_suite",
             source=config["suite"]["source"],
             builtin=config["suite"]["builtin"],
+            brevity_kinds=config["suite"]["brevity_kinds"],
             seed=config["suite"]["seed"],
             sizes=config["suite"]["sizes"],
             world=config["world"],
