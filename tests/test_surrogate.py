@@ -282,3 +282,22 @@ def test_train_layer_and_layer_metrics_stages(tmp_path, data):
     assert metrics["r2"][0] == meta["train_r2"] and (metrics["r2"] > 0.5).all()
     with pytest.raises(ValueError, match="layers"):
         train_layer(Job(input={"shards": paths["train"], "standardiser": std}, output=out, params={**params, "layers": [3]}))
+
+
+def test_a_zero_b_dec_stays_zero_and_the_features_carry_all_of_delta():
+    """``b_dec: zero`` (the positive control's): on a delta that is exactly 0 where no feature
+    fires, b_dec is held at 0 through training, so the sum over every feature (a full mask,
+    SPEC §6: no b_dec) is the whole prediction. Trained ``b_dec`` on the same data moves off 0."""
+    h, delta = synthetic(4096, seed=1)
+    delta = delta - 0.5  # the generator's offset: delta is now the features' sum plus noise
+    cfg = SurrogateConfig(expansion=4, k=8, lr=1e-2, batch_size=256, steps=200, b_dec="zero")
+    zero, _ = fit(h, delta, h.mean(0), h.std(0), cfg, seed=0)
+    trained, _ = fit(h, delta, h.mean(0), h.std(0), SurrogateConfig(**{**cfg.__dict__, "b_dec": "train"}), seed=0)
+    assert torch.equal(zero.b_dec, torch.zeros_like(zero.b_dec)) and trained.b_dec.abs().max() > 0
+    z = zero.encode(h[:64])
+    every = torch.ones(zero.n_features, dtype=torch.bool)
+    assert torch.allclose(zero.masked_decode(z, every), zero(h[:64]), atol=1e-5)
+    h_test, delta_test = synthetic(2048, seed=2)
+    assert r2(zero, h_test, delta_test - 0.5, delta.mean(0)) > 0.8
+    with pytest.raises(ValueError, match="b_dec"):
+        SurrogateConfig(b_dec="mean")

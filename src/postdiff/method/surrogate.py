@@ -49,6 +49,7 @@ class SurrogateConfig:
     aux_k: int | None = None  # None: d // 2, the heuristic of Gao et al. (2024), App. B.1
     auxk_coef: float = 1 / 32
     dead_steps: int = 200  # a feature that has not fired for this many steps is dead
+    b_dec: str = "train"  # "train": from the mean of delta; "zero": held at 0
 
     def __post_init__(self) -> None:
         for name in ("expansion", "k", "batch_size", "steps", "dead_steps"):
@@ -56,6 +57,8 @@ class SurrogateConfig:
                 raise ValueError(f"surrogate config: {name} must be >= 1, got {getattr(self, name)}")
         if self.aux_k is not None and self.aux_k < 1:
             raise ValueError(f"surrogate config: aux_k must be >= 1 or null, got {self.aux_k}")
+        if self.b_dec not in ("train", "zero"):
+            raise ValueError(f"surrogate config: b_dec must be 'train' or 'zero', got {self.b_dec!r}")
         if not self.lr > 0 or self.auxk_coef < 0:
             raise ValueError(f"surrogate config: need lr > 0 and auxk_coef >= 0, got {self.lr}, {self.auxk_coef}")
 
@@ -242,7 +245,8 @@ def fit(
         raise ValueError("fit: delta has non-finite values")
     scale = scale if scale > 0 else 1.0
     module = TopKSurrogate(d, n_features, cfg.k, mu, sigma)
-    _init(module, delta_mean / scale, generator)
+    fixed = cfg.b_dec == "zero"
+    _init(module, torch.zeros_like(delta_mean) if fixed else delta_mean / scale, generator)
     module.to(device)
     opt = torch.optim.Adam(module.parameters(), lr=cfg.lr, fused=True)
     for p in module.parameters():
@@ -279,6 +283,8 @@ def fit(
             aux_scale = min(n_dead / aux_k, 1.0)
             aux_term = (z_dead, dead_ids, cfg.auxk_coef * aux_scale)
         mse, aux = loss_gradients(module, x, target, idx, vals, aux_term)
+        if fixed:
+            module.b_dec.grad.zero_()  # Adam moves nothing with a zero gradient from the start
         aux = aux_scale * aux
         opt.step()
         fired = torch.zeros(n_features, dtype=torch.bool, device=device)
