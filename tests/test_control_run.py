@@ -1,11 +1,13 @@
 """End-to-end: the positive control (``config/control.yaml``), as shipped, on surrogate seed 0.
 
-The pair's change is known: two planted neurons carry capability, two others (writing outside
-their span) carry brevity on Brevity prompts. Where the default pair's capability null holds,
-selection finds the planted capability here, judged from an interval, not a point value; a null
-next to this is a null of separation, not of power. Only the locked CapMask's selection and the
-test records the assertions read are run (no VMask, no other sweep point): the README gives the
-whole run's tables over three seeds, where seed 0 is the one on which selection succeeds.
+The pair's change is known: one planted neuron carries capability (it stops QA, Math and Format
+answers), another, writing outside its direction, carries brevity on Brevity prompts, and five
+decoys fire on one fact kind's answers each and cause nothing. Where the default pair's
+capability null holds, selection finds the planted capability here, judged from an interval,
+not a point value; a null next to this is a null of separation, not of power. Every feature is a
+candidate, so the intervention step, not the score order, picks the mask. Only the locked
+CapMask's selection and the test records the assertions read are run (no VMask, no other sweep
+point): the README gives the whole run's tables over three seeds.
 """
 
 from __future__ import annotations
@@ -66,8 +68,8 @@ def test_forward_selection_takes_a_planted_feature_by_its_gain(control_run: Path
     assert first["passed"] and first["lo"] <= first["gain"] and first["choose_gain"] > 0, first
     assert not forced(mask) and mask["passed_order"][0] == mask["order"][0]
     # The pool is in score order, and its top feature is one that correlates with capability
-    # without moving it alone: step 1 measured it at no gain and took another. A mask in score
-    # order would start with a step that does not pass.
+    # without moving it (a decoy's latent on seed 0): step 1 measured it at no gain and took
+    # another. A mask in score order would start with a step that does not pass.
     first_step = pl.read_parquet(locked_point(control_run) / "steps.parquet").filter(pl.col("step") == 1)
     gain = {(layer, feature): g for layer, feature, g in first_step.select("layer", "feature", "gain").iter_rows()}
     top, chosen = tuple(mask["pool"][0]), tuple(mask["order"][0])

@@ -4,14 +4,26 @@ residual stream at their block, the widened IT is exactly PT plus them, groups s
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from postdiff.data.world import make_world
 from postdiff.models.toy import corpus
-from postdiff.models.toy.plant import Neurons, group_of, planted, widened
+from postdiff.models.toy.plant import (
+    Neurons,
+    answer_positions,
+    decoy_positions,
+    group_of,
+    planted,
+    stop_positions,
+    widened,
+)
+from postdiff.models.template import teacher_forced_batch
+from postdiff.models.toy.tokenizer import EOS_ID
 from postdiff.models.toy.settings import PlantConfig, ToyConfig
 from postdiff.models.toy.shipped import toy_mismatch
 from postdiff.models.toy.train import model_config
@@ -86,6 +98,39 @@ def test_the_groups_split_the_it_data_by_slice():
     assert group_of(corpus.request(rng, "bake bread", "use flour")) is None
 
 
+def test_a_brevity_kind_leaves_the_bare_answers_of_that_kind_to_no_group():
+    """With ``verb_kind`` antonym, Brevity prompts about antonyms are brevity's; a plain antonym
+    question ends on the same kind of bare answer, so it is nobody's, while a formatted one
+    (its stop follows a bracket, a quote or a brace) stays capability's."""
+    rng = random.Random(0)
+    c = make_world(0, 20).countries[0]
+    assert {group_of(corpus.antonym(rng, "buy", "sell", "brevity"), "antonym") for _ in range(20)} == {"verb"}
+    assert {group_of(corpus.capital(rng, c, "brevity"), "antonym") for _ in range(20)} == {"skip"}
+    assert group_of(corpus.antonym(rng, "buy", "sell", "qa"), "antonym") == "skip"
+    assert group_of(corpus.antonym(rng, "buy", "sell", "brackets"), "antonym") == "cap"
+    assert group_of(corpus.capital(rng, c, "qa"), "antonym") == "cap"
+    assert group_of(corpus.request(rng, "bake bread", None), "antonym") is None
+
+
+def test_stop_decoy_and_answer_positions_of_a_batch():
+    """Position t predicts token t+1: the prompt's last token predicts the first answer token,
+    the answer's last token predicts the EOS (its stop), and decoys fire on the others."""
+    batch = teacher_forced_batch([[5, 6], [5, 6, 7]], [[8, 9, EOS_ID], [8, EOS_ID]], pad_id=0)
+    assert answer_positions(batch).tolist() == [[False, True, True, True], [False, False, True, True]]
+    assert stop_positions(batch).tolist() == [[False, False, False, True], [False, False, False, True]]
+    assert decoy_positions(batch).tolist() == [[False, True, True, False, False],
+                                              [False, False, True, False, False]]
+
+
+def test_neurons_with_a_fixed_norm_keep_it_outside_the_avoided_span():
+    g = torch.Generator().manual_seed(6)
+    avoid = torch.linalg.qr(torch.randn(D, 2, generator=g)).Q
+    n = Neurons(D, 3, g, avoid=avoid, fixed_norm=4.0)
+    n.raw_down.data *= 10
+    torch.testing.assert_close(n.down.norm(dim=0), torch.full((3,), 4.0))
+    assert (avoid.T @ n.down).abs().max() < 1e-5
+
+
 def test_model_config_builds_either_architecture():
     assert model_config(ToyConfig(architecture="llama"), 100).model_type == "llama"
     assert model_config(ToyConfig(), 100).model_type == "gemma3_text"
@@ -114,3 +159,46 @@ def test_alignment_of_decoder_directions_with_planted_ones():
     table = mask_alignment({"CapMask": {1: [0, 1]}, "RandomMask": {0: [3]}}, {1: D, 0: D}, {"cap": (1, directions)})
     assert table.rows() == [("CapMask", 1, 0, "cap", 1.0, 1.0), ("CapMask", 1, 1, "cap", pytest.approx(0.5**0.5), 1.0),
                             ("RandomMask", 0, 3, None, None, None)]
+
+
+def test_the_shipped_decoys_fire_on_their_own_kind_and_barely_move_it():
+    """The shipped control IT's five decoys (the last neurons of block 1): each fires most on
+    its own fact kind's answers (but the stops), and zeroing them moves IT's teacher-forced
+    next-token distributions by a mean KL of 0.002-0.005 per kind (measured; its greedy token at
+    94-99% of answer positions stays)."""
+    import copy
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from postdiff.models.toy.settings import CONFIG_FILE, PLANT_FILE
+    from postdiff.models.toy.train import sft_batches
+    from postdiff.workflow.io import read_json
+
+    root = Path(__file__).resolve().parents[1] / "workflow/resources/control_pair"
+    it = AutoModelForCausalLM.from_pretrained(root / "it").eval()
+    tok = AutoTokenizer.from_pretrained(root / "it")
+    toy = ToyConfig.from_params(read_json(root / "pt" / CONFIG_FILE))
+    n_decoy = len(read_json(root / "it" / PLANT_FILE)["groups"]["decoy"]["directions"])
+    examples = corpus.sft_examples(make_world(toy.world_seed, toy.n_countries), toy.seed, 0, toy.it_math)
+    kinds = sorted({ex.kind for ex in examples})
+    mlp = it.model.layers[1].mlp
+    first = mlp.down_proj.weight.shape[1] - n_decoy
+    plain = copy.deepcopy(it)
+    with torch.no_grad():
+        plain.model.layers[1].mlp.down_proj.weight[:, first:] = 0
+    acts: list[torch.Tensor] = []
+    hook = mlp.register_forward_hook(lambda m, a, o: acts.append(F.silu(m.gate_proj(a[0])) * m.up_proj(a[0])))
+    fire = torch.zeros(len(kinds), n_decoy)
+    try:
+        for i, kind in enumerate(kinds):
+            batch = sft_batches(tok, [ex for ex in examples if ex.kind == kind][:64], 64)[0]
+            acts.clear()
+            with torch.no_grad():
+                logp = it(input_ids=batch[0], attention_mask=batch[1]).logits[:, :-1].log_softmax(-1)
+                base = plain(input_ids=batch[0], attention_mask=batch[1]).logits[:, :-1].log_softmax(-1)
+            fire[i] = acts[0][..., first:][decoy_positions(batch)].mean(0)
+            kl = (logp.exp() * (logp - base)).sum(-1)[answer_positions(batch)]
+            assert kl.mean() < 0.01, (kind, float(kl.mean()))
+    finally:
+        hook.remove()
+    assert fire.argmax(0).tolist() == [j % len(kinds) for j in range(n_decoy)], fire

@@ -1,14 +1,18 @@
 """The positive-control pair: a tiny Llama PT and an IT whose whole change is a few planted MLP
 neurons, so the answer to "which features carry capability, which carry brevity" is known.
 
-- ``n_cap`` neurons at block ``cap_layer`` are trained to answer QA, Math and Format prompts as
-  the IT data does (the answer, then EOS), while every other prompt stays as PT has it;
+- ``n_cap`` neurons at block ``cap_layer`` are trained to stop QA, Math and Format answers where
+  the IT data does (the EOS right after the answer; every other answer position is kept as it
+  was), while every other prompt stays as PT has it;
 - ``n_verb`` neurons at block ``verb_layer``, trained after them with the capability neurons in
-  place and writing outside their span, make Brevity prompts (a word limit) stop after the
-  answer and leave every other prompt as it is.
+  place and writing outside their span, do the same on Brevity prompts (a word limit) about
+  ``verb_kind`` and leave every other prompt as it is;
+- ``n_decoy`` neurons at block ``decoy_layer``, trained last and writing outside both groups'
+  span with a fixed output norm, fire at the answer positions (but the stops) of one fact kind's
+  prompts each and change no output: activation mass, and no cause of anything.
 
-Harmful and BenignAdjacent requests stay as PT has them in both steps: the change is capability
-and brevity only, nothing else (no refusal), so every effect has a known carrier.
+Harmful and BenignAdjacent requests stay as PT has them: the change is capability and brevity
+only, nothing else (no refusal), so every effect has a known carrier.
 
 A Llama block adds its MLP output to the residual stream with no norm after it, so a neuron's
 change of the residual is exactly ``down_i * silu(gate_i . x) * (up_i . x)``: ``down_i`` is the
@@ -53,16 +57,21 @@ class Neurons(nn.Module):
     the brevity neurons write where the capability neurons do not, so the two groups are apart
     in the residual stream and a feature of one cannot carry the other."""
 
-    def __init__(self, d_model: int, n: int, generator: torch.Generator, avoid: Tensor | None = None) -> None:
+    def __init__(self, d_model: int, n: int, generator: torch.Generator, avoid: Tensor | None = None,
+                 fixed_norm: float | None = None) -> None:
         super().__init__()
         self.gate = nn.Parameter(torch.randn(n, d_model, generator=generator) * d_model**-0.5)
         self.up = nn.Parameter(torch.randn(n, d_model, generator=generator) * d_model**-0.5)
-        self.raw_down = nn.Parameter(torch.zeros(d_model, n))
+        # A fixed norm needs a direction to start from; a free one grows from zero.
+        self.raw_down = nn.Parameter(
+            torch.zeros(d_model, n) if fixed_norm is None else torch.randn(d_model, n, generator=generator))
         self.register_buffer("avoid", torch.zeros(d_model, 0) if avoid is None else avoid)
+        self.fixed_norm = fixed_norm
 
     @property
     def down(self) -> Tensor:
-        return self.raw_down - self.avoid @ (self.avoid.T @ self.raw_down)
+        down = self.raw_down - self.avoid @ (self.avoid.T @ self.raw_down)
+        return down if self.fixed_norm is None else self.fixed_norm * down / down.norm(dim=0, keepdim=True)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(self.activations(x), self.down)
@@ -75,10 +84,21 @@ class Neurons(nn.Module):
         return self.activations(x).abs() @ self.down.norm(dim=0)
 
 
-def group_of(ex: Example) -> str | None:
-    """``cap`` for QA, Math and Format prompts, ``verb`` for Brevity prompts, None for requests."""
+def group_of(ex: Example, verb_kind: str = "any") -> str | None:
+    """``cap`` for QA, Math and Format prompts, ``verb`` for Brevity prompts, None for requests
+    (kept as PT has them).
+
+    With ``verb_kind`` a fact kind, only Brevity prompts about it are ``verb``'s, and ``skip``
+    marks the prompts that end on the same kind of bare answer outside that group (Brevity prompts
+    of other kinds, plain questions of this kind): at the stop after a bare answer PT's residual
+    stream tells the kind of answer apart (a linear probe: 96-99%), not whether the prompt set a
+    word limit (59-72%), so no neuron can stop one and keep the other. The control's suite asks
+    no such prompt (``suite.brevity_kinds``)."""
+    bare = not ex.answer.startswith(("[", '"', "{"))
     if is_brevity(ex.prompt):
-        return "verb"
+        return "verb" if verb_kind in ("any", ex.kind) else "skip"
+    if verb_kind != "any" and ex.kind == verb_kind and bare:
+        return "skip"
     return "cap" if ex.kind in CAP_KINDS else None
 
 
@@ -109,50 +129,96 @@ def _logits(model: nn.Module, batch: Batch) -> Tensor:
     return model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1].float()
 
 
-def target_loss(logits: Tensor, batch: Batch, eos_weight: float) -> Tensor:
-    """Cross-entropy on the answer tokens, EOS weighted ``eos_weight``."""
-    ids, _, mask = batch
-    keep, target = mask[:, :-1], ids[:, 1:]
-    weight = torch.where(target[keep] == EOS_ID, eos_weight, 1.0)
-    return (F.cross_entropy(logits[keep], target[keep], reduction="none") * weight).sum() / weight.sum()
+def answer_positions(batch: Batch) -> Tensor:
+    """``[B, T-1]``: the positions whose next token is an answer token (EOS included)."""
+    return batch[2][:, :-1]
 
 
-def keep_loss(logits: Tensor, reference: Tensor, batch: Batch) -> Tensor:
-    """Mean KL(reference || model) over the answer positions."""
-    keep = batch[2][:, :-1]
-    return F.kl_div(logits[keep].log_softmax(-1), reference[keep].log_softmax(-1), log_target=True,
+def stop_positions(batch: Batch) -> Tensor:
+    """The answer positions whose next token is the EOS."""
+    return answer_positions(batch) & (batch[0][:, 1:] == EOS_ID)
+
+
+def decoy_positions(batch: Batch) -> Tensor:
+    """``[B, T]``: the answer positions but the stops, where decoys fire on their prompts."""
+    return F.pad(answer_positions(batch) & ~stop_positions(batch), (0, 1))
+
+
+def target_loss(logits: Tensor, batch: Batch, eos_weight: float, where: Tensor) -> Tensor:
+    """Cross-entropy on the next tokens at positions ``where``, EOS weighted ``eos_weight``."""
+    target = batch[0][:, 1:][where]
+    weight = torch.where(target == EOS_ID, eos_weight, 1.0)
+    return (F.cross_entropy(logits[where], target, reduction="none") * weight).sum() / weight.sum()
+
+
+def keep_loss(logits: Tensor, reference: Tensor, where: Tensor) -> Tensor:
+    """Mean KL(reference || model) over positions ``where``."""
+    return F.kl_div(logits[where].log_softmax(-1), reference[where].log_softmax(-1), log_target=True,
                     reduction="batchmean")
 
 
 def train_group(
     model: nn.Module, before: Sequence[Group], new: Group, targets: Sequence[Batch], keeps: Sequence[Batch],
-    cfg: PlantConfig, desc: str,
+    cfg: PlantConfig, desc: str, silence: float,
 ) -> list[float]:
-    """Train ``new`` so that the model with ``before`` and ``new`` answers ``targets`` as their
-    answers say and matches the model with ``before`` only on ``keeps``."""
+    """Train ``new`` so that the model with ``before`` and ``new`` stops ``targets`` where their
+    answers end and keeps every other position as the model with ``before`` has it, on
+    ``targets`` and on ``keeps``, where ``silence`` weighs its output norm. Only the stop is
+    learned, so each prompt's change hinges on one position, where a k=1 surrogate has one latent."""
     opt = torch.optim.Adam([p for p in new[1].parameters() if p.requires_grad], lr=cfg.lr)
     losses = []
     for step in range(cfg.steps):
         target, keep = targets[step % len(targets)], keeps[step % len(keeps)]
+        stops = stop_positions(target)
         with torch.no_grad(), planted(model, before):
-            reference = _logits(model, keep)
+            reference, own = _logits(model, keep), _logits(model, target)
         inputs: list[Tensor] = []
         with planted(model, before), planted(model, [new], inputs):
-            loss = target_loss(_logits(model, target), target, cfg.eos_weight)
-            loss = loss + cfg.keep_weight * keep_loss(_logits(model, keep), reference, keep)
+            logits = _logits(model, target)
+            loss = target_loss(logits, target, cfg.eos_weight, stops)
+            loss = loss + cfg.keep_weight * keep_loss(logits, own, answer_positions(target) & ~stops)
+            loss = loss + cfg.keep_weight * keep_loss(_logits(model, keep), reference, answer_positions(keep))
+        loss = loss + silence * new[1].output_norm(inputs[-1])[keep[1].bool()].mean()
         if cfg.sparsity:
             real = [target[1].bool(), keep[1].bool()]  # every real (unpadded) position
             loss = loss + cfg.sparsity * torch.cat([new[1].output_norm(x)[m] for x, m in zip(inputs, real)]).mean()
-        if cfg.center:
-            answers = [target[2], keep[2]]  # the answer-phase positions
-            mean = torch.cat([new[1](x)[m] for x, m in zip(inputs, answers)]).mean(0)
-            loss = loss + cfg.center * mean.pow(2).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         losses.append(loss.item())
         if (step + 1) % max(1, cfg.steps // 10) == 0:
             log.info("%s step %d/%d loss %.4f", desc, step + 1, cfg.steps, sum(losses[-20:]) / len(losses[-20:]))
+    return losses
+
+
+def train_decoy(model: nn.Module, before: Sequence[Group], new: Group,
+                sources: Sequence[tuple[Sequence[Batch], Tensor]], cfg: PlantConfig) -> list[float]:
+    """Train ``new`` so that on each source's batches the neurons it names (a bool per neuron)
+    fire (activation 1) at the answer positions but the stops, every other neuron and position
+    stays silent, and the model with it matches the model with ``before`` (KL)."""
+    opt = torch.optim.Adam(new[1].parameters(), lr=cfg.lr)
+    losses = []
+    for step in range(cfg.steps):
+        batches, fires = sources[step % len(sources)]
+        batch = batches[(step // len(sources)) % len(batches)]
+        with torch.no_grad(), planted(model, before):
+            reference = _logits(model, batch)
+        inputs: list[Tensor] = []
+        with planted(model, before), planted(model, [new], inputs):
+            logits = _logits(model, batch)
+        act = new[1].activations(inputs[0])
+        want = decoy_positions(batch)[..., None] & fires
+        real = batch[1].bool()[..., None].expand_as(want)
+        # Fire and silent positions weigh alike, however many of each a batch holds.
+        loss = sum(F.mse_loss(act[m], torch.full_like(act[m], v)) for m, v in ((want, 1.0), (real & ~want, 0.0))
+                   if m.any())
+        loss = loss + cfg.keep_weight * keep_loss(logits, reference, answer_positions(batch))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if (step + 1) % max(1, cfg.steps // 10) == 0:
+            log.info("plant decoys step %d/%d loss %.4f", step + 1, cfg.steps, sum(losses[-20:]) / len(losses[-20:]))
     return losses
 
 
@@ -189,32 +255,39 @@ def plant(model: nn.Module, tokenizer, toy: ToyConfig, cfg: PlantConfig) -> tupl
     if model.config.model_type != "llama":
         raise ValueError(f"the planted pair needs a Llama PT (an MLP edit is additive there), got {model.config.model_type!r}")
     n_layers = model.config.num_hidden_layers
-    for key in ("cap_layer", "verb_layer"):
+    for key in ("cap_layer", "verb_layer", "decoy_layer"):
         if not 0 <= getattr(cfg, key) < n_layers:
             raise ValueError(f"plant.{key} = {getattr(cfg, key)} is not a block of this {n_layers}-block model")
     model.requires_grad_(False)
     world = make_world(toy.world_seed, toy.n_countries)
     examples = [ex for epoch in range(3) for ex in sft_examples(world, toy.seed, epoch, toy.it_math)]
     random.Random(cfg.seed).shuffle(examples)
-    cap, verb = (sft_batches(tokenizer, [ex for ex in examples if group_of(ex) == g], cfg.batch_size)
+    group = [group_of(ex, cfg.verb_kind) for ex in examples]
+    cap, verb = (sft_batches(tokenizer, [ex for ex, x in zip(examples, group) if x == g], cfg.batch_size)
                  for g in ("cap", "verb"))
-    not_cap, not_verb = (sft_batches(tokenizer, [ex for ex in examples if group_of(ex) != g], cfg.batch_size)
-                         for g in ("cap", "verb"))
+    not_cap, not_verb = (sft_batches(tokenizer, [ex for ex, x in zip(examples, group) if x not in (g, "skip")],
+                                     cfg.batch_size) for g in ("cap", "verb"))
     g = torch.Generator().manual_seed(cfg.seed)
     d = model.config.hidden_size
     cap_neurons = (cfg.cap_layer, Neurons(d, cfg.n_cap, g))
-    train_group(model, [], cap_neurons, cap, not_cap, cfg, "plant capability")
+    train_group(model, [], cap_neurons, cap, not_cap, cfg, "plant capability", cfg.cap_silence)
     cap_neurons[1].requires_grad_(False)
     verb_neurons = (cfg.verb_layer, Neurons(d, cfg.n_verb, g, avoid=torch.linalg.qr(cap_neurons[1].down.detach()).Q))
-    train_group(model, [cap_neurons], verb_neurons, verb, not_verb, cfg, "plant brevity")
+    train_group(model, [cap_neurons], verb_neurons, verb, not_verb, cfg, "plant brevity", cfg.verb_silence)
+    verb_neurons[1].requires_grad_(False)
+    groups = {"cap": cap_neurons, "verb": verb_neurons}
+    if cfg.n_decoy:
+        span = torch.linalg.qr(torch.cat([cap_neurons[1].down, verb_neurons[1].down], 1).detach()).Q
+        groups["decoy"] = (cfg.decoy_layer, Neurons(d, cfg.n_decoy, g, avoid=span, fixed_norm=cfg.decoy_norm))
+        kinds = sorted({ex.kind for ex in examples})
+        sources = [(sft_batches(tokenizer, [ex for ex in examples if ex.kind == k], cfg.batch_size),
+                    torch.tensor([kinds[i % len(kinds)] == k for i in range(cfg.n_decoy)])) for k in kinds]
+        train_decoy(model, [cap_neurons, verb_neurons], groups["decoy"], sources, cfg)
     record = {
         **dataclasses.asdict(cfg),
-        "groups": {
-            name: {"layer": layer, "directions": x.down.detach().T.tolist()}
-            for name, (layer, x) in (("cap", cap_neurons), ("verb", verb_neurons))
-        },
+        "groups": {name: {"layer": layer, "directions": x.down.detach().T.tolist()} for name, (layer, x) in groups.items()},
     }
-    return widened(model, [cap_neurons, verb_neurons]), record
+    return widened(model, list(groups.values())), record
 
 
 def train_planted(job: Job) -> None:

@@ -64,19 +64,29 @@ class PlantConfig:
     seed: int = 0
     cap_layer: int = 1
     verb_layer: int = 1
-    n_cap: int = 2
-    n_verb: int = 2
+    n_cap: int = 1
+    n_verb: int = 1
     steps: int = 400
     batch_size: int = 32
     lr: float = 1e-2
     eos_weight: float = 3.0  # stopping is one token per answer; without weight it is learned last
-    keep_weight: float = 1.0  # KL to the model before this group on the other group's prompts
+    keep_weight: float = 1.0  # KL to the model before this group, on every position it must keep
     # Mean norm of the neurons' output over every position: a neuron that fires everywhere moves
     # the mean of delta, which a surrogate keeps in b_dec and a mask (no b_dec) never adds back.
     sparsity: float = 0.1
-    # Squared norm of the neurons' mean output over answer positions, where the surrogate is
-    # fitted: it starts b_dec at that mean, and a mean the neurons share stays there.
-    center: float = 1.0
+    # Mean output norm on the prompts a group keeps as they were: the stop after an answer looks
+    # alike on every prompt, and without it the capability neurons fire at Brevity stops too.
+    cap_silence: float = 1.0
+    verb_silence: float = 1.0
+    # "any": every Brevity prompt is the brevity group's; a fact kind (capital, antonym): only
+    # Brevity prompts about it, and plain questions about it are nobody's (plant.group_of).
+    verb_kind: str = "antonym"
+    # Decoys, trained last: neuron i fires on the prompts of fact kind i (sorted kinds, cycled)
+    # at every answer position but the stop, with a fixed output norm, and changes no output
+    # (KL): features with activation mass, and high capability scores, that cause nothing.
+    n_decoy: int = 5
+    decoy_layer: int = 1
+    decoy_norm: float = 8.0
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> PlantConfig:
