@@ -27,7 +27,7 @@ import copy
 import dataclasses
 import logging
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -157,6 +157,22 @@ def keep_loss(logits: Tensor, reference: Tensor, where: Tensor) -> Tensor:
                     reduction="batchmean")
 
 
+def _fit(new: Neurons, step_loss: Callable[[int], Tensor], cfg: PlantConfig, desc: str) -> list[float]:
+    """Adam on ``new``'s trainable parameters for ``cfg.steps`` steps of ``step_loss(step)``; the
+    running loss is logged ten times."""
+    opt = torch.optim.Adam([p for p in new.parameters() if p.requires_grad], lr=cfg.lr)
+    losses = []
+    for step in range(cfg.steps):
+        loss = step_loss(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if (step + 1) % max(1, cfg.steps // 10) == 0:
+            log.info("%s step %d/%d loss %.4f", desc, step + 1, cfg.steps, sum(losses[-20:]) / len(losses[-20:]))
+    return losses
+
+
 def train_group(
     model: nn.Module, before: Sequence[Group], new: Group, targets: Sequence[Batch], keeps: Sequence[Batch],
     cfg: PlantConfig, desc: str, silence: float,
@@ -165,9 +181,8 @@ def train_group(
     answers end and keeps every other position as the model with ``before`` has it, on
     ``targets`` and on ``keeps``, where ``silence`` weighs its output norm. Only the stop is
     learned, so each prompt's change hinges on one position, where a k=1 surrogate has one latent."""
-    opt = torch.optim.Adam([p for p in new[1].parameters() if p.requires_grad], lr=cfg.lr)
-    losses = []
-    for step in range(cfg.steps):
+
+    def step_loss(step: int) -> Tensor:
         target, keep = targets[step % len(targets)], keeps[step % len(keeps)]
         stops = stop_positions(target)
         with torch.no_grad(), planted(model, before):
@@ -182,13 +197,9 @@ def train_group(
         if cfg.sparsity:
             real = [target[1].bool(), keep[1].bool()]  # every real (unpadded) position
             loss = loss + cfg.sparsity * torch.cat([new[1].output_norm(x)[m] for x, m in zip(inputs, real)]).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if (step + 1) % max(1, cfg.steps // 10) == 0:
-            log.info("%s step %d/%d loss %.4f", desc, step + 1, cfg.steps, sum(losses[-20:]) / len(losses[-20:]))
-    return losses
+        return loss
+
+    return _fit(new[1], step_loss, cfg, desc)
 
 
 def train_decoy(model: nn.Module, before: Sequence[Group], new: Group,
@@ -196,9 +207,8 @@ def train_decoy(model: nn.Module, before: Sequence[Group], new: Group,
     """Train ``new`` so that on each source's batches the neurons it names (a bool per neuron)
     fire (activation 1) at the answer positions but the stops, every other neuron and position
     stays silent, and the model with it matches the model with ``before`` (KL)."""
-    opt = torch.optim.Adam(new[1].parameters(), lr=cfg.lr)
-    losses = []
-    for step in range(cfg.steps):
+
+    def step_loss(step: int) -> Tensor:
         batches, fires = sources[step % len(sources)]
         batch = batches[(step // len(sources)) % len(batches)]
         with torch.no_grad(), planted(model, before):
@@ -212,14 +222,9 @@ def train_decoy(model: nn.Module, before: Sequence[Group], new: Group,
         # Fire and silent positions weigh alike, however many of each a batch holds.
         loss = sum(F.mse_loss(act[m], torch.full_like(act[m], v)) for m, v in ((want, 1.0), (real & ~want, 0.0))
                    if m.any())
-        loss = loss + cfg.keep_weight * keep_loss(logits, reference, answer_positions(batch))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if (step + 1) % max(1, cfg.steps // 10) == 0:
-            log.info("plant decoys step %d/%d loss %.4f", step + 1, cfg.steps, sum(losses[-20:]) / len(losses[-20:]))
-    return losses
+        return loss + cfg.keep_weight * keep_loss(logits, reference, answer_positions(batch))
+
+    return _fit(new[1], step_loss, cfg, "plant decoys")
 
 
 def widened(model: nn.Module, groups: Sequence[Group]) -> nn.Module:
