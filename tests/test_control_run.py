@@ -6,7 +6,7 @@ decoys fire on one fact kind's answers each and cause nothing. Where the default
 capability null holds, selection finds the planted capability here, judged from an interval,
 not a point value; a null next to this is a null of separation, not of power. Every feature is a
 candidate, so the intervention step, not the score order, picks the mask. Only the locked
-CapMask's selection, stopped at two features, and the test records the assertions read are run
+CapMask's selection, stopped at one feature, and the test records the assertions read are run
 (no VMask, no other sweep point): the README gives the whole run's tables over three seeds.
 """
 
@@ -32,6 +32,7 @@ RUN = "results/control"
 
 
 VARIANTS = ("PT", "IT", "FullDelta", "CapMask", "RandomMask")
+ACTIVITY = f"{RUN}/tables/plant_activity.csv"
 
 
 def evals(variant: str) -> str:
@@ -41,11 +42,11 @@ def evals(variant: str) -> str:
 @pytest.fixture(scope="module")
 def control_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     workdir = copy_workflow(tmp_path_factory.mktemp("control_run"))
-    # Two steps of five: step 1 is what the assertions are about, and each step verifies 128
-    # candidates (about a minute of the test's CPU each).
-    overlay = {"surrogate": {"seeds": [0]}, "selection": {"size_cap": 2}}
+    # One step of five: step 1 is what the assertions are about, and each step verifies 128
+    # candidates (about half a minute of the test's CPU each).
+    overlay = {"surrogate": {"seeds": [0]}, "selection": {"size_cap": 1}}
     (workdir / "config/one_seed.yaml").write_text(yaml.safe_dump(overlay))
-    snakemake(workdir, *map(evals, VARIANTS), configfile=["config/config.yaml", "config/control.yaml", "config/one_seed.yaml"])
+    snakemake(workdir, *map(evals, VARIANTS), ACTIVITY, configfile=["config/config.yaml", "config/control.yaml", "config/one_seed.yaml"])
     return workdir
 
 
@@ -99,3 +100,19 @@ def test_capmask_recovers_half_of_fulldelta_and_random_features_do_not(control_r
     assert rec["FullDelta"] > 0.5, rec
     assert rec["CapMask"] >= 0.5 * rec["FullDelta"], rec
     assert rec["RandomMask"] < 0.5 * rec["FullDelta"], rec
+
+
+def test_plant_activity_covers_every_answer_position_and_the_capability_stops(control_run: Path) -> None:
+    """The planted neurons read in IT's own answers: one row per slice, position kind and
+    neuron, every selector answer position counted once per neuron, and the capability neuron
+    firing at the stops of QA, Math and Format answers far above the answers' other positions."""
+    table = pl.read_csv(control_run / ACTIVITY)
+    teacher = pl.read_parquet(control_run / f"{RUN}/teacher/selector.parquet")
+    plant = json.loads((control_run / f"{RUN}/pair/it/{PLANT_FILE}").read_text())
+    n_neurons = sum(len(g["directions"]) for g in plant["groups"].values())
+    counted = table.group_by("group", "neuron").agg(pl.col("n_positions").sum())
+    assert counted.height == n_neurons and (counted["n_positions"] == teacher["token_ids"].list.len().sum()).all()
+    cap = table.filter((pl.col("group") == "cap") & pl.col("slice").is_in(["QA", "Math", "Format"]))
+    by = {(r["slice"], r["position"]): r["mean_output"] for r in cap.iter_rows(named=True)}
+    for name in ("QA", "Math", "Format"):
+        assert by[(name, "stop")] > 4 * by[(name, "answer")], (name, by)  # Math: 37 against 6.3

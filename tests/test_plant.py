@@ -202,3 +202,60 @@ def test_the_shipped_decoys_fire_on_their_own_kind_and_barely_move_it():
     finally:
         hook.remove()
     assert fire.argmax(0).tolist() == [j % len(kinds) for j in range(n_decoy)], fire
+
+
+def test_plant_activity_is_each_neurons_part_of_it_minus_pt(base):
+    """Known answer: with every other planted neuron of its block zeroed, a block's output moves
+    by exactly one neuron's output (Llama adds the MLP output with no norm), so its norm at each
+    answer position is what the table reports for that neuron; blocks before stay as in IT. The
+    record lists its groups in another order than the columns (a JSON file sorts its keys)."""
+    import copy
+
+    from postdiff.models.forward import block_outputs
+    from postdiff.outputs.plant_activity import neuron_outputs, planted_columns
+
+    plants = groups(6)
+    wide = widened(base, plants)
+    named = dict(zip(("m", "a", "z"), plants))  # column order m, a (block 1), z (block 2)
+    record = {"groups": {name: {"layer": named[name][0], "directions": named[name][1].down.detach().T.tolist()}
+                         for name in sorted(named)}}
+    neurons = planted_columns(wide, record)
+    assert neurons == {1: [("m", 0, 24), ("m", 1, 25), ("m", 2, 26), ("a", 0, 27), ("a", 1, 28)],
+                       2: [("z", i, 24 + i) for i in range(4)]}
+    pairs = [([5, 6, 7], [8, 9]), ([3, 4], [10, 11, 12, 13]), ([2], [30])]
+    outputs = neuron_outputs(wide, pairs, {b: [c for *_, c in v] for b, v in neurons.items()}, batch_size=2)
+    ids, attn, ans = teacher_forced_batch([p for p, _ in pairs], [a for _, a in pairs], pad_id=0)
+
+    def only(block: int, keep: int | None) -> LlamaForCausalLM:
+        model = copy.deepcopy(wide)
+        with torch.no_grad():
+            for *_, column in neurons[block]:
+                if column != keep:
+                    model.model.layers[block].mlp.down_proj.weight[:, column] = 0
+        return model
+
+    fired = 0
+    for block, planted_here in neurons.items():
+        with torch.no_grad():
+            without = block_outputs(only(block, None), ids, attn, [block])[block]
+            for i, (*_, column) in enumerate(planted_here):
+                moved = (block_outputs(only(block, column), ids, attn, [block])[block] - without).norm(dim=-1)
+                for row in range(len(pairs)):
+                    torch.testing.assert_close(outputs[row][block][:, i], moved[row][ans[row]], atol=1e-5, rtol=1e-4)
+                    fired += int((moved[row][ans[row]] > 1e-3).sum())
+    assert fired > 0  # the neurons do fire
+    with pytest.raises(ValueError, match="no MLP column of block 1 is the direction of a neuron 0"):
+        planted_columns(base, record)  # PT: no planted columns
+
+
+def test_plant_activity_table_splits_stops_from_answer_positions():
+    from postdiff.outputs.plant_activity import activity_table, mass_shares
+
+    outputs = [{1: torch.tensor([[1.0, 2.0], [3.0, 4.0]])}, {1: torch.tensor([[5.0, 0.0], [7.0, 0.0], [9.0, 6.0]])}]
+    table = activity_table(outputs, ["QA", "QA"], [True, False], {1: [("cap", 0, 7), ("decoy", 0, 8)]})
+    got = {(r["group"], r["position"]): (r["n_positions"], r["mean_output"]) for r in table.iter_rows(named=True)}
+    # Row 0 stops (its last position predicts the EOS); row 1 ran out of budget: no stop.
+    assert got == {("cap", "answer"): (4, (1 + 5 + 7 + 9) / 4), ("cap", "stop"): (1, 3.0),
+                   ("decoy", "answer"): (4, (2 + 0 + 0 + 6) / 4), ("decoy", "stop"): (1, 4.0)}
+    shares = dict(zip(mass_shares(table)["group"], mass_shares(table)["mass"]))
+    assert shares == pytest.approx({"cap": 25 / 37, "decoy": 12 / 37})

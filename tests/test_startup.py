@@ -18,6 +18,7 @@ TORCH = {
     "postdiff.method.cache", "postdiff.method.evaluate", "postdiff.method.gates",
     "postdiff.method.selection.scoring", "postdiff.method.standardise", "postdiff.method.surrogate",
     "postdiff.method.teacher", "postdiff.outputs.export", "postdiff.outputs.features", "postdiff.outputs.planted",
+    "postdiff.outputs.plant_activity",
     "postdiff.outputs.stability",
 }
 TRAINING = {"postdiff.models.toy.plant", "postdiff.models.toy.train"}

@@ -357,6 +357,8 @@ def job_work(job: JobFacts, config: Mapping, sizes: Mapping[str, int], ln: Lengt
         return 0, sizes["calib"] * seq * (1 + passes), 0  # IT's reference once, then each KL pass
     if rule == "score_features":
         return 0, 2 * sizes["selector"] * seq, 0
+    if rule == "plant_activity":
+        return 0, sizes["selector"] * seq, 0
     # Every step evaluates the incumbent and each remaining candidate (an upper bound: a pool
     # smaller than max_candidates, or a selection that stops, does less).
     steps = range(min(sel["size_cap"], sel["max_candidates"]))

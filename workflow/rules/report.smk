@@ -106,6 +106,31 @@ rule planted_alignment:
         STAGE
 
 
+# On a planted pair, where each planted neuron fires in IT's own answers (selector split).
+rule plant_activity:
+    input:
+        split=f"{RUN}/suite/selector.parquet",
+        teacher=f"{RUN}/teacher/selector.parquet",
+        **model_inputs(),
+    output:
+        parquet=f"{RUN}/tables/plant_activity.parquet",
+        csv=report(f"{RUN}/tables/plant_activity.csv", caption="../report/plant_activity.rst", category="Tables"),
+    log:
+        f"{RUN}/logs/tables/plant_activity.log",
+    benchmark:
+        f"{RUN}/benchmarks/tables/plant_activity.tsv"
+    threads: config["threads"]
+    retries: RETRIES
+    resources:
+        **gpu_resources("plant_activity"),
+    params:
+        **stage("postdiff.outputs.plant_activity:plant_activity", **model_params(), batch_size=EVAL["batch_size"]),
+    conda:
+        ENV
+    script:
+        STAGE
+
+
 rule r2_table:
     input:
         metrics=expand(f"{SEED}/surrogate/L{{layer}}_metrics.parquet", layer=config["layers"], allow_missing=True),
@@ -278,7 +303,7 @@ PER_SEED_REPORTED = [
 REPORTED = [
     *expand(PER_SEED_REPORTED, seed=SEEDS), *rules.pair_gap.output,
     *rules.seed_table.output, *rules.seed_figure.output, *rules.mask_stability.output,
-    *rules.feature_page.output,
+    *rules.feature_page.output, *(rules.plant_activity.output if PLANTED else []),
 ]
 # Each seed's leaves: with the reported files, every job of the seed is upstream of provenance.
 SEED_LEAVES = [
