@@ -7,7 +7,10 @@ CPU kernel sets (``ATEN_CPU_CAPABILITY`` default, avx2, avx512) and surrogate se
 The second default seed adds nothing here that ``tests/test_workflow.py`` does not check on the
 tiny config (adding a seed, across-seed tables), so this run trains one. Its sweep keeps the
 locked cutoff and the one above it (pools of 7 and 5 features on seed 0, against 8 at 4.0): two
-cutoffs whose pools differ are what its assertion needs, and the third was a 45 s job. It
+cutoffs whose pools differ are what its assertion needs, and the third was a 45 s job. Its
+selections stop at two features (`size_cap: 2`): every step gains 0 on this pair, and what the
+assertions read of the masks (sizes, baselines of the same sizes, pools, forced points, the null)
+does not need five; the three selections were a third of the run's CPU. It
 runs only what the assertions read: the test evaluations of the variants they
 name (Table 1's rows, computed as the table1 job computes them, without the four variants no
 assertion reads), the sweep summary, the gate table and the claims table, with every job they
@@ -45,6 +48,7 @@ FULL_KL = (0.81, 0.845)
 
 
 CONFIG = yaml.safe_load((REPO / "config/config.yaml").read_text())
+SIZE_CAP = 2
 # The variants the assertions read, in Table 1's order.
 VARIANTS = ("PT", "IT", "FullDelta", "CapMask", "RandomMask", "ActivationMassMask", "MeanDiff", "OneLayer-L1", "OneLayer-L2")
 
@@ -65,7 +69,7 @@ def default_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     workdir = copy_workflow(tmp_path_factory.mktemp("default_run"))
     locked = CONFIG["selection"]["cap_cutoff"]
     cutoffs = sorted(c for c in CONFIG["sweep"]["cap_cutoffs"] if c >= locked)[:2]  # the locked one and the next
-    trimmed = {"surrogate": {"seeds": [0]}, "sweep": {"cap_cutoffs": cutoffs}}
+    trimmed = {"surrogate": {"seeds": [0]}, "sweep": {"cap_cutoffs": cutoffs}, "selection": {"size_cap": SIZE_CAP}}
     (workdir / "config/trimmed.yaml").write_text(yaml.safe_dump(trimmed))
     targets = [*map(evals, VARIANTS), *(f"{RUN}/seed0/tables/{name}.csv" for name in ("gates", "claims")), f"{RUN}/seed0/sweep/summary.csv"]
     snakemake(workdir, *targets, configfile=["config/config.yaml", "config/trimmed.yaml"])
@@ -104,7 +108,7 @@ def test_masks_are_size_matched_non_empty_and_move_pt(default_run: Path) -> None
     cfg = yaml.safe_load((default_run / "config/config.yaml").read_text())["selection"]
     cap = json.loads((seed / f"sweep/verb_exclusion={float(cfg['verb_exclusion'])}/cap_cutoff={float(cfg['cap_cutoff'])}/cap_mask.json").read_text())
     sizes = {layer: len(f) for layer, f in cap["mask"].items() if f}
-    assert sum(sizes.values()) == min(cfg["size_cap"], cap["n_candidates"]) > 0
+    assert sum(sizes.values()) == min(SIZE_CAP, cap["n_candidates"]) > 0
     for name in ("random_mask", "mass_mask"):
         other = json.loads((seed / f"selection/{name}.json").read_text())["mask"]
         assert {layer: len(f) for layer, f in other.items() if f} == sizes, name
@@ -114,7 +118,7 @@ def test_masks_are_size_matched_non_empty_and_move_pt(default_run: Path) -> None
     for name in ("CapMask", "RandomMask", "ActivationMassMask"):
         assert t[name]["KL"] != t["PT"]["KL"], name
     vmask = json.loads((seed / "selection/vmask.json").read_text())
-    assert len(vmask["order"]) == min(cfg["size_cap"], vmask["n_candidates"])
+    assert len(vmask["order"]) == min(SIZE_CAP, vmask["n_candidates"])
     assert [g["step"] for g in vmask["step_gains"]] == list(range(1, len(vmask["order"]) + 1))
 
 
@@ -142,7 +146,7 @@ def test_gate_choices_are_reported(default_run: Path) -> None:
 
 def test_the_capability_null_holds_or_is_forced(default_run: Path) -> None:
     """No single feature moves a greedy token on this pair, so CapMask's Cap interval against PT
-    contains 0; and with every step's gain 0 the mask is its pool's top five by score, which the
+    contains 0; and with every step's gain 0 the mask is its pool's top by score, which the
     table calls forced rather than a null of selection."""
     claims = pl.read_csv(default_run / f"{RUN}/seed0/tables/claims.csv")
     assert claims["comparison"].to_list() == ["CapMask vs PT", *["VMask subtraction vs FullDelta"] * 2,
