@@ -1,6 +1,7 @@
 """Gate calibration: coordinate search over the alpha grid on calib KL (postdiff.method.gates)."""
 
 import json
+import logging
 
 import numpy as np
 import polars as pl
@@ -170,6 +171,24 @@ def test_refinement_finds_an_off_grid_minimum_within_tolerance():
     # A flat function stays at the grid's smallest edit: refinement never trades KL for size.
     best, _, _ = coordinate_search(lambda ps: [1.0] * len(ps), 2, DEFAULT_GRID, tol=0.01)
     assert best == (0.0, 0.0)
+
+
+def test_a_search_cut_off_while_it_still_moves_says_so(caplog):
+    """Rounds that end at ``max_rounds`` while an alpha still moves leave gates that need not be
+    a minimum (where they stop depends on the path); the log says so, and a search that
+    converges says nothing."""
+    def bowl(p):
+        a, b = p[0] - 0.37, p[1] - 1.13
+        return a * a + b * b + 0.5 * a * b
+
+    with caplog.at_level(logging.WARNING, logger="postdiff.method.gates"):
+        short, _, _ = coordinate_search(counting(bowl)[0], 2, DEFAULT_GRID, max_rounds=1, tol=0.01)
+    assert [r.getMessage().split(" search")[0] for r in caplog.records] == ["gate coordinate", "gate refinement"]
+    assert all("still moving" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="postdiff.method.gates"):
+        best, _, _ = coordinate_search(counting(bowl)[0], 2, DEFAULT_GRID, max_rounds=10, tol=0.01)
+    assert not caplog.records and bowl(best) < bowl(short)
 
 
 def test_the_grid_winner_and_its_neighbours_are_the_contenders():
