@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from postdiff.method.records import read_rows
-from postdiff.models.forward import length_sorted_batches
+from postdiff.models.forward import block_outputs, length_sorted_batches
 from postdiff.models.loading import decoder_layers, load_model
 from postdiff.models.template import teacher_forced_batch
 from postdiff.models.toy.settings import PLANT_FILE
@@ -71,7 +71,7 @@ def neuron_outputs(model: nn.Module, pairs: Sequence[tuple[Sequence[int], Sequen
     try:
         for idx in tqdm(length_sorted_batches([len(p) + len(a) for p, a in pairs], batch_size), desc="planted neurons"):
             ids, attn, ans = teacher_forced_batch([pairs[i][0] for i in idx], [pairs[i][1] for i in idx], pad_id=0)
-            model(input_ids=ids.to(device), attention_mask=attn.to(device))
+            block_outputs(model, ids.to(device), attn.to(device), [max(columns)])  # stops after the last planted block
             for b in columns:
                 outputs = (acts[b].abs() * norms[b]).cpu()
                 for row, i in enumerate(idx):
