@@ -3,12 +3,12 @@
 Search: the grid's diagonal first (every layer sharing one alpha), then coordinate rounds, one
 layer at a time from the earliest (later layers see the earlier layers' edits), until a round
 moves nothing or ``max_rounds`` is reached (the log warns when that cuts a search off while an
-alpha still moves: the embedded pair's refinement does, on this machine and under
-``ATEN_CPU_CAPABILITY=default``, README "The default run"). Starting from the best shared alpha rather than
-from all-0 or all-1 costs one grid sweep and, since each coordinate move must strictly lower
-KL (or keep it and shrink the edit), guarantees the result is no worse than PT (alpha 0), than
-the surrogate as trained (alpha 1), or than any other shared alpha. Ties go to the smaller
-edit, so an edit that only hurts, or does nothing, is gated to 0.
+alpha still moves, as the embedded pair's refinement is cut off: README, "The default run").
+Starting from the best shared alpha rather than from all-0 or all-1 costs one grid sweep and,
+since each coordinate move must strictly lower KL (or keep it and shrink the edit), guarantees
+the result is no worse than PT (alpha 0), than the surrogate as trained (alpha 1), or than any
+other shared alpha. Ties go to the smaller edit, so an edit that only hurts, or does nothing, is
+gated to 0.
 
 Refinement: a grid's winner can be a near-tie with its neighbour, and another CPU's rounding
 then flips the choice by a whole grid step (0.25 in alpha moved FullDelta's CapRec by 0.2 on the
