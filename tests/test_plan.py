@@ -66,10 +66,10 @@ def _job(rule: str, gpu: bool = True, **wildcards: str) -> JobFacts:
         (_job("evaluate", eval_split="test", variant="PT", seeddir="", shard="1"), (6 * 7, 60 + 2 * 6 * 15, 0)),
         (_job("evaluate_teacher", gpu=False, eval_split="test", variant="IT", seeddir=""), (0, 0, 0)),
         # Both layers: the shared sweep (3 points) and 2 rounds x 2 layers x 3 points = 15 passes,
-        # then the refinement's 12 passes x 2 layers x 2 rounds, after IT's reference once, over
-        # 6 calib prompts of 15 tokens.
-        (_job("gates_full", seed="0"), (0, 6 * 15 * (16 + 48), 0)),
-        (_job("gates_single", seed="0"), (0, 6 * 15 * (4 + 24), 0)),
+        # then the refinement's 12 passes x (2 layers + 1) line searches x 2 rounds, after IT's
+        # reference once, over 6 calib prompts of 15 tokens.
+        (_job("gates_full", seed="0"), (0, 6 * 15 * (16 + 72), 0)),
+        (_job("gates_single", seed="0"), (0, 6 * 15 * (4 + 48), 0)),
         # 3 steps over 4 candidates, each step with its incumbent: (5 + 4 + 3) masks x 12 prompts
         # to a budget of 6; or a shard's half of the candidates and the incumbent.
         (_job("select_cap", seed="0"), (12 * 12 * 6, 12 * 12 * 10, 0)),

@@ -351,9 +351,9 @@ def job_work(job: JobFacts, config: Mapping, sizes: Mapping[str, int], ln: Lengt
         gates = config["gates"]
         grid, rounds = len(gates["grid"]), gates["max_rounds"]
         passes = grid * (1 + (rounds * n_layers if n_layers > 1 else 0))  # the shared sweep, then rounds
-        # The refinement's bounded search: about 12 KL passes per layer and round (Brent within
-        # one grid step to tol 0.01), for at most max_rounds rounds.
-        passes += REFINE_PASSES * n_layers * max(rounds, 1) if gates.get("refine", True) else 0
+        # The refinement: a Powell round is a line search (about 12 KL passes to tol 0.01) along
+        # each layer's direction and one more along the round's move, for at most max_rounds.
+        passes += REFINE_PASSES * (n_layers + 1) * max(rounds, 1) if gates.get("refine", True) else 0
         return 0, sizes["calib"] * seq * (1 + passes), 0  # IT's reference once, then each KL pass
     if rule == "score_features":
         return 0, 2 * sizes["selector"] * seq, 0

@@ -3,17 +3,19 @@
 Search: the grid's diagonal first (every layer sharing one alpha), then coordinate rounds, one
 layer at a time from the earliest (later layers see the earlier layers' edits), until a round
 moves nothing or ``max_rounds`` is reached (the log warns when that cuts a search off while an
-alpha still moves, as the embedded pair's refinement is cut off: README, "The default run").
-Starting from the best shared alpha rather than from all-0 or all-1 costs one grid sweep and,
-since each coordinate move must strictly lower KL (or keep it and shrink the edit), guarantees
-the result is no worse than PT (alpha 0), than the surrogate as trained (alpha 1), or than any
-other shared alpha. Ties go to the smaller edit, so an edit that only hurts, or does nothing, is
-gated to 0.
+alpha still moves). Starting from the best shared alpha rather than from all-0 or all-1 costs
+one grid sweep and, since each coordinate move must strictly lower KL (or keep it and shrink the
+edit), guarantees the result is no worse than PT (alpha 0), than the surrogate as trained (alpha
+1), or than any other shared alpha. Ties go to the smaller edit, so an edit that only hurts, or
+does nothing, is gated to 0.
 
 Refinement: a grid's winner can be a near-tie with its neighbour, and another CPU's rounding
 then flips the choice by a whole grid step (0.25 in alpha moved FullDelta's CapRec by 0.2 on the
-embedded pair). So each layer's alpha is then refined off the grid by a bounded 1-D search on
-calib KL (Brent's method within one grid step of the winner), layer by layer, while KL falls.
+embedded pair). So the alphas are then refined off the grid, all together, by Powell's method on
+calib KL within the grid's range, until a round no longer lowers KL. A search one layer at a
+time crawls along the valley where two layers' gates trade off (on the embedded pair, layer 1's
+alpha down and layer 2's up, 0.1 in alpha a round at a KL gain of 1e-3), and, cut off after a
+few rounds, ended wherever that CPU's path had reached; Powell's rounds turn along the valley.
 The chosen gates are compared, prompt by prompt, with the choices that rounding could have
 made instead: the grid's winner (when refinement moved off it) and each of its grid neighbours
 (one layer's alpha one grid step down or up). A paired bootstrap interval over calib prompts
@@ -34,7 +36,7 @@ from dataclasses import replace
 
 import numpy as np
 import polars as pl
-from scipy.optimize import minimize_scalar
+from scipy.optimize import OptimizeResult, minimize
 from torch import Tensor, nn
 
 from postdiff.method import variants as V
@@ -50,11 +52,16 @@ from postdiff.workflow.runtime import Job
 log = logging.getLogger(__name__)
 
 DEFAULT_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
-DEFAULT_MAX_ROUNDS = 3
+DEFAULT_MAX_ROUNDS = 10
 # The refined alpha's tolerance; alphas are measured on this many decimals, so gate files stay
 # readable and each point is measured once.
 DEFAULT_TOL = 0.01
 DECIMALS = 4
+# Refinement ends when a round lowers calib KL by this share or less: along the valley where two
+# layers' gates trade off, KL falls by about 1e-3 of itself a round for several rounds, and a
+# search cut off there ends wherever the rounding's path left it.
+REFINE_FTOL = 1e-4
+REFINE_FLOOR = 1e-7  # nats: below any difference the calib prompts could show
 # IT log-probs of the whole calib split are kept when they fit in this many bytes; beyond it
 # (262k-token vocabularies) IT runs once per batch of each coordinate step instead.
 REFERENCE_BYTES = 2 << 30
@@ -140,32 +147,32 @@ def coordinate_search(
 
 def refine(measure: _Measured, best: Point, best_kl: float, grid: Sequence[float], tol: float,
            max_rounds: int) -> tuple[Point, float]:
-    """Each layer's alpha refined by a bounded 1-D search (Brent) within one grid step of its
-    value, inside the grid's range, layer by layer while that lowers KL; rounds stop when no
-    alpha moves by more than ``tol``."""
+    """Every alpha refined together from ``best`` by Powell's method within the grid's range,
+    round after round until a round lowers the best KL by ``REFINE_FTOL`` of itself (plus
+    ``REFINE_FLOOR``) or less, or ``max_rounds`` rounds; line searches end within ``tol`` in
+    alpha. Returns the best point measured (ties: the smaller edit), never worse than ``best``."""
     if not tol > 0:
         raise ValueError(f"gate refinement tolerance must be > 0, got {tol}")
-    step = min(b - a for a, b in zip(grid, grid[1:]))
-    start_round = 1 + max((row["round"] for row in measure.trace), default=0)
-    moved = False
-    for round_ in range(start_round, start_round + max_rounds):
-        moved = False
-        for i in range(len(best)):
-            def at(a: float, i: int = i) -> Point:
-                return best[:i] + (round(float(a), DECIMALS),) + best[i + 1 :]
+    n = len(best)
+    round_ = 1 + max((row["round"] for row in measure.trace), default=0)
+    last = best_kl
 
-            lo, hi = max(grid[0], best[i] - step), min(grid[-1], best[i] + step)
-            found = minimize_scalar(lambda a: _rank(*measure([at(a)], round_, [i], refined=True))[0],
-                                    bounds=(lo, hi), method="bounded", options={"xatol": tol})
-            point = at(found.x)
-            value = measure.seen[point]
-            if _rank(point, value) < _rank(best, best_kl):
-                moved = moved or abs(point[i] - best[i]) > tol
-                best, best_kl = point, value
-        log.info("refinement round %d: gates %s, KL %.5f", round_, best, best_kl)
-        if not moved:
-            break
-    if moved:
+    def kl(x: np.ndarray) -> float:
+        return _rank(*measure([tuple(round(float(a), DECIMALS) for a in x)], round_, range(n), refined=True))[0]
+
+    def done_round(intermediate_result: OptimizeResult) -> None:
+        nonlocal round_, last
+        point, value = min(measure.seen.items(), key=lambda pv: _rank(*pv))
+        log.info("refinement round %d: gates %s, KL %.5f", round_, point, value)
+        round_, gain, last = round_ + 1, last - value, value
+        if not gain > REFINE_FTOL * abs(value) + REFINE_FLOOR:
+            raise StopIteration
+
+    # scipy's own criterion is relative only, so a KL near 0 would never meet it: ours ends the rounds.
+    found = minimize(kl, np.asarray(best, dtype=float), method="Powell", bounds=[(grid[0], grid[-1])] * n,
+                     callback=done_round, options={"xtol": tol, "ftol": 0.0, "maxiter": max_rounds})
+    best, best_kl = min(measure.seen.items(), key=lambda pv: _rank(*pv))
+    if found.status == 2:  # scipy: the iteration limit, before our criterion ended the rounds
         _stopped_short("refinement", max_rounds, best)
     return best, best_kl
 
