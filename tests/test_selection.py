@@ -153,6 +153,16 @@ def test_size_cap_base_ties_and_nan():
     assert forward_select([], objective, 0.0, 5)[0] == ()
 
 
+def test_a_gain_of_float_rounding_is_no_gain():
+    """Masks whose per-prompt changes cancel (a QA answer gained, a Format answer lost) have the
+    objective of the incumbent, summed in another order: (0.1 + 0.2) - 0.3 is 5.6e-17, not 0.
+    That noise must neither break the score-order tie nor pass a step (on the embedded pair a
+    gain of 2.8e-17 did both, and the mask was no longer flagged forced)."""
+    state, rows = advance(start([A, B], 0.3, 2), [A, B], [0.3, 0.1 + 0.2], [0.3, 0.3], 2, gain_rule(),
+                          fill_to_cap=True)
+    assert state.chosen == (A,) and rows["gain"].to_list() == [0.0, 0.0] and not rows["passed"].any()
+
+
 def scores_frame():
     return pl.DataFrame({
         "layer": [0, 0, 0, 1, 1, 1],

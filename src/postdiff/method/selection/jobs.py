@@ -40,6 +40,7 @@ from postdiff.method.selection.search import (
     admitted,
     advance,
     forward_select,
+    gain_over,
     gain_interval,
     gain_rule,
     selector_metrics,
@@ -223,7 +224,7 @@ class Selection:
         def clears(step: int, candidate: Pair, gain: float) -> bool:
             incumbent, chosen = records(candidate)
             if self.accept_rule == "gain":
-                judged = self.score(chosen, "judge") - self.score(incumbent, "judge")
+                judged = gain_over(self.score(chosen, "judge"), self.score(incumbent, "judge"))
                 log.info("step %d: %s gain %.5f on the choose half, %.5f on the judge half", step, candidate, gain,
                          judged)
                 return judged > self.min_gain

@@ -38,6 +38,11 @@ Metrics = Mapping[str, float]
 # Per-prompt selector records of each taken step: its incumbent's and its chosen mask's, both
 # from that step's one batched call (step 1's incumbent is the empty mask).
 ROLES = ("incumbent", "chosen")
+# Gains are rounded to this many decimals. Two masks whose per-prompt changes cancel (a QA answer
+# gained, a Format answer lost) have the same objective, but summed in another order it can
+# differ by 1e-17; such a gain broke score-order ties and passed steps on the embedded pair,
+# where a real gain is at least 1e-5.
+GAIN_DECIMALS = 12
 
 STEP_SCHEMA = {
     "step": pl.Int64,
@@ -150,12 +155,17 @@ def shard_candidates(state: State, shard: int, n_shards: int) -> list[Pair]:
     return [] if state.stopped else state.remaining[shard::n_shards]
 
 
+def gain_over(value: float, incumbent: float) -> float:
+    """``value - incumbent`` without the float rounding of their sums (:data:`GAIN_DECIMALS`)."""
+    return round(float(value) - float(incumbent), GAIN_DECIMALS)
+
+
 def gains_of(values: Sequence[float], incumbents: Sequence[float]) -> list[float]:
     """Each candidate's objective minus its incumbent's from the same call. Against an undefined
     incumbent (NaN: a zero reference gap) any defined objective gains; an undefined one never does."""
     out = []
     for v, inc in zip(values, incumbents, strict=True):
-        out.append(math.nan if math.isnan(v) else math.inf if math.isnan(inc) else float(v) - float(inc))
+        out.append(math.nan if math.isnan(v) else math.inf if math.isnan(inc) else gain_over(v, inc))
     return out
 
 
@@ -239,9 +249,10 @@ def gain_interval(
         refs = {k.removeprefix("ref:"): v for k, v in by_variant.items() if k.startswith("ref:")}
         return rule.objective(by_variant[name], refs, lam)
 
-    lo, hi = bootstrap.percentile_interval(objective(samples, "chosen") - objective(samples, "incumbent"), level)
+    diffs = np.round(objective(samples, "chosen") - objective(samples, "incumbent"), GAIN_DECIMALS)
+    lo, hi = bootstrap.percentile_interval(diffs, level)
     return {"objective": float(objective(point, "chosen")),
-            "gain": float(objective(point, "chosen") - objective(point, "incumbent")), "lo": lo, "hi": hi}
+            "gain": gain_over(objective(point, "chosen"), objective(point, "incumbent")), "lo": lo, "hi": hi}
 
 
 def step_gains(
