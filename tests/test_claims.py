@@ -41,11 +41,11 @@ def mask(order: list[list[int]], passed: tuple[bool, ...] | None = None, cutoff:
     for layer, feature in order:
         layers.setdefault(str(layer), []).append(feature)
     return {"order": order, "mask": layers, "pool": POOL, "cutoff": cutoff, "exclusion": exclusion,
-            "step_gains": [{"step": t + 1, "gain": 0.0, "passed": p} for t, p in enumerate(passed)]}
+            "step_gains": [{"step": t + 1, "gain": 0.01 if p else 0.0, "passed": p} for t, p in enumerate(passed)]}
 
 
 SELECTED = mask([[2, 3], [2, 7]], (True, False))  # step 1 passed: selection chose it
-FORCED = mask([[2, 7], [2, 3]])  # no step passed and the pool's head: the score order alone
+FORCED = mask([[2, 7], [2, 3]])  # every step a tie and the pool's head: the score order alone
 
 
 def base(**override: pl.DataFrame) -> dict[str, pl.DataFrame]:
@@ -85,7 +85,7 @@ def test_a_planted_capability_effect_fails_the_null() -> None:
 @pytest.mark.parametrize("cap_mask, forced", [
     (FORCED, True),
     (SELECTED, False),
-    (mask([[2, 3], [1, 9]]), False),  # no step passed, but not the pool's top two by score
+    (mask([[2, 3], [1, 9]]), False),  # every step a tie, but not the pool's top two by score
     (mask([]), False),  # empty: nothing was forced in
 ])
 def test_a_forced_capmask_gives_forced_whatever_its_interval(cap_mask: dict, forced: bool) -> None:

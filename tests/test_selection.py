@@ -281,17 +281,27 @@ def test_baseline_and_sweep_stages(tmp_path):
     assert pl.read_csv(tmp_path / "sweep.csv").height == 5
 
 
-def gains(*passed: bool) -> list[dict]:
-    """A mask file's ``step_gains``, one per taken step, with whether it passed."""
-    return [{"step": i + 1, "gain": 0.01 if p else 0.0, "passed": p} for i, p in enumerate(passed)]
+def gains(*passed: bool, chose: bool | None = None) -> list[dict]:
+    """A mask file's ``step_gains``, one per taken step, with whether it passed; the half that
+    chose each step saw the same gain unless ``chose`` says otherwise."""
+    return [{"step": i + 1, "gain": 0.01 if p else 0.0, "passed": p,
+             "choose_gain": 0.01 if (p if chose is None else chose) else 0.0} for i, p in enumerate(passed)]
 
 
-def test_a_mask_is_forced_when_no_step_passed_and_it_is_its_pools_top():
+def test_a_mask_is_forced_when_no_step_was_taken_for_a_gain_and_it_is_its_pools_top():
     pool = [[1, 4], [0, 2], [1, 0], [0, 7]]
     filled = {"mask": {"0": [2], "1": [4]}, "pool": pool, "step_gains": gains(False, False)}
     assert forced(filled)
-    # One step passed: selection chose at least that feature.
+    # One step gained and passed: selection chose at least that feature.
     assert not forced({**filled, "step_gains": gains(True, False)})
+    # Taken at a tie on the choosing half, a step that happens to gain on the judge half was
+    # still not chosen for its gain (the embedded pair's seed 1, step 5); and a step chosen for a
+    # gain that the judge half does not confirm was chosen all the same.
+    assert forced({**filled, "step_gains": gains(False, True, chose=False)})
+    assert not forced({**filled, "step_gains": gains(False, False, chose=True)})
+    # Files from before the halves were split have one gain.
+    assert not forced({**filled, "step_gains": [{k: v for k, v in g.items() if k != "choose_gain"}
+                                                 for g in gains(True, False)]})
     # No step passed, yet the mask is not the top two by score: the gains ordered it.
     assert not forced({**filled, "mask": {"0": [2, 7]}})
     assert not forced({"mask": {}, "pool": pool, "step_gains": []})

@@ -3,8 +3,8 @@
 A claim about a comparison is judged by its paired bootstrap interval, stratified by slice and
 recomputed from per-prompt records (:func:`postdiff.stats.bootstrap.bootstrap_comparisons`, the
 resamples of Table 2), never by its point estimate. A claim about a selected mask is ``forced``
-when the mask was not selected at all: no step passed, so it is the top of its candidate pool by
-score and the check would come out the same without forward selection
+when the mask was not selected at all: every step was a tie, so it is the top of its candidate pool
+by score and the check would come out the same without forward selection
 (:func:`postdiff.method.selection.maskfile.forced`).
 """
 

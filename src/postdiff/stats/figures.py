@@ -31,7 +31,7 @@ FIGURE2_METRICS = ("KL", "Cap")
 SEED_FIGURE_METRICS = ("Cap", "CapRec", "VerbCarry", "KL", "Len")
 SWEEP_COLUMNS = {"cutoff": pl.Float64, "exclusion": pl.Float64, "strict": pl.Boolean, "objective": pl.Float64,
                  "mask": pl.String, "same_as_locked": pl.Boolean, "forced": pl.Boolean, "pools_differ": pl.Boolean}
-FORCED_LABEL = "forced: no step passed, the pool's top by score"
+FORCED_LABEL = "forced: every step a tie, the pool's top by score"
 _LABELS = {"Cap": "Cap (higher is better)", "KL": "KL to IT (lower is better)",
            "Len": "Len, tokens (lower is better)"}
 

@@ -47,8 +47,8 @@ def sweep_table(masks: Sequence[Mapping], locked: Mapping) -> pl.DataFrame:
     """One row per sweep point: its thresholds (``strict``: another exclusion than the locked
     mask's), the features admitted before the candidate cap and the pool after it, whether the
     cap bound, the Jaccard index of its pool and mask with the locked ones, its objective,
-    ``forced`` (:func:`~postdiff.method.selection.maskfile.forced`: no step passed and the mask
-    is its pool's top by score) and ``pools_differ``: whether any two points under the locked
+    ``forced`` (:func:`~postdiff.method.selection.maskfile.forced`: every step a tie and the mask
+    its pool's top by score) and ``pools_differ``: whether any two points under the locked
     exclusion had different pools. The strict point does not count there: its exclusion, not
     its cutoff, changed its pool. When no pools differ, or every mask is forced, agreeing with
     the locked mask says nothing about the cutoffs."""
@@ -95,7 +95,7 @@ def sweep_summary(job: Job) -> None:
                     "tell its cutoffs apart (pool of %d; cap bound at %d of %d points)", cutoffs["n_pool"][0],
                     int(cutoffs["cap_bound"].sum()), cutoffs.height)
     if cutoffs["forced"].all():
-        log.warning("every locked-exclusion sweep point is forced: no step passed and each mask is its pool's top "
+        log.warning("every locked-exclusion sweep point is forced: every step was a tie and each mask is its pool's top "
                     "%s by score, so reproducing the locked mask comes from the score order, not from selection",
                     "/".join(map(str, cutoffs["n_features"].unique(maintain_order=True))))
     write_parquet(table, job.output["summary"])
