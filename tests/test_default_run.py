@@ -6,7 +6,7 @@ CPU kernel sets (``ATEN_CPU_CAPABILITY`` default, avx2, avx512) and surrogate se
 (``bench/capabilities.py``, ``bench/results/capabilities.json``; README, "What may move").
 The second default seed adds nothing here that ``tests/test_workflow.py`` does not check on the
 tiny config (adding a seed, across-seed tables), so this run trains one. Its sweep keeps the
-locked cutoff and the one above it (pools of 7 and 5 features on seed 0, against 8 at 4.0): two
+locked cutoff and the one above it (pools of 8 and 6 features on seed 0, as at 4.0 and 5.0): two
 cutoffs whose pools differ are what its assertion needs, and the third was a 45 s job. Its
 selections stop at two features (`size_cap: 2`): every step gains 0 on this pair, and what the
 assertions read of the masks (sizes, baselines of the same sizes, pools, forced points, the null)
