@@ -41,7 +41,8 @@ def mask(order: list[list[int]], passed: tuple[bool, ...] | None = None, cutoff:
     for layer, feature in order:
         layers.setdefault(str(layer), []).append(feature)
     return {"order": order, "mask": layers, "pool": POOL, "cutoff": cutoff, "exclusion": exclusion,
-            "step_gains": [{"step": t + 1, "gain": 0.01 if p else 0.0, "passed": p} for t, p in enumerate(passed)]}
+            "step_gains": [{"step": t + 1, "gain": 0.01 if p else 0.0, "choose_gain": 0.01 if p else 0.0, "passed": p}
+                           for t, p in enumerate(passed)]}
 
 
 SELECTED = mask([[2, 3], [2, 7]], (True, False))  # step 1 passed: selection chose it

@@ -299,9 +299,6 @@ def test_a_mask_is_forced_when_no_step_was_taken_for_a_gain_and_it_is_its_pools_
     # gain that the judge half does not confirm was chosen all the same.
     assert forced({**filled, "step_gains": gains(False, True, chose=False)})
     assert not forced({**filled, "step_gains": gains(False, False, chose=True)})
-    # Files from before the halves were split have one gain.
-    assert not forced({**filled, "step_gains": [{k: v for k, v in g.items() if k != "choose_gain"}
-                                                 for g in gains(True, False)]})
     # No step passed, yet the mask is not the top two by score: the gains ordered it.
     assert not forced({**filled, "mask": {"0": [2, 7]}})
     assert not forced({"mask": {}, "pool": pool, "step_gains": []})

@@ -30,14 +30,14 @@ def mask_of(obj: Mapping) -> dict[int, list[int]]:
 
 def forced(obj: Mapping) -> bool:
     """Whether a selection's mask was forced rather than selected: no step was taken for a gain
-    on the prompts that chose it (``choose_gain``; ``gain`` in files from before the halves were
-    split), so every step was a tie broken in score order, and the mask is the first ``n`` of its
-    pool, as taking the top ``n`` by score would give. Agreement between such masks, or with the
-    locked mask, is by construction. A step taken at a tie can still pass on the judge half (a
-    gain there is not what took it), and an empty mask is not forced."""
+    on the prompts that chose it (``choose_gain``), so every step was a tie broken in score
+    order, and the mask is the first ``n`` of its pool, as taking the top ``n`` by score would
+    give. Agreement between such masks, or with the locked mask, is by construction. A step taken
+    at a tie can still pass on the judge half (a gain there is not what took it), and an empty
+    mask is not forced."""
     pairs = {(layer, f) for layer, fs in mask_of(obj).items() for f in fs}
     gains = obj["step_gains"]
     if len(gains) != len(pairs):
         raise ValueError(f"mask file: {len(gains)} step gains for {len(pairs)} features")
     top = {(int(layer), int(f)) for layer, f in obj["pool"][: len(pairs)]}
-    return bool(pairs) and not any(g.get("choose_gain", g["gain"]) > 0 for g in gains) and pairs == top
+    return bool(pairs) and not any(g["choose_gain"] > 0 for g in gains) and pairs == top
