@@ -7,6 +7,7 @@ import torch
 from transformers import Gemma3ForCausalLM
 
 from postdiff.models.forward import (
+    BlockCache,
     answer_kl,
     answer_logprobs,
     block_outputs,
@@ -222,6 +223,39 @@ def test_variant_kl_per_row_edits(pt, it, rows):
     for i in range(len(rows)):
         # Exact: alpha 0 adds 0 * delta = 0.0 and alpha 1 the same delta, in the same batches.
         assert torch.equal(kl["rows"][i], kl["all" if i % 2 else "pt"][i])
+
+
+def block_calls(model, block: int) -> list[int]:
+    calls: list[int] = []
+    model.model.layers[block].register_forward_hook(lambda *a: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("max_bytes", [2**30, 0])
+def test_a_block_cache_gives_the_same_kl_and_runs_the_blocks_before_it_once_per_batch(it, rows, max_bytes):
+    pt = tiny(0)  # its own copy: the hooks that count calls stay on it
+    first, edited = block_calls(pt, 0), block_calls(pt, 1)
+    variants = {"pt": None, "a": {1: linear_edit(0.5)}, "b": {1: linear_edit(1.0), 2: linear_edit(0.5, seed=4)},
+                "late": {2: linear_edit(1.0)}}
+    plain = variant_kl(pt, rows, 2, variants, reference=it)
+    n_batches = len(length_sorted_batches([len(p) + len(a) for p, a in rows], 2))
+    assert len(first) == len(edited) == len(variants) * n_batches
+    first.clear()
+    edited.clear()
+    cache = BlockCache(pt, 1, max_bytes)
+    cached = [variant_kl(pt, rows, 2, variants, reference=it, cache=cache) for _ in range(2)]
+    for out in cached:
+        for name in variants:
+            assert torch.equal(out[name], plain[name]), name  # the same floats, not close ones
+    passes = 2 * len(variants) * n_batches
+    kept = max_bytes > 0
+    assert len(first) == len(edited) == (n_batches if kept else passes)
+    assert len(cache.outputs) == (n_batches if kept else 0)
+    assert isinstance(pt.model.layers[0], type(tiny(0).model.layers[0]))  # the blocks are back
+    with pytest.raises(ValueError, match=r"edits at layers \[0\] come before the cached block 1"):
+        variant_kl(pt, rows, 2, {"early": {0: linear_edit(1.0)}}, reference=it, cache=cache)
+    with pytest.raises(ValueError, match="another model"):
+        variant_kl(it, rows, 2, variants, reference=it, cache=cache)
 
 
 def test_block_outputs_read_block_outputs_and_skip_the_head(pt, batch):

@@ -43,7 +43,7 @@ from postdiff.method import variants as V
 from postdiff.method.records import read_rows
 from postdiff.method.spec import Variant
 from postdiff.method.surrogate import TopKSurrogate
-from postdiff.models.forward import reference_logprobs, variant_kl
+from postdiff.models.forward import BlockCache, reference_logprobs, variant_kl
 from postdiff.models.loading import load_pair
 from postdiff.stats import bootstrap, metrics
 from postdiff.workflow.io import write_json, write_parquet
@@ -63,7 +63,8 @@ DECIMALS = 4
 REFINE_FTOL = 1e-4
 REFINE_FLOOR = 1e-7  # nats: below any difference the calib prompts could show
 # IT log-probs of the whole calib split are kept when they fit in this many bytes; beyond it
-# (262k-token vocabularies) IT runs once per batch of each coordinate step instead.
+# (262k-token vocabularies) IT runs once per batch of each coordinate step instead. PT's block
+# outputs before the first gated layer are kept up to the same size (the rest recomputed).
 REFERENCE_BYTES = 2 << 30
 TESTED_ON = "calib (the prompts that chose the gates)"
 
@@ -241,13 +242,15 @@ def calibrate_gates(
     the per-prompt KL of every measured gate vector."""
     layers = variant.layers
     per_prompt: dict[Point, np.ndarray] = {}
+    # Every measured point edits these layers only, so the blocks up to the first run once per batch.
+    cache = BlockCache(model, min(layers), REFERENCE_BYTES)
 
     def kl(points: list[Point]) -> list[float]:
         edits = {
             str(i): V.edits(replace(variant, gates=dict(zip(layers, p, strict=True))), modules, means)
             for i, p in enumerate(points)
         }
-        out = variant_kl(model, pairs, batch_size, edits, reference)
+        out = variant_kl(model, pairs, batch_size, edits, reference, cache)
         per_prompt.update((p, out[str(i)].numpy()) for i, p in enumerate(points))
         return [float(out[str(i)].mean()) for i in range(len(points))]
 

@@ -7,6 +7,8 @@ and every result is in the order of those positions, rows in input order.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -156,20 +158,84 @@ def answer_kl(it_logprobs: Tensor, variant_logprobs: Tensor, counts: Sequence[in
     return torch.stack([part.mean() for part in kl.split(list(counts))])
 
 
+class _Replay(nn.Module):
+    """Stands in for a decoder block and returns a kept output, whatever it is given."""
+
+    def __init__(self, output: Any) -> None:
+        super().__init__()
+        self.output = output
+
+    def forward(self, *_args: Any, **_kwargs: Any) -> Any:
+        return self.output
+
+
+class BlockCache:
+    """Each batch's output of decoder block ``block`` in ``model``'s unedited pass, kept from the
+    batch's first pass (up to ``max_bytes``), so that later passes over the same rows whose edits
+    all sit at ``block`` or after start there: a gate search measures a hundred gate vectors on
+    one split, and the blocks before its first edited layer compute the same floats every time.
+
+    Blocks ``0..block`` are swapped for stand-ins that return the kept output, so the forward
+    pass, its masks and its position embeddings are the model's own from ``block + 1`` on, and
+    an edit hook on ``block`` (registered inside :meth:`starting`) acts on the stand-in."""
+
+    def __init__(self, model: nn.Module, block: int, max_bytes: int) -> None:
+        check_layers(model, [block])
+        self.model, self.block, self.max_bytes = model, block, max_bytes
+        self.outputs: dict[tuple[int, ...], Any] = {}
+        self.bytes = 0
+
+    def check(self, edits: Edits) -> None:
+        if early := sorted(layer for layer in edits if layer < self.block):
+            raise ValueError(f"edits at layers {early} come before the cached block {self.block}")
+
+    @contextmanager
+    def starting(self, key: tuple[int, ...]) -> Iterator[None]:
+        """A pass over the batch ``key`` (its rows' indices): from the kept output when there is
+        one, else computed in full, keeping the output of ``block`` before any edit of it."""
+        layers = decoder_layers(self.model)
+        if key in self.outputs:
+            originals = [layers[i] for i in range(self.block + 1)]
+            for i in range(self.block + 1):
+                layers[i] = _Replay(self.outputs[key])
+            try:
+                yield
+            finally:
+                for i, block in enumerate(originals):
+                    layers[i] = block
+            return
+        seen: list[Any] = []
+        # Registered before the edit hooks, so it sees the block's own output (hooks run in order).
+        handle = layers[self.block].register_forward_hook(lambda _m, _a, out: seen.append(out))
+        try:
+            yield
+        finally:
+            handle.remove()
+        hidden = seen[0][0] if isinstance(seen[0], tuple) else seen[0]
+        size = hidden.numel() * hidden.element_size()
+        if self.bytes + size <= self.max_bytes:
+            self.outputs[key], self.bytes = seen[0], self.bytes + size
+
+
 def variant_kl(
     model: nn.Module,
     rows: Sequence[Row],
     batch_size: int,
     variants: Mapping[str, Variant],
     reference: nn.Module | Sequence[Tensor],
+    cache: BlockCache | None = None,
 ) -> dict[str, Tensor]:
     """Per-prompt answer KL(IT || variant) of ``model`` under each variant's edits, input order.
 
     ``reference`` is the IT model (run once per batch, shared by all variants) or the output of
     :func:`reference_logprobs` on the same rows. Only one batch of log-probs is held at a time.
+    With ``cache`` (of ``model``, built for these rows and ``batch_size``), passes start at its
+    block: the same floats, without recomputing the blocks before it.
     """
     if not isinstance(reference, nn.Module) and len(reference) != len(rows):
         raise ValueError(f"reference holds {len(reference)} rows, expected {len(rows)}")
+    if cache is not None and cache.model is not model:
+        raise ValueError("the block cache was built for another model")
     out = {name: torch.full((len(rows),), float("nan"), dtype=torch.float64) for name in variants}
     for batch in _batches(rows, batch_size, model, f"KL of {len(variants)} variants"):
         if isinstance(reference, nn.Module):
@@ -177,7 +243,13 @@ def variant_kl(
         else:
             it_lp = torch.cat([reference[i] for i in batch.idx]).to(batch.input_ids.device)
         for name, variant in variants.items():
-            lp = batch.logprobs(model, edits_for(batch.idx, variant))
+            edits = edits_for(batch.idx, variant)
+            if cache is None:
+                lp = batch.logprobs(model, edits)
+            else:
+                cache.check(edits)
+                with cache.starting(tuple(batch.idx)):
+                    lp = batch.logprobs(model, edits)
             out[name][batch.idx] = answer_kl(it_lp, lp, batch.counts).double().cpu()
     return out
 
