@@ -32,9 +32,10 @@ VOCAB = 1024
 GOAL = 1.15
 
 
-def tiny_gemma(seed: int) -> Gemma3ForCausalLM:
+def tiny_gemma(seed: int, num_layers: int = 4) -> Gemma3ForCausalLM:
     torch.manual_seed(seed)
-    cfg = gemma3_text_config(VOCAB, 192, 4, intermediate_size=768, num_heads=4, num_kv_heads=2, sliding_window=64)
+    cfg = gemma3_text_config(VOCAB, 192, num_layers, intermediate_size=768, num_heads=4, num_kv_heads=2,
+                             sliding_window=64)
     return Gemma3ForCausalLM(cfg).eval().requires_grad_(False)
 
 

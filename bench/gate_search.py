@@ -24,33 +24,23 @@ from pathlib import Path
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch
-from caching import VOCAB, teacher_rows  # bench/caching.py
+from caching import teacher_rows, tiny_gemma  # bench/caching.py
 from ratio import compare, write  # bench/ratio.py
-from transformers import Gemma3ForCausalLM
 
 from postdiff.method.surrogate import TopKSurrogate
 from postdiff.method.variants import layer_delta
 from postdiff.models.forward import BlockCache, reference_logprobs, variant_kl
 from postdiff.models.hook import LayerEdit
-from postdiff.models.loading import gemma3_text_config
 
 GOAL = 0.8
-D = 192
 
 
-def model(seed: int, num_layers: int) -> Gemma3ForCausalLM:
+def surrogate(seed: int, d: int) -> TopKSurrogate:
     torch.manual_seed(seed)
-    cfg = gemma3_text_config(VOCAB, D, num_layers, intermediate_size=768, num_heads=4, num_kv_heads=2,
-                             sliding_window=64)
-    return Gemma3ForCausalLM(cfg).eval().requires_grad_(False)
-
-
-def surrogate(seed: int) -> TopKSurrogate:
-    torch.manual_seed(seed)
-    sae = TopKSurrogate(D, 8 * D, 16)
+    sae = TopKSurrogate(d, 8 * d, 16)
     with torch.no_grad():
         for p in (sae.W_enc, sae.W_dec):
-            p.normal_(0, D**-0.5)
+            p.normal_(0, d**-0.5)
     return sae
 
 
@@ -66,11 +56,11 @@ def main() -> None:
     ap.add_argument("--suffix", default="")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    pt, it = model(0, args.num_layers), model(1, args.num_layers)
+    pt, it = tiny_gemma(0, args.num_layers), tiny_gemma(1, args.num_layers)
     frame = teacher_rows(args.rows, seed=0)
     rows = list(zip(frame["prefix_ids"].to_list(), frame["token_ids"].to_list(), strict=True))
     reference = reference_logprobs(it, rows, args.batch_size)
-    modules = {layer: surrogate(layer) for layer in args.layers}
+    modules = {layer: surrogate(layer, pt.config.hidden_size) for layer in args.layers}
     alphas = torch.linspace(0, 1.5, args.points).tolist()
     variants = {f"{a:g}": {layer: LayerEdit(a, layer_delta("full", sae, None, None)) for layer, sae in modules.items()}
                 for a in alphas}
