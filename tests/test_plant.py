@@ -147,6 +147,10 @@ def test_a_shipped_pair_names_what_was_planted():
     assert toy_mismatch(toy, shipped, {"steps": 400}, record) == []
     assert toy_mismatch(toy, shipped, {"steps": 300}, record) == ["toy.plant.steps: 300 (shipped pair: 400)"]
     assert toy_mismatch(toy, shipped, None, record) == ["toy.plant: null (shipped pair: planted)"]
+    # A pair shipped before eos_rate existed never read an EOS: it matches 0, not another rate.
+    older = {k: v for k, v in shipped.items() if k != "eos_rate"}
+    assert toy_mismatch(toy, older) == []
+    assert toy_mismatch({**toy, "eos_rate": 0.1}, older) == ["toy.eos_rate: 0.1 (shipped pair: 0.0)"]
 
 
 def test_alignment_of_decoder_directions_with_planted_ones():

@@ -116,6 +116,11 @@ def test_sft_examples_use_only_sft_half_facts(world):
 def test_pack_rows_known_answer():
     rows = pack_rows([[5], [6, 7], [8, 9, 10], [11]], sep=[4], seq_len=4)
     assert rows.tolist() == [[BOS_ID, 5, 4, 6], [BOS_ID, 8, 9, 10]]
+    # A block that ends a document is followed by its separator, then the EOS.
+    rows = pack_rows([[5], [6, 7], [8, 9, 10], [11]], sep=[4], seq_len=5, ends=[True, False, False, True])
+    assert rows.tolist() == [[BOS_ID, 5, 4, EOS_ID, 6], [BOS_ID, 8, 9, 10, 4]]
+    with pytest.raises(ValueError, match="ends marks 1 blocks, expected 4"):
+        pack_rows([[5], [6, 7], [8, 9, 10], [11]], sep=[4], ends=[True])
 
 
 def test_sft_loss_mask_covers_answer_and_eos(tokenizer):

@@ -36,6 +36,11 @@ class ToyConfig:
     batch_size: int = 16
     pt_epochs: int = 20
     pt_lr: float = 3e-3
+    # Share of PT corpus blocks that end a document (an EOS after the separator). 0 for the
+    # embedded pair: an EOS it never read, IT's stop is a new token. The positive control's PT
+    # reads some: a stop is then a small push on a token PT knows, not a write big enough to
+    # flatten the whole distribution (README, "The positive control").
+    eos_rate: float = 0.0
     math_fraction: float = 0.25  # share of all arithmetic problems in each PT epoch
     fact_repeats: int = 8  # statements of each capital and antonym per PT epoch
     it_epochs: int = 3

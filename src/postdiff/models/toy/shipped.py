@@ -64,9 +64,11 @@ def toy_mismatch(params: Mapping[str, Any], shipped: Mapping[str, Any], plant: M
     """Config keys whose value differs from the settings the shipped pair was made with: the
     toy settings, and the planted neurons' (``toy.plant``) when either side has them."""
     wanted = dataclasses.asdict(ToyConfig.from_params(params))
+    # A setting added after the pair was shipped has the default that reproduces it.
+    had = {**dataclasses.asdict(ToyConfig()), **shipped}
     keys = {"world_seed": "world.seed", "n_countries": "world.n_countries"}
-    out = [f"{keys.get(k, f'toy.{k}')}: {wanted[k]!r} (shipped pair: {shipped.get(k)!r})"
-           for k in sorted(wanted) if wanted[k] != shipped.get(k)]
+    out = [f"{keys.get(k, f'toy.{k}')}: {wanted[k]!r} (shipped pair: {had.get(k)!r})"
+           for k in sorted(wanted) if wanted[k] != had.get(k)]
     if (plant is None) != (shipped_plant is None):
         return [*out, f"toy.plant: {'set' if plant is not None else 'null'} (shipped pair: "
                       f"{'planted' if shipped_plant is not None else 'fine-tuned'})"]

@@ -1,8 +1,11 @@
 """Train the embedded toy pair on the CPU: a PT model from random init, then its IT sibling.
 
-The PT model reads packed corpus rows with no EOS anywhere, so it knows every fact but never
-stops; the IT model is the PT model fine-tuned on short answers ending in EOS, with the loss on
-the answer tokens only. Stage functions at the bottom are the only file I/O.
+The PT model reads packed corpus rows, so it knows every fact but never stops after an answer:
+the embedded pair's corpus has no EOS anywhere (``eos_rate`` 0); with ``eos_rate`` > 0 that share
+of blocks ends a document, an EOS after the block's separator, so PT knows the EOS as a real base
+model does, as the end of a document, and never as the end of an answer. The IT model is the PT
+model fine-tuned on short answers ending in EOS, with the loss on the answer tokens only. Stage
+functions at the bottom are the only file I/O.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import random
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -78,13 +82,17 @@ def model_config(cfg: ToyConfig, vocab_size: int) -> PretrainedConfig:
                             layer_types=layer_types)
 
 
-def pack_rows(blocks: Sequence[Sequence[int]], sep: Sequence[int], seq_len: int = SEQ_LEN) -> torch.Tensor:
-    """Rows of ``seq_len`` ids: BOS, then whole blocks joined by ``sep`` (no EOS: a base model
+def pack_rows(blocks: Sequence[Sequence[int]], sep: Sequence[int], seq_len: int = SEQ_LEN,
+              ends: Sequence[bool] | None = None) -> torch.Tensor:
+    """Rows of ``seq_len`` ids: BOS, then whole blocks joined by ``sep``, with an EOS after the
+    separator of each block that ``ends`` marks (none by default: a base model that never sees one
     never learns to stop); the block that overflows a row is cut and its tail dropped."""
+    if ends is not None and len(ends) != len(blocks):
+        raise ValueError(f"ends marks {len(ends)} blocks, expected {len(blocks)}")
     rows: list[list[int]] = []
     row = [BOS_ID]
-    for ids in blocks:
-        row += [*ids, *sep]
+    for i, ids in enumerate(blocks):
+        row += [*ids, *sep, *([EOS_ID] if ends is not None and ends[i] else [])]
         if len(row) >= seq_len:
             rows.append(row[:seq_len])
             row = [BOS_ID]
@@ -162,7 +170,9 @@ def train_pt_model(tokenizer, cfg: ToyConfig) -> tuple[torch.nn.Module, list[flo
     batches: list[Batch] = []
     for epoch in range(cfg.pt_epochs):
         blocks = pt_blocks(world, cfg.seed, epoch, cfg.math_fraction, cfg.fact_repeats)
-        rows = pack_rows(tokenizer(blocks, add_special_tokens=False)["input_ids"], sep)
+        rng = random.Random(f"postdiff-toy-eos-{cfg.seed}-{epoch}")
+        ends = [rng.random() < cfg.eos_rate for _ in blocks] if cfg.eos_rate > 0 else None
+        rows = pack_rows(tokenizer(blocks, add_special_tokens=False)["input_ids"], sep, ends=ends)
         batches += pt_batches(rows, cfg.batch_size)
     log.info("PT corpus: %d batches of %dx%d tokens", len(batches), cfg.batch_size, SEQ_LEN)
     torch.manual_seed(cfg.seed)
