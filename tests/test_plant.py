@@ -19,6 +19,7 @@ from postdiff.models.toy.plant import (
     decoy_positions,
     group_of,
     planted,
+    silence_loss,
     stop_positions,
     widened,
 )
@@ -122,6 +123,18 @@ def test_stop_decoy_and_answer_positions_of_a_batch():
                                               [False, False, True, False, False]]
 
 
+def test_the_stop_penalty_weighs_the_kept_answers_stops_apart_from_their_other_positions():
+    """Two kept rows whose stops are positions 3 (row 0) and 2 (row 1), padding after row 1's EOS:
+    ``silence`` weighs the mean over the 9 real positions, ``stop_silence`` the mean at the 2 stops."""
+    keep = teacher_forced_batch([[5, 6], [5, 6]], [[8, 9, EOS_ID], [8, EOS_ID]], pad_id=0)
+    norm = torch.tensor([[1.0, 2.0, 3.0, 10.0, 5.0], [1.0, 2.0, 20.0, 7.0, 100.0]])
+    every = (1 + 2 + 3 + 10 + 5 + 1 + 2 + 20 + 7) / 9
+    assert silence_loss(norm, keep, 1.0, 0.0).item() == pytest.approx(every)
+    assert silence_loss(norm, keep, 0.5, 2.0).item() == pytest.approx(0.5 * every + 2.0 * (10 + 20) / 2)
+    no_stops = teacher_forced_batch([[5, 6]], [[8, 9]], pad_id=0)  # a ramble cut off, no EOS
+    assert silence_loss(norm[:1, :4], no_stops, 1.0, 2.0).item() == pytest.approx((1 + 2 + 3 + 10) / 4)
+
+
 def test_neurons_with_a_fixed_norm_keep_it_outside_the_avoided_span():
     g = torch.Generator().manual_seed(6)
     avoid = torch.linalg.qr(torch.randn(D, 2, generator=g)).Q
@@ -168,8 +181,8 @@ def test_alignment_of_decoder_directions_with_planted_ones():
 def test_the_shipped_decoys_fire_on_their_own_kind_and_barely_move_it():
     """The shipped control IT's five decoys (the last neurons of block 1): each fires most on
     its own fact kind's answers (but the stops), and zeroing them moves IT's teacher-forced
-    next-token distributions by a mean KL of 0.002-0.005 per kind (measured; its greedy token at
-    94-99% of answer positions stays)."""
+    next-token distributions by a mean KL of 0.005-0.021 per kind (measured at output norm 12;
+    its greedy token at 90-99% of answer positions stays)."""
     import copy
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -202,7 +215,7 @@ def test_the_shipped_decoys_fire_on_their_own_kind_and_barely_move_it():
                 base = plain(input_ids=batch[0], attention_mask=batch[1]).logits[:, :-1].log_softmax(-1)
             fire[i] = acts[0][..., first:][decoy_positions(batch)].mean(0)
             kl = (logp.exp() * (logp - base)).sum(-1)[answer_positions(batch)]
-            assert kl.mean() < 0.01, (kind, float(kl.mean()))
+            assert kl.mean() < 0.025, (kind, float(kl.mean()))
     finally:
         hook.remove()
     assert fire.argmax(0).tolist() == [j % len(kinds) for j in range(n_decoy)], fire

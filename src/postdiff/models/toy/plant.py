@@ -157,6 +157,18 @@ def keep_loss(logits: Tensor, reference: Tensor, where: Tensor) -> Tensor:
                     reduction="batchmean")
 
 
+def silence_loss(output_norm: Tensor, keep: Batch, silence: float, stop_silence: float) -> Tensor:
+    """A group's penalty on the prompts it keeps, from its output norm at each position ``[B, T]``:
+    ``silence`` weighs the mean over every kept position, ``stop_silence`` the mean over their
+    stops alone. A stop is one position of an answer, so in the first mean it weighs too little to
+    keep the capability neurons off the Brevity prompts' stops."""
+    loss = silence * output_norm[keep[1].bool()].mean()
+    stops = F.pad(stop_positions(keep), (0, 1))
+    if stop_silence and stops.any():
+        loss = loss + stop_silence * output_norm[stops].mean()
+    return loss
+
+
 def _fit(new: Neurons, step_loss: Callable[[int], Tensor], cfg: PlantConfig, desc: str) -> list[float]:
     """Adam on ``new``'s trainable parameters for ``cfg.steps`` steps of ``step_loss(step)``; the
     running loss is logged ten times."""
@@ -175,11 +187,11 @@ def _fit(new: Neurons, step_loss: Callable[[int], Tensor], cfg: PlantConfig, des
 
 def train_group(
     model: nn.Module, before: Sequence[Group], new: Group, targets: Sequence[Batch], keeps: Sequence[Batch],
-    cfg: PlantConfig, desc: str, silence: float,
+    cfg: PlantConfig, desc: str, silence: float, stop_silence: float,
 ) -> list[float]:
     """Train ``new`` so that the model with ``before`` and ``new`` stops ``targets`` where their
     answers end and keeps every other position as the model with ``before`` has it, on
-    ``targets`` and on ``keeps``, where ``silence`` weighs its output norm. Only the stop is
+    ``targets`` and on ``keeps``, where it stays quiet (:func:`silence_loss`). Only the stop is
     learned, so each prompt's change hinges on one position, where a k=1 surrogate has one latent."""
 
     def step_loss(step: int) -> Tensor:
@@ -193,7 +205,7 @@ def train_group(
             loss = target_loss(logits, target, cfg.eos_weight, stops)
             loss = loss + cfg.keep_weight * keep_loss(logits, own, answer_positions(target) & ~stops)
             loss = loss + cfg.keep_weight * keep_loss(_logits(model, keep), reference, answer_positions(keep))
-        loss = loss + silence * new[1].output_norm(inputs[-1])[keep[1].bool()].mean()
+        loss = loss + silence_loss(new[1].output_norm(inputs[-1]), keep, silence, stop_silence)
         if cfg.sparsity:
             real = [target[1].bool(), keep[1].bool()]  # every real (unpadded) position
             loss = loss + cfg.sparsity * torch.cat([new[1].output_norm(x)[m] for x, m in zip(inputs, real)]).mean()
@@ -275,10 +287,11 @@ def plant(model: nn.Module, tokenizer, toy: ToyConfig, cfg: PlantConfig) -> tupl
     g = torch.Generator().manual_seed(cfg.seed)
     d = model.config.hidden_size
     cap_neurons = (cfg.cap_layer, Neurons(d, cfg.n_cap, g))
-    train_group(model, [], cap_neurons, cap, not_cap, cfg, "plant capability", cfg.cap_silence)
+    train_group(model, [], cap_neurons, cap, not_cap, cfg, "plant capability", cfg.cap_silence,
+                cfg.cap_stop_silence)
     cap_neurons[1].requires_grad_(False)
     verb_neurons = (cfg.verb_layer, Neurons(d, cfg.n_verb, g, avoid=torch.linalg.qr(cap_neurons[1].down.detach()).Q))
-    train_group(model, [cap_neurons], verb_neurons, verb, not_verb, cfg, "plant brevity", cfg.verb_silence)
+    train_group(model, [cap_neurons], verb_neurons, verb, not_verb, cfg, "plant brevity", cfg.verb_silence, 0.0)
     verb_neurons[1].requires_grad_(False)
     groups = {"cap": cap_neurons, "verb": verb_neurons}
     if cfg.n_decoy:

@@ -83,6 +83,9 @@ class PlantConfig:
     # alike on every prompt, and without it the capability neurons fire at Brevity stops too.
     cap_silence: float = 1.0
     verb_silence: float = 1.0
+    # The capability neurons' mean output norm at the stops of the prompts they keep (Brevity,
+    # requests): the mean above weighs one stop an answer too little (plant.silence_loss).
+    cap_stop_silence: float = 0.0
     # "any": every Brevity prompt is the brevity group's; a fact kind (capital, antonym): only
     # Brevity prompts about it, and plain questions about it are nobody's (plant.group_of).
     verb_kind: str = "antonym"
