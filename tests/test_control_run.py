@@ -31,7 +31,7 @@ pytestmark = pytest.mark.slow
 RUN = "results/control"
 
 
-VARIANTS = ("PT", "IT", "FullDelta", "CapMask", "RandomMask")
+VARIANTS = ("PT", "IT", "FullDelta", "CapMask", "RandomMask", "ActivationMassMask")
 ACTIVITY = f"{RUN}/tables/plant_activity.csv"
 
 
@@ -95,11 +95,15 @@ def test_the_capability_null_fails_on_the_control(control_run: Path) -> None:
     assert row["lo"] > 0 and row["verdict"] == "fails", row
 
 
-def test_capmask_recovers_half_of_fulldelta_and_random_features_do_not(control_run: Path) -> None:
+def test_capmask_recovers_half_of_fulldelta_and_neither_baseline_does(control_run: Path) -> None:
+    """Random features and the most massive ones, as many as CapMask holds, recover under half:
+    the decoys' latents outweigh the capability neuron's (seed 0: the top latent by mass is a
+    decoy's, and the capability neuron's ranks 6th)."""
     rec = {v: m["CapRec"] for v, m in metrics.summary(arrays(control_run)).items()}
     assert rec["FullDelta"] > 0.5, rec
     assert rec["CapMask"] >= 0.5 * rec["FullDelta"], rec
     assert rec["RandomMask"] < 0.5 * rec["FullDelta"], rec
+    assert rec["ActivationMassMask"] < 0.5 * rec["FullDelta"], rec
 
 
 def test_plant_activity_covers_every_answer_position_and_the_capability_stops(control_run: Path) -> None:
@@ -115,4 +119,4 @@ def test_plant_activity_covers_every_answer_position_and_the_capability_stops(co
     cap = table.filter((pl.col("group") == "cap") & pl.col("slice").is_in(["QA", "Math", "Format"]))
     by = {(r["slice"], r["position"]): r["mean_output"] for r in cap.iter_rows(named=True)}
     for name in ("QA", "Math", "Format"):
-        assert by[(name, "stop")] > 4 * by[(name, "answer")], (name, by)  # Math: 37 against 6.3
+        assert by[(name, "stop")] > 4 * by[(name, "answer")], (name, by)  # Math: 21.3 against 3.8
