@@ -25,23 +25,14 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch
 from caching import teacher_rows, tiny_gemma  # bench/caching.py
+from features import surrogate  # bench/features.py
 from ratio import compare, write  # bench/ratio.py
 
-from postdiff.method.surrogate import TopKSurrogate
 from postdiff.method.variants import layer_delta
 from postdiff.models.forward import BlockCache, reference_logprobs, variant_kl
 from postdiff.models.hook import LayerEdit
 
 GOAL = 0.8
-
-
-def surrogate(seed: int, d: int) -> TopKSurrogate:
-    torch.manual_seed(seed)
-    sae = TopKSurrogate(d, 8 * d, 16)
-    with torch.no_grad():
-        for p in (sae.W_enc, sae.W_dec):
-            p.normal_(0, d**-0.5)
-    return sae
 
 
 def main() -> None:
@@ -60,7 +51,7 @@ def main() -> None:
     frame = teacher_rows(args.rows, seed=0)
     rows = list(zip(frame["prefix_ids"].to_list(), frame["token_ids"].to_list(), strict=True))
     reference = reference_logprobs(it, rows, args.batch_size)
-    modules = {layer: surrogate(layer, pt.config.hidden_size) for layer in args.layers}
+    modules = {layer: surrogate(pt.config.hidden_size, layer) for layer in args.layers}
     alphas = torch.linspace(0, 1.5, args.points).tolist()
     variants = {f"{a:g}": {layer: LayerEdit(a, layer_delta("full", sae, None, None)) for layer, sae in modules.items()}
                 for a in alphas}
