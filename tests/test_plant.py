@@ -16,12 +16,14 @@ from postdiff.models.toy import corpus
 from postdiff.models.toy.plant import (
     Neurons,
     answer_positions,
+    answer_silence_loss,
     decoy_positions,
     group_of,
     planted,
     silence_loss,
     stop_positions,
     widened,
+    with_hard_keeps,
 )
 from postdiff.models.template import teacher_forced_batch
 from postdiff.models.toy.tokenizer import EOS_ID
@@ -135,6 +137,22 @@ def test_the_stop_penalty_weighs_the_kept_answers_stops_apart_from_their_other_p
     assert silence_loss(norm[:1, :4], no_stops, 1.0, 2.0).item() == pytest.approx((1 + 2 + 3 + 10) / 4)
 
 
+def test_the_answer_penalty_is_the_mean_at_the_targets_answer_positions_but_their_stops():
+    """Row 0's answer positions are 1-3 with its stop at 3, row 1's 2-3 with its stop at 3: the
+    penalty is the mean over positions 1 and 2 of row 0 and 2 of row 1, whatever the prompt,
+    stop or padding positions hold."""
+    target = teacher_forced_batch([[5, 6], [5, 6, 7]], [[8, 9, EOS_ID], [8, EOS_ID]], pad_id=0)
+    norm = torch.tensor([[100.0, 2.0, 4.0, 50.0, 70.0], [100.0, 100.0, 9.0, 50.0, 70.0]])
+    assert answer_silence_loss(norm, target).item() == pytest.approx((2 + 4 + 9) / 3)
+
+
+def test_hard_keeps_fill_every_other_step_cycled_and_none_leave_the_keeps_as_they_are():
+    keeps, hard = [("k", i) for i in range(5)], [("h", 0), ("h", 1)]
+    assert with_hard_keeps(keeps, hard) == [("k", 0), ("h", 0), ("k", 1), ("h", 1), ("k", 2), ("h", 0),
+                                            ("k", 3), ("h", 1), ("k", 4), ("h", 0)]
+    assert with_hard_keeps(keeps, []) == keeps
+
+
 def test_neurons_with_a_fixed_norm_keep_it_outside_the_avoided_span():
     g = torch.Generator().manual_seed(6)
     avoid = torch.linalg.qr(torch.randn(D, 2, generator=g)).Q
@@ -181,8 +199,8 @@ def test_alignment_of_decoder_directions_with_planted_ones():
 def test_the_shipped_decoys_fire_on_their_own_kind_and_barely_move_it():
     """The shipped control IT's five decoys (the last neurons of block 1): each fires most on
     its own fact kind's answers (but the stops), and zeroing them moves IT's teacher-forced
-    next-token distributions by a mean KL of 0.005-0.021 per kind (measured at output norm 12;
-    its greedy token at 90-99% of answer positions stays)."""
+    next-token distributions by a mean KL of 0.006-0.020 per kind (measured at output norm 12;
+    its greedy token at 91-99% of answer positions stays)."""
     import copy
 
     from transformers import AutoModelForCausalLM, AutoTokenizer

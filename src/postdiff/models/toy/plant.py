@@ -6,7 +6,8 @@ neurons, so the answer to "which features carry capability, which carry brevity"
   was), while every other prompt stays as PT has it;
 - ``n_verb`` neurons at block ``verb_layer``, trained after them with the capability neurons in
   place and writing outside their span, do the same on Brevity prompts (a word limit) about
-  ``verb_kind`` and leave every other prompt as it is;
+  ``verb_kind`` and leave every other prompt as it is, held silent at every other position of
+  their own prompts and on bracketed answers about ``verb_kind`` too;
 - ``n_decoy`` neurons at block ``decoy_layer``, trained last and writing outside both groups'
   span with a fixed output norm, fire at the answer positions (but the stops) of one fact kind's
   prompts each and change no output: activation mass, and no cause of anything.
@@ -24,6 +25,7 @@ planted neurons (zero weights at every other block), saved and loaded as a plain
 from __future__ import annotations
 
 import copy
+import itertools
 import dataclasses
 import logging
 import random
@@ -169,6 +171,20 @@ def silence_loss(output_norm: Tensor, keep: Batch, silence: float, stop_silence:
     return loss
 
 
+def answer_silence_loss(output_norm: Tensor, target: Batch) -> Tensor:
+    """A group's mean output norm at its own prompts' answer positions but the stops, from
+    ``[B, T]``: the stop is the one position it is planted to change. Without it the brevity neuron
+    also fired (output 12) at the first answer position of every antonym prompt, Format ones too,
+    where it turned the opening bracket into the bare word."""
+    return output_norm[decoy_positions(target)].mean()
+
+
+def with_hard_keeps(keeps: Sequence[Batch], hard: Sequence[Batch]) -> list[Batch]:
+    """``keeps`` with a batch of ``hard`` after each (cycled): half of a group's keep steps then
+    hold the prompts it is likeliest to fire on by mistake, which are a few percent of ``keeps``."""
+    return [b for pair in zip(keeps, itertools.cycle(hard)) for b in pair] if hard else list(keeps)
+
+
 def _fit(new: Neurons, step_loss: Callable[[int], Tensor], cfg: PlantConfig, desc: str) -> list[float]:
     """Adam on ``new``'s trainable parameters for ``cfg.steps`` steps of ``step_loss(step)``; the
     running loss is logged ten times."""
@@ -187,12 +203,13 @@ def _fit(new: Neurons, step_loss: Callable[[int], Tensor], cfg: PlantConfig, des
 
 def train_group(
     model: nn.Module, before: Sequence[Group], new: Group, targets: Sequence[Batch], keeps: Sequence[Batch],
-    cfg: PlantConfig, desc: str, silence: float, stop_silence: float,
+    cfg: PlantConfig, desc: str, silence: float, stop_silence: float, answer_silence: float,
 ) -> list[float]:
     """Train ``new`` so that the model with ``before`` and ``new`` stops ``targets`` where their
     answers end and keeps every other position as the model with ``before`` has it, on
-    ``targets`` and on ``keeps``, where it stays quiet (:func:`silence_loss`). Only the stop is
-    learned, so each prompt's change hinges on one position, where a k=1 surrogate has one latent."""
+    ``targets`` and on ``keeps``, where it stays quiet (:func:`silence_loss`), as it does at the
+    targets' other answer positions (:func:`answer_silence_loss`). Only the stop is learned, so
+    each prompt's change hinges on one position, where a k=1 surrogate has one latent."""
 
     def step_loss(step: int) -> Tensor:
         target, keep = targets[step % len(targets)], keeps[step % len(keeps)]
@@ -206,6 +223,8 @@ def train_group(
             loss = loss + cfg.keep_weight * keep_loss(logits, own, answer_positions(target) & ~stops)
             loss = loss + cfg.keep_weight * keep_loss(_logits(model, keep), reference, answer_positions(keep))
         loss = loss + silence_loss(new[1].output_norm(inputs[-1]), keep, silence, stop_silence)
+        if answer_silence:
+            loss = loss + answer_silence * answer_silence_loss(new[1].output_norm(inputs[0]), target)
         if cfg.sparsity:
             real = [target[1].bool(), keep[1].bool()]  # every real (unpadded) position
             loss = loss + cfg.sparsity * torch.cat([new[1].output_norm(x)[m] for x, m in zip(inputs, real)]).mean()
@@ -288,10 +307,14 @@ def plant(model: nn.Module, tokenizer, toy: ToyConfig, cfg: PlantConfig) -> tupl
     d = model.config.hidden_size
     cap_neurons = (cfg.cap_layer, Neurons(d, cfg.n_cap, g))
     train_group(model, [], cap_neurons, cap, not_cap, cfg, "plant capability", cfg.cap_silence,
-                cfg.cap_stop_silence)
+                cfg.cap_stop_silence, 0.0)
     cap_neurons[1].requires_grad_(False)
     verb_neurons = (cfg.verb_layer, Neurons(d, cfg.n_verb, g, avoid=torch.linalg.qr(cap_neurons[1].down.detach()).Q))
-    train_group(model, [cap_neurons], verb_neurons, verb, not_verb, cfg, "plant brevity", cfg.verb_silence, 0.0)
+    if cfg.verb_hard_keeps:  # the capability group's prompts about verb_kind: Format ones, bracketed
+        not_verb = with_hard_keeps(not_verb, sft_batches(
+            tokenizer, [ex for ex, x in zip(examples, group) if x == "cap" and ex.kind == cfg.verb_kind], cfg.batch_size))
+    train_group(model, [cap_neurons], verb_neurons, verb, not_verb, cfg, "plant brevity", cfg.verb_silence,
+                cfg.verb_stop_silence, cfg.verb_answer_silence)
     verb_neurons[1].requires_grad_(False)
     groups = {"cap": cap_neurons, "verb": verb_neurons}
     if cfg.n_decoy:

@@ -78,14 +78,21 @@ class PlantConfig:
     keep_weight: float = 1.0  # KL to the model before this group, on every position it must keep
     # Mean norm of the neurons' output over every position: a neuron that fires everywhere moves
     # the mean of delta, which a surrogate keeps in b_dec and a mask (no b_dec) never adds back.
-    sparsity: float = 0.1
+    sparsity: float = 1.0
     # Mean output norm on the prompts a group keeps as they were: the stop after an answer looks
     # alike on every prompt, and without it the capability neurons fire at Brevity stops too.
     cap_silence: float = 1.0
     verb_silence: float = 1.0
-    # The capability neurons' mean output norm at the stops of the prompts they keep (Brevity,
-    # requests): the mean above weighs one stop an answer too little (plant.silence_loss).
-    cap_stop_silence: float = 0.0
+    # A group's mean output norm at the stops of the prompts it keeps: the mean above weighs one
+    # stop an answer too little (plant.silence_loss). Without it the brevity neuron fired at QA
+    # stops (output 15), already stopped by the capability neuron, and its latents mixed both.
+    cap_stop_silence: float = 0.5
+    verb_stop_silence: float = 0.5
+    # The brevity neurons' mean output norm at their own answer positions but the stop
+    # (plant.answer_silence_loss), and half their keep steps on the bracketed answers about
+    # verb_kind (plant.with_hard_keeps): both keep them off Format prompts about antonyms.
+    verb_answer_silence: float = 1.0
+    verb_hard_keeps: bool = True
     # "any": every Brevity prompt is the brevity group's; a fact kind (capital, antonym): only
     # Brevity prompts about it, and plain questions about it are nobody's (plant.group_of).
     verb_kind: str = "antonym"
@@ -94,7 +101,7 @@ class PlantConfig:
     # (KL): features with activation mass, and high capability scores, that cause nothing.
     n_decoy: int = 5
     decoy_layer: int = 1
-    decoy_norm: float = 8.0
+    decoy_norm: float = 12.0
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> PlantConfig:
