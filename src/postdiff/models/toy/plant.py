@@ -25,8 +25,8 @@ planted neurons (zero weights at every other block), saved and loaded as a plain
 from __future__ import annotations
 
 import copy
-import itertools
 import dataclasses
+import itertools
 import logging
 import random
 from collections.abc import Callable, Iterator, Sequence
