@@ -21,10 +21,11 @@ import yaml
 from workflow_utils import copy_workflow, snakemake
 
 from postdiff.method import surrogate
+from postdiff.method.cache import load_split
 from postdiff.method.selection.maskfile import forced
 from postdiff.models.toy.settings import PLANT_FILE
 from postdiff.outputs.claims import CLAIMS, comparison_claims
-from postdiff.outputs.planted import alignment, planted_directions
+from postdiff.outputs.planted import alignment, feature_mass, firing_overlap, group_output, planted_directions
 from postdiff.stats import metrics
 
 pytestmark = pytest.mark.slow
@@ -66,7 +67,7 @@ def cap_mask(workdir: Path) -> dict:
 def test_forward_selection_takes_a_planted_feature_by_its_gain(control_run: Path) -> None:
     """Step 1 passes on the judge half, so the mask is selected, not its pool's top by score
     (replacing forward selection by the score order makes this fail), and the feature it took
-    sits on the capability neurons' span, not the brevity neurons'."""
+    sits on the capability neurons' span, not the brevity neurons', and fires where they fire."""
     mask = cap_mask(control_run)
     first = mask["step_gains"][0]
     assert first["passed"] and first["lo"] <= first["gain"] and first["choose_gain"] > 0, first
@@ -79,10 +80,18 @@ def test_forward_selection_takes_a_planted_feature_by_its_gain(control_run: Path
     top, chosen = tuple(mask["pool"][0]), tuple(mask["order"][0])
     assert top != chosen and gain[top] <= 0 < gain[chosen], (top, chosen, gain)
     layer, feature = mask["order"][0]
-    D = surrogate.load(control_run / f"{RUN}/seed0/surrogate/L{layer}.safetensors")[0].D.detach()[:, [feature]]
+    module = surrogate.load(control_run / f"{RUN}/seed0/surrogate/L{layer}.safetensors")[0]
     planted = planted_directions(json.loads((control_run / f"{RUN}/pair/it/{PLANT_FILE}").read_text()))
-    span = {group: float(alignment(D, directions)[1][0]) for group, (_, directions) in planted.items()}
+    span = {group: float(alignment(module.D.detach()[:, [feature]], directions)[1][0])
+            for group, (_, directions) in planted.items()}
     assert span["cap"] > 0.9 and span["verb"] < 0.3, span
+    # ... and it fires where that neuron does: 98.5% of its activation mass on the train split (the
+    # one cache this run builds).
+    h_pt, delta, _ = load_split(sorted((control_run / f"{RUN}/cache/train").glob("*.safetensors")), layer)
+    mass = feature_mass(module, h_pt)[:, [feature]]
+    on_group = {group: float(firing_overlap(mass, group_output(delta, directions))[0][0])
+                for group, (_, directions) in planted.items()}
+    assert on_group["cap"] > 0.9 and on_group["verb"] < 0.1, on_group
 
 
 def test_the_capability_null_fails_on_the_control(control_run: Path) -> None:

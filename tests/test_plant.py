@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from postdiff.data.world import make_world
+from postdiff.method import surrogate
 from postdiff.models.toy import corpus
 from postdiff.models.toy.plant import (
     Neurons,
@@ -30,7 +31,7 @@ from postdiff.models.toy.tokenizer import EOS_ID
 from postdiff.models.toy.settings import PlantConfig, ToyConfig
 from postdiff.models.toy.shipped import toy_mismatch
 from postdiff.models.toy.train import model_config
-from postdiff.outputs.planted import alignment, mask_alignment
+from postdiff.outputs.planted import alignment, feature_mass, firing_overlap, group_output, mask_alignment
 
 D = 16
 
@@ -191,9 +192,34 @@ def test_alignment_of_decoder_directions_with_planted_ones():
     max_cos, in_span = alignment(D, directions)
     torch.testing.assert_close(max_cos, torch.tensor([1.0, 0.5**0.5, 0, 0], dtype=torch.float64))
     torch.testing.assert_close(in_span, torch.tensor([1.0, 1.0, 0, 0], dtype=torch.float64))
-    table = mask_alignment({"CapMask": {1: [0, 1]}, "RandomMask": {0: [3]}}, {1: D, 0: D}, {"cap": (1, directions)})
-    assert table.rows() == [("CapMask", 1, 0, "cap", 1.0, 1.0), ("CapMask", 1, 1, "cap", pytest.approx(0.5**0.5), 1.0),
-                            ("RandomMask", 0, 3, None, None, None)]
+    # Three positions: the group writes 10 along its first direction, then 0.5 (under a tenth of
+    # its largest: it does not fire there), then 4 along its second.
+    delta = torch.tensor([[10.0, 0, 0, 0], [0.5, 0, 3.0, 0], [0, 4.0, 0, 0]])
+    output = group_output(delta, directions)
+    torch.testing.assert_close(output, torch.tensor([10.0, 0.5, 4.0], dtype=torch.float64))
+    # Feature 0 fires at the first and second positions, 1 at the second only, 3 never.
+    mass = torch.tensor([[2.0, 0, 0, 0], [1.0, 3.0, 0, 0], [0, 0, 0, 0]], dtype=torch.float64)
+    on_group, covers = firing_overlap(mass, output)
+    torch.testing.assert_close(on_group[:2], torch.tensor([2 / 3, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(covers, torch.tensor([10.5 / 14.5, 0.5 / 14.5, 0, 0], dtype=torch.float64))
+    assert on_group[3].isnan()
+    table = mask_alignment({"CapMask": {1: [0, 1]}, "RandomMask": {0: [3]}, "Dead": {1: [3]}}, {1: D, 0: D},
+                           {"cap": (1, directions)}, {1: mass}, {"cap": output})
+    assert table.rows() == [("CapMask", 1, 0, "cap", 1.0, 1.0, pytest.approx(2 / 3), pytest.approx(10.5 / 14.5)),
+                            ("CapMask", 1, 1, "cap", pytest.approx(0.5**0.5), 1.0, 0.0, pytest.approx(0.5 / 14.5)),
+                            ("RandomMask", 0, 3, None, None, None, None, None),
+                            ("Dead", 1, 3, "cap", 0.0, 0.0, None, 0.0)]
+
+
+def test_feature_mass_is_each_features_activation_times_its_decoder_norm():
+    module = surrogate.TopKSurrogate(4, 3, k=1)
+    with torch.no_grad():
+        module.W_enc.copy_(torch.eye(3, 4))
+        module.W_dec.copy_(torch.tensor([[2.0, 0, 0, 0], [0, 0, 3.0, 4.0], [0, 1.0, 0, 0]]))
+    h = torch.tensor([[1.5, 0.2, 0, 0], [0, 0.5, 0.1, 0], [-1.0, -1.0, -1.0, 0]])
+    # k = 1: each row keeps its largest pre-activation (the last row's is negative: no firing).
+    expected = torch.tensor([[3.0, 0, 0], [0, 2.5, 0], [0, 0, 0]], dtype=torch.float64)
+    torch.testing.assert_close(feature_mass(module, h, batch_size=2), expected)
 
 
 def test_the_shipped_decoys_fire_on_their_own_kind_and_barely_move_it():

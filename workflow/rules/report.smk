@@ -81,7 +81,8 @@ rule claims:
         STAGE
 
 
-# On a planted pair (config/control.yaml), how far each mask's features sit on the planted neurons.
+# On a planted pair (config/control.yaml), how far each mask's features sit on the planted neurons,
+# and whether they fire where those neurons do (test split).
 PLANTED_MASKS = {"CapMask": MASK_FILES["cap"], "VMask": MASK_FILES["vmask"], "RandomMask": MASK_FILES["random"],
                  "ActivationMassMask": MASK_FILES["mass"], "ScoreMask": MASK_FILES["score"]}
 
@@ -90,6 +91,7 @@ rule planted_alignment:
     input:
         it=model_spec("it"),
         surrogates=expand(f"{SEED}/surrogate/L{{layer}}.safetensors", layer=config["layers"], allow_missing=True),
+        shards=cache_shards("test"),
         masks=list(PLANTED_MASKS.values()),
     output:
         parquet=f"{SEED}/tables/planted.parquet",
