@@ -130,7 +130,8 @@ def planted_table(job: Job) -> None:
         if "passed_mask" in obj:
             masks[f"{name} (passed steps)"] = mask_of({"mask": obj["passed_mask"]})
     table = mask_alignment(masks, {layer: m.D.detach() for layer, m in modules.items()}, planted, mass, outputs)
-    for row in table.group_by("mask", "group", maintain_order=True).agg(pl.col("in_span", "on_group").mean()).iter_rows():
-        log.info("%s: mean share of decoder norm in the %s group's span %s; of activation mass where the group fires %s", *row)
+    means = table.group_by("mask", "group", maintain_order=True).agg(pl.col("in_span", "on_group").mean())
+    for row in means.iter_rows():
+        log.info("%s, %s group: mean share of decoder norm in its span %s, of activation mass where it fires %s", *row)
     write_parquet(table, job.output["parquet"])
     write_text(table.write_csv(), job.output["csv"])
