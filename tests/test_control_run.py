@@ -25,7 +25,13 @@ from postdiff.method.cache import load_split
 from postdiff.method.selection.maskfile import forced
 from postdiff.models.toy.settings import PLANT_FILE
 from postdiff.outputs.claims import CLAIMS, comparison_claims
-from postdiff.outputs.planted import alignment, feature_mass, firing_overlap, group_output, planted_directions
+from postdiff.outputs.planted import (
+    alignment,
+    feature_mass,
+    firing_overlap,
+    norm_in_span,
+    planted_directions,
+)
 from postdiff.stats import metrics
 
 pytestmark = pytest.mark.slow
@@ -89,7 +95,7 @@ def test_forward_selection_takes_a_planted_feature_by_its_gain(control_run: Path
     # one cache this run builds).
     h_pt, delta, _ = load_split(sorted((control_run / f"{RUN}/cache/train").glob("*.safetensors")), layer)
     mass = feature_mass(module, h_pt)[:, [feature]]
-    on_group = {group: float(firing_overlap(mass, group_output(delta, directions))[0][0])
+    on_group = {group: float(firing_overlap(mass, norm_in_span(delta, directions))[0][0])
                 for group, (_, directions) in planted.items()}
     assert on_group["cap"] > 0.9 and on_group["verb"] < 0.1, on_group
 

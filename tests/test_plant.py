@@ -31,7 +31,7 @@ from postdiff.models.toy.tokenizer import EOS_ID
 from postdiff.models.toy.settings import PlantConfig, ToyConfig
 from postdiff.models.toy.shipped import toy_mismatch
 from postdiff.models.toy.train import model_config
-from postdiff.outputs.planted import alignment, feature_mass, firing_overlap, group_output, mask_alignment
+from postdiff.outputs.planted import alignment, feature_mass, firing_overlap, mask_alignment, norm_in_span
 
 D = 16
 
@@ -195,7 +195,7 @@ def test_alignment_of_decoder_directions_with_planted_ones():
     # Three positions: the group writes 10 along its first direction, then 0.5 (under a tenth of
     # its largest: it does not fire there), then 4 along its second.
     delta = torch.tensor([[10.0, 0, 0, 0], [0.5, 0, 3.0, 0], [0, 4.0, 0, 0]])
-    output = group_output(delta, directions)
+    output = norm_in_span(delta, directions)
     torch.testing.assert_close(output, torch.tensor([10.0, 0.5, 4.0], dtype=torch.float64))
     # Feature 0 fires at the first and second positions, 1 at the second only, 3 never.
     mass = torch.tensor([[2.0, 0, 0, 0], [1.0, 3.0, 0, 0], [0, 0, 0, 0]], dtype=torch.float64)

@@ -46,6 +46,14 @@ def planted_directions(record: Mapping[str, Any]) -> dict[str, tuple[int, Tensor
     return {name: (int(g["layer"]), torch.tensor(g["directions"])) for name, g in record["groups"].items()}
 
 
+def norm_in_span(vectors: Tensor, directions: Tensor) -> Tensor:
+    """``[N]``: the norm of each row of ``vectors [N, d]`` inside the span of ``directions [n, d]``.
+    Of ``delta`` on a planted block, that is a group's output at each position: the groups write in
+    spans apart from each other and nothing else changes."""
+    basis = torch.linalg.qr(directions.double().T).Q  # [d, n], orthonormal columns spanning the directions
+    return (vectors.double() @ basis).norm(dim=1)
+
+
 def alignment(D: Tensor, directions: Tensor) -> tuple[Tensor, Tensor]:
     """Per column of ``D [d, F]``: the largest ``|cos|`` with a row of ``directions [n, d]`` and
     the share of its norm in their span."""
@@ -53,17 +61,7 @@ def alignment(D: Tensor, directions: Tensor) -> tuple[Tensor, Tensor]:
     unit = directions / directions.norm(dim=1, keepdim=True)
     norms = D.norm(dim=0).clamp_min(1e-30)
     max_cos = (unit @ D).abs().max(dim=0).values / norms
-    basis = torch.linalg.qr(directions.T).Q  # [d, n], orthonormal columns spanning the directions
-    in_span = (basis.T @ D).norm(dim=0) / norms
-    return max_cos, in_span
-
-
-def group_output(delta: Tensor, directions: Tensor) -> Tensor:
-    """``[N]``: the norm of each row of ``delta [N, d]`` inside the span of a group's directions
-    ``[n, d]``. On a planted block the groups write in spans apart from each other and nothing
-    else changes, so this is the group's output at each position."""
-    basis = torch.linalg.qr(directions.double().T).Q
-    return (delta.double() @ basis).norm(dim=1)
+    return max_cos, norm_in_span(D.T, directions) / norms
 
 
 def feature_mass(module: surrogate.TopKSurrogate, h: Tensor, batch_size: int = 4096) -> Tensor:
@@ -91,8 +89,8 @@ def mask_alignment(masks: Mapping[str, Mapping[int, Sequence[int]]], decoders: M
                    planted: Mapping[str, tuple[int, Tensor]], mass: Mapping[int, Tensor],
                    outputs: Mapping[str, Tensor]) -> pl.DataFrame:
     """One row per (mask, feature, planted group at the feature's block); ``mass`` per block as
-    :func:`feature_mass` gives it and ``outputs`` per group as :func:`group_output` does, on the
-    same positions."""
+    :func:`feature_mass` gives it and ``outputs`` per group as :func:`norm_in_span` of ``delta``
+    gives it, on the same positions."""
     rows = []
     for name, mask in masks.items():
         for layer, features in sorted(mask.items()):
@@ -122,7 +120,7 @@ def planted_table(job: Job) -> None:
     for layer, module in modules.items():
         h_pt, delta, _ = load_split(job.inputs("shards"), layer)
         mass[layer] = feature_mass(module, h_pt)
-        outputs |= {group: group_output(delta, dirs) for group, (at, dirs) in planted.items() if at == layer}
+        outputs |= {group: norm_in_span(delta, dirs) for group, (at, dirs) in planted.items() if at == layer}
     masks = {}
     for name, path in zip(job.params["masks"], job.inputs("masks"), strict=True):
         obj = read_mask_file(path)
