@@ -225,8 +225,9 @@ def test_feature_mass_is_each_features_activation_times_its_decoder_norm():
 def test_the_shipped_decoys_fire_on_their_own_kind_and_barely_move_it():
     """The shipped control IT's five decoys (the last neurons of block 1): each fires most on
     its own fact kind's answers (but the stops), and zeroing them moves IT's teacher-forced
-    next-token distributions by a mean KL of 0.006-0.020 per kind (measured at output norm 12;
-    its greedy token at 91-99% of answer positions stays)."""
+    next-token distributions by a mean KL of 0.028-0.043 per kind (measured at output norm 36;
+    0.006-0.020 at 12; its greedy token stays at 78% of Math answer positions, 93-98% of the
+    other kinds')."""
     import copy
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -259,7 +260,7 @@ def test_the_shipped_decoys_fire_on_their_own_kind_and_barely_move_it():
                 base = plain(input_ids=batch[0], attention_mask=batch[1]).logits[:, :-1].log_softmax(-1)
             fire[i] = acts[0][..., first:][decoy_positions(batch)].mean(0)
             kl = (logp.exp() * (logp - base)).sum(-1)[answer_positions(batch)]
-            assert kl.mean() < 0.025, (kind, float(kl.mean()))
+            assert kl.mean() < 0.05, (kind, float(kl.mean()))
     finally:
         hook.remove()
     assert fire.argmax(0).tolist() == [j % len(kinds) for j in range(n_decoy)], fire

@@ -98,10 +98,12 @@ class PlantConfig:
     verb_kind: str = "antonym"
     # Decoys, trained last: neuron i fires on the prompts of fact kind i (sorted kinds, cycled)
     # at every answer position but the stop, with a fixed output norm, and changes no output
-    # (KL): features with activation mass, and high capability scores, that cause nothing.
+    # (KL): features with activation mass, and high capability scores, that cause nothing. At a
+    # norm of 12 the capability neuron's latent was the most massive on one surrogate seed of
+    # three, so ActivationMassMask found it; at 36 five decoy latents outweigh it on every seed.
     n_decoy: int = 5
     decoy_layer: int = 1
-    decoy_norm: float = 12.0
+    decoy_norm: float = 36.0
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> PlantConfig:
