@@ -134,6 +134,6 @@ def test_plant_activity_covers_every_answer_position_and_the_capability_stops(co
     cap = table.filter((pl.col("group") == "cap") & pl.col("slice").is_in(["QA", "Math", "Format"]))
     by = {(r["slice"], r["position"]): r["mean_output"] for r in cap.iter_rows(named=True)}
     for name in ("QA", "Math", "Format"):
-        # Math, the closest: 20.5 against 6.8 (80 answer positions of 40 two-token answers, the
+        # Math, the closest: 20.6 against 6.8 (80 answer positions of 40 two-token answers, the
         # first of each, where it also fires; with one answer of 24 tokens among them it was 3.8).
         assert by[(name, "stop")] > 2.5 * by[(name, "answer")], (name, by)
