@@ -73,8 +73,9 @@ def feature_mass(module: surrogate.TopKSurrogate, h: Tensor, batch_size: int = 4
 
 def firing_overlap(mass: Tensor, output: Tensor) -> tuple[Tensor, Tensor]:
     """Per column of ``mass [N, F]`` against one group's ``output [N]``: ``on_group``, the share
-    of the feature's mass where the group fires, and ``covers``, the share of the group's output
-    where the feature fires (NaN for a feature that never fires, or a group that never does)."""
+    of the feature's mass where the group fires (NaN for a feature that never fires), and
+    ``covers``, the share of the group's output where the feature fires (0 for a feature that never
+    fires, NaN for a group whose output is 0 everywhere)."""
     fires = output >= FIRES_AT * output.max()
     on_group = mass[fires].sum(0) / mass.sum(0)
     covers = (output[:, None] * (mass > 0)).sum(0) / output.sum()
