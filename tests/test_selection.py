@@ -33,6 +33,7 @@ from postdiff.method.selection.search import (
     forward_select,
     gain_interval,
     gain_rule,
+    passed_prefix,
     selector_metrics,
     shard_candidates,
     start,
@@ -105,6 +106,8 @@ def test_fill_to_cap_takes_the_best_candidate_without_a_gain_and_records_it():
     assert chosen["gain"].to_list() == pytest.approx([0.5, -1.0, -2.0])
     # Without it, the same pool stops after the one step that gains.
     assert forward_select([A, B, C, D], objective, base=0.0, size_cap=3)[0] == (D,)
+    # A step that passes after a failed one is not in the passed prefix.
+    assert [passed_prefix(flags) for flags in ([], [True, True], [True, False, True], [False, True])] == [0, 2, 1, 0]
     # An accept rule sees the step, the candidate and its gain.
     seen = []
     forward_select([A, D], objective, base=0.0, size_cap=2, accept=lambda *a: seen.append(a) or True)
@@ -702,3 +705,4 @@ def test_split_evidence_picks_on_one_half_and_judges_on_the_other(twin_selection
     assert len(result["order"]) == 2  # filled to size_cap whatever passed
     n_passed = next((t for t, p in enumerate(passed) if not p), len(passed))
     assert result["passed_order"] == result["order"][:n_passed]
+    assert [g["in_passed_prefix"] for g in result["step_gains"]] == [t < n_passed for t in range(len(passed))]

@@ -43,6 +43,7 @@ from postdiff.method.selection.search import (
     gain_over,
     gain_interval,
     gain_rule,
+    passed_prefix,
     selector_metrics,
     shard_candidates,
     start,
@@ -286,17 +287,19 @@ class Selection:
         chosen = dict(steps.filter("chosen").select("step", "gain").iter_rows())
         passed = dict(steps.filter("chosen").select("step", "passed").iter_rows())
         gains = [{**g, "choose_gain": chosen[g["step"]]} for g in judged]
-        for gain, pair in zip(gains, mask):
+        prefix = mask[: passed_prefix([passed[g["step"]] for g in gains])]
+        for t, (gain, pair) in enumerate(zip(gains, mask)):
             log.info("step %d: %s gain %.5f on the choose half; %.5f [%.5f, %.5f] on the judge half%s", gain["step"],
                      pair, gain["choose_gain"], gain["gain"], gain["lo"], gain["hi"],
-                     "" if passed[gain["step"]] else " (fills the cap)")
-        prefix = mask[: next((t for t, g in enumerate(gains) if not passed[g["step"]]), len(mask))]
+                     "" if t < len(prefix) else " (passes after a failed step: not in passed_mask)"
+                     if passed[gain["step"]] else " (fills the cap)")
         write_parquet(steps, out["steps"])
         write_parquet(records, out["records"])
         write_json(
             {
-                "step_gains": [{**g, "layer": pair[0], "feature": pair[1], "passed": passed[g["step"]]}
-                               for g, pair in zip(gains, mask)],
+                "step_gains": [{**g, "layer": pair[0], "feature": pair[1], "passed": passed[g["step"]],
+                                "in_passed_prefix": t < len(prefix)}
+                               for t, (g, pair) in enumerate(zip(gains, mask))],
                 "rule": self.rule.name,
                 "mask": layer_mask(mask),
                 "order": [list(pair) for pair in mask],

@@ -231,6 +231,13 @@ def forward_select(
     return state.chosen, state.objective, pl.concat(steps) if steps else pl.DataFrame(schema=STEP_SCHEMA)
 
 
+def passed_prefix(passed: Sequence[bool]) -> int:
+    """How many leading steps passed. A step after the first failed one is judged against an
+    incumbent that holds the filled feature, so its pass does not make it part of the mask that
+    passed."""
+    return next((t for t, p in enumerate(passed) if not p), len(passed))
+
+
 def gain_interval(
     rule: Rule, lam: float, references: Mapping[str, pl.DataFrame], incumbent: pl.DataFrame, chosen: pl.DataFrame,
     B: int, seed: int, level: float,
