@@ -106,12 +106,15 @@ def test_fill_to_cap_takes_the_best_candidate_without_a_gain_and_records_it():
     assert chosen["gain"].to_list() == pytest.approx([0.5, -1.0, -2.0])
     # Without it, the same pool stops after the one step that gains.
     assert forward_select([A, B, C, D], objective, base=0.0, size_cap=3)[0] == (D,)
-    # A step that passes after a failed one is not in the passed prefix.
-    assert [passed_prefix(flags) for flags in ([], [True, True], [True, False, True], [False, True])] == [0, 2, 1, 0]
     # An accept rule sees the step, the candidate and its gain.
     seen = []
     forward_select([A, D], objective, base=0.0, size_cap=2, accept=lambda *a: seen.append(a) or True)
     assert seen == [(1, D, 0.5), (2, A, -1.0)]
+
+
+def test_the_passed_prefix_ends_at_the_first_failed_step():
+    """A step that passes after a failed one is not in the passed prefix."""
+    assert [passed_prefix(flags) for flags in ([], [True, True], [True, False, True], [False, True])] == [0, 2, 1, 0]
 
 
 def test_gain_interval_known_answers():

@@ -291,8 +291,8 @@ class Selection:
         for t, (gain, pair) in enumerate(zip(gains, mask)):
             log.info("step %d: %s gain %.5f on the choose half; %.5f [%.5f, %.5f] on the judge half%s", gain["step"],
                      pair, gain["choose_gain"], gain["gain"], gain["lo"], gain["hi"],
-                     "" if t < len(prefix) else " (passes after a failed step: not in passed_mask)"
-                     if passed[gain["step"]] else " (fills the cap)")
+                     "" if t < len(prefix) else (" (passes after a failed step: not in passed_mask)"
+                                                 if passed[gain["step"]] else " (fills the cap)"))
         write_parquet(steps, out["steps"])
         write_parquet(records, out["records"])
         write_json(
