@@ -21,12 +21,8 @@ torch.set_num_threads(1)
 
 # Modules whose tests take minutes, longest first (the tiny run's first user before the SLURM
 # test, which reads it last): xdist hands out modules in collection order, so these start at
-# once on separate workers and the short modules fill in around them. A worker whose module has
-# two tests or fewer left gets the next one queued behind it, so the SLURM test (one test) takes
-# the control run with it at the start; left to collection order, the control run queued behind
-# the default run and ran last and alone (at 79fb49b: 649 s, then 259 s, of the suite's 942 s).
-LONGEST_FIRST = ("test_default_run.py", "test_workflow.py", "test_slurm.py", "test_control_run.py",
-                 "test_rehearsal_run.py")
+# once on separate workers and the short modules fill in around them.
+LONGEST_FIRST = ("test_default_run.py", "test_workflow.py", "test_slurm.py", "test_rehearsal_run.py")
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
