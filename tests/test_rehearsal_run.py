@@ -80,7 +80,7 @@ def test_it_and_steered_pt_stop_on_end_of_turn(rehearsal: Path) -> None:
     assert stopped.height > 0.9 * teacher.height
     assert {ids[-1] for ids in stopped["token_ids"]} == {end_of_turn}  # the twin's IT ends turns as Gemma IT does
     # PT's own generation config stops on <eos> alone: FullDelta stops at all only through the shared stop set.
-    full = pl.read_parquet(rehearsal / RUN / "seed0/eval/test/FullDelta.parquet")
+    full = pl.read_parquet(rehearsal / EVALS["FullDelta"])
     assert full["eos"].any()
     assert (full.filter(pl.col("eos"))["n_tokens"] < 32).all()
 
