@@ -10,7 +10,10 @@ config's lowest and highest cutoffs, 4.0 and 6.0 (the locked 5.0 is CapMask's se
 runs anyway): which neighbours admit different pools moves with the CPU (on avx512 4.0 and 5.0
 both give pools of 8, under `default` kernels 5.0 and 6.0 the same 4 features), while 4.0 and
 6.0 differ under both (8 and 6, 8 and 4), and two cutoffs whose pools differ are what its
-assertion needs. Its
+assertion needs. It has no strict point (the strict exclusion is the locked one, so that point is
+CapMask's own selection): the strict point's row and its exclusion from pools_differ are checked
+on hand-made masks (tests/test_selection.py) and the tiny run selects one; it was a quarter of
+this run's selection CPU. Its
 selections stop at two features (`size_cap: 2`): every step gains 0 on this pair, and what the
 assertions read of the masks (sizes, baselines of the same sizes, pools, forced points, the null)
 does not need five; the three selections were a third of the run's CPU. It
@@ -71,8 +74,9 @@ def table(workdir: Path) -> dict[str, dict]:
 def default_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     workdir = copy_workflow(tmp_path_factory.mktemp("default_run"))
     cutoffs = sorted(CONFIG["sweep"]["cap_cutoffs"])
-    trimmed = {"surrogate": {"seeds": [0]}, "sweep": {"cap_cutoffs": [cutoffs[0], cutoffs[-1]]},
-               "selection": {"size_cap": SIZE_CAP}}
+    # The strict exclusion set to the locked one: its point is then the locked mask's own selection.
+    trimmed = {"surrogate": {"seeds": [0]}, "selection": {"size_cap": SIZE_CAP},
+               "sweep": {"cap_cutoffs": [cutoffs[0], cutoffs[-1]], "strict_verb_exclusion": CONFIG["selection"]["verb_exclusion"]}}
     (workdir / "config/trimmed.yaml").write_text(yaml.safe_dump(trimmed))
     targets = [*map(evals, VARIANTS), *(f"{RUN}/seed0/tables/{name}.csv" for name in ("gates", "claims")), f"{RUN}/seed0/sweep/summary.csv"]
     snakemake(workdir, *targets, configfile=["config/config.yaml", "config/trimmed.yaml"])
