@@ -29,6 +29,7 @@ from postdiff.method.gates import (
 from postdiff.method.spec import Variant
 from postdiff.models.forward import answer_logprobs
 from postdiff.models.loading import load_model
+from postdiff.stats import bootstrap
 from postdiff.stats.tables import gate_table
 from postdiff.workflow.runtime import Job
 
@@ -222,16 +223,17 @@ def test_the_grid_winner_and_its_neighbours_are_the_contenders():
 
 def test_tie_test_is_paired():
     codes = np.repeat(np.arange(3), 20)
+    idx = bootstrap.stratified_indices(codes, 500, np.random.default_rng(0))
     rng = np.random.default_rng(0)
     chosen = rng.uniform(0, 1, 60)
-    same = tie_test(chosen, chosen.copy(), codes, B=500, seed=0, level=0.95)
+    same = tie_test(chosen, chosen.copy(), idx, level=0.95)
     assert same == {"diff": 0.0, "lo": 0.0, "hi": 0.0, "tie": True}
     # Every prompt worse by 0.1 plus noise far smaller than that: a clear choice.
-    clear = tie_test(chosen, chosen + 0.1 + rng.normal(0, 0.01, 60), codes, B=500, seed=0, level=0.95)
+    clear = tie_test(chosen, chosen + 0.1 + rng.normal(0, 0.01, 60), idx, level=0.95)
     assert clear["lo"] > 0.09 and not clear["tie"] and clear["lo"] < clear["diff"] < clear["hi"]
     # Half the prompts better, half worse: the paired interval straddles 0.
     swing = np.where(np.arange(60) % 2 == 0, 0.2, -0.2)
-    assert tie_test(chosen, chosen + swing, codes, B=500, seed=0, level=0.95)["tie"]
+    assert tie_test(chosen, chosen + swing, idx, level=0.95)["tie"]
 
 
 def test_calibrate_writes_the_choice_and_the_seed_table(world, tmp_path):

@@ -206,12 +206,11 @@ def contenders(winner: Point, best: Point, grid: Sequence[float]) -> list[tuple[
     return [(role, p) for role, p in roles if p != best]
 
 
-def tie_test(chosen: np.ndarray, other: np.ndarray, codes: np.ndarray, B: int, seed: int,
-             level: float) -> dict[str, float | bool]:
-    """Paired, slice-stratified bootstrap of mean KL(other) - mean KL(chosen) over prompts.
-    A lower end not above 0 means the prompts cannot tell the two gate choices apart."""
+def tie_test(chosen: np.ndarray, other: np.ndarray, idx: np.ndarray, level: float) -> dict[str, float | bool]:
+    """Paired bootstrap of mean KL(other) - mean KL(chosen) over prompts, on the resamples ``idx``
+    (``[B, n]`` prompt positions, :func:`postdiff.stats.bootstrap.stratified_indices`). A lower
+    end not above 0 means the prompts cannot tell the two gate choices apart."""
     diff = other - chosen
-    idx = bootstrap.stratified_indices(codes, B, np.random.default_rng(seed))
     lo, hi = bootstrap.percentile_interval(diff[idx].mean(axis=1), level)
     return {"diff": float(diff.mean()), "lo": lo, "hi": hi, "tie": not lo > 0}
 
@@ -276,8 +275,11 @@ def choice_report(gates: Mapping[int, float], per_prompt: Mapping[Point, np.ndar
     trace = [{"gates": tuple(json.loads(g).values()), "kl": v, "refined": r}
              for g, v, r in curve.select("gates", "kl", "refined").iter_rows()]
 
+    # One set of slice-stratified resamples for every comparison (each drew the same ones).
+    idx = bootstrap.stratified_indices(codes, B, np.random.default_rng(seed))
+
     def against(point: Point) -> dict:
-        test = tie_test(per_prompt[best], per_prompt[point], codes, B, seed, level)
+        test = tie_test(per_prompt[best], per_prompt[point], idx, level)
         return {"gates": dict(zip(names, point)), "kl": float(per_prompt[point].mean()), **test}
 
     winner = grid_winner(trace)
