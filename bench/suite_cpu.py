@@ -6,7 +6,7 @@ Used as a pytest plugin, it appends one line per test to ``$SUITE_CPU_DIR/cpu-<w
 run as a script, it sums those lines per module into bench/results/suite_cpu.json. Jobs that
 SLURM runs (tests/test_slurm.py) are its daemons' children and are not counted here.
 
-This machine's speed drifts by a third between hours, so two runs compare only next to a gauge:
+This machine's speed drifts by up to a factor of two between hours, so two runs compare only next to a gauge:
 ``in_process_s``, the CPU of the modules that start no process (unit tests whose work never
 changes between the runs compared), grows with the machine's slowness and with nothing else.
 
